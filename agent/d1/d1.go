@@ -1,0 +1,205 @@
+// Package d1 holds the Thales D1 connectivity rules that hsmagent enforces:
+// environments, the shape of mTLS keys and CSRs, and (as they are added) the
+// TLS and OAuth profiles for calls in both directions.
+//
+// Rule IDs such as D1-C2 refer to the project's D1 requirements page.
+package d1
+
+import (
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+
+	"github.com/hsmagent/hsmagent/hsm"
+)
+
+// Env is a D1 environment code. PreProd and Production are isolated: each has
+// its own keys, CSRs and certificates (D1-G2).
+type Env string
+
+const (
+	PreProd    Env = "PPR"
+	Production Env = "PRD"
+)
+
+// ParseEnv accepts PPR or PRD, and preprod/production as aliases, in any case.
+func ParseEnv(s string) (Env, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "ppr", "preprod", "pre-prod", "preproduction":
+		return PreProd, nil
+	case "prd", "prod", "production":
+		return Production, nil
+	}
+	return "", fmt.Errorf("d1: environment %q is not PPR or PRD (preprod/production also accepted)", s)
+}
+
+// KeyTypes are the key types D1 accepts for mTLS CSRs (D1-C2).
+var KeyTypes = []hsm.KeyType{hsm.ECDSAP256, hsm.RSA4096}
+
+// CheckKeyType refuses key types D1 does not accept (D1-C2).
+func CheckKeyType(kt hsm.KeyType) error {
+	for _, ok := range KeyTypes {
+		if kt == ok {
+			return nil
+		}
+	}
+	if kt == "" {
+		kt = "unknown"
+	}
+	return fmt.Errorf("d1: key type %s is not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", kt)
+}
+
+// cnKeyType is how the CN names the key type (D1-C4).
+func cnKeyType(kt hsm.KeyType) string {
+	if strings.HasPrefix(string(kt), "rsa-") {
+		return "RSA"
+	}
+	return "ECDSA"
+}
+
+// DefaultCNTemplate is the CN pattern used unless the Thales Delivery Team
+// gives another one at onboarding (D1-C4).
+const DefaultCNTemplate = "TLSMA-{keyType}/{issuerId}/{env}"
+
+var placeholder = regexp.MustCompile(`\{[^{}]*\}`)
+
+// issuerIDPattern keeps the issuerId to characters that cannot break a subject
+// or a CN template: D1 issues 10-character alphanumeric identifiers (D1-G3).
+var issuerIDPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+var countryPattern = regexp.MustCompile(`^[A-Za-z]{2}$`)
+
+// CheckIssuerID validates an issuerId.
+func CheckIssuerID(id string) error {
+	if id == "" {
+		return errors.New("d1: issuerId is empty; use the identifier Thales gave at onboarding")
+	}
+	if !issuerIDPattern.MatchString(id) {
+		return fmt.Errorf("d1: issuerId %q may only hold letters, digits, '-' and '_'", id)
+	}
+	return nil
+}
+
+// SubjectRequest is the operator's input for a D1 client CSR (D1-C3, D1-C4).
+type SubjectRequest struct {
+	IssuerID     string
+	Env          Env
+	KeyType      hsm.KeyType
+	Country      string
+	State        string
+	Locality     string
+	Organization string
+	OrgUnit      string
+	// CNTemplate defaults to DefaultCNTemplate. Placeholders: {keyType},
+	// {issuerId}, {env}.
+	CNTemplate string
+}
+
+// Subject validates r and returns the CSR subject: C, ST, L, O, OU and the CN
+// built from the template.
+func (r SubjectRequest) Subject() (pkix.Name, error) {
+	if err := CheckKeyType(r.KeyType); err != nil {
+		return pkix.Name{}, err
+	}
+	if err := CheckIssuerID(r.IssuerID); err != nil {
+		return pkix.Name{}, err
+	}
+	if _, err := ParseEnv(string(r.Env)); err != nil {
+		return pkix.Name{}, err
+	}
+	if !countryPattern.MatchString(r.Country) {
+		return pkix.Name{}, fmt.Errorf("d1: country %q is not a two-letter ISO 3166 code such as FR or US", r.Country)
+	}
+	fields := []struct{ name, value string }{
+		{"state", r.State}, {"locality", r.Locality}, {"organization", r.Organization}, {"organization unit", r.OrgUnit},
+	}
+	for _, f := range fields {
+		if strings.TrimSpace(f.value) == "" {
+			return pkix.Name{}, fmt.Errorf("d1: %s is empty; D1 requires C, ST, L, O, OU and CN", f.name)
+		}
+		if len(f.value) > 64 {
+			return pkix.Name{}, fmt.Errorf("d1: %s %q is longer than 64 characters", f.name, f.value)
+		}
+	}
+	cn, err := r.CommonName()
+	if err != nil {
+		return pkix.Name{}, err
+	}
+	return pkix.Name{
+		Country:            []string{strings.ToUpper(r.Country)},
+		Province:           []string{r.State},
+		Locality:           []string{r.Locality},
+		Organization:       []string{r.Organization},
+		OrganizationalUnit: []string{r.OrgUnit},
+		CommonName:         cn,
+	}, nil
+}
+
+// CommonName fills the CN template.
+func (r SubjectRequest) CommonName() (string, error) {
+	tmpl := r.CNTemplate
+	if tmpl == "" {
+		tmpl = DefaultCNTemplate
+	}
+	var bad []string
+	cn := placeholder.ReplaceAllStringFunc(tmpl, func(p string) string {
+		switch p {
+		case "{keyType}":
+			return cnKeyType(r.KeyType)
+		case "{issuerId}":
+			return r.IssuerID
+		case "{env}":
+			return string(r.Env)
+		}
+		bad = append(bad, p)
+		return p
+	})
+	if len(bad) > 0 {
+		return "", fmt.Errorf("d1: CN template %q has unknown placeholder %s; use {keyType}, {issuerId}, {env}", tmpl, bad[0])
+	}
+	if strings.ContainsAny(cn, "{}") {
+		return "", fmt.Errorf("d1: CN template %q has an unbalanced brace", tmpl)
+	}
+	if len(cn) > 64 {
+		return "", fmt.Errorf("d1: CN %q is longer than 64 characters", cn)
+	}
+	return cn, nil
+}
+
+// EnvOfCN returns the environment a D1 certificate's CN names, if it names
+// exactly one of them as a '/'-separated field.
+func EnvOfCN(cn string) (Env, bool) {
+	var found []Env
+	for _, part := range strings.Split(cn, "/") {
+		switch strings.ToUpper(part) {
+		case string(PreProd):
+			found = append(found, PreProd)
+		case string(Production):
+			found = append(found, Production)
+		}
+	}
+	if len(found) != 1 {
+		return "", false
+	}
+	return found[0], true
+}
+
+// EnvOfLabel guesses the environment a key label refers to, when it names one
+// as a word: "d1-ppr-mtls", "PRD_client".
+func EnvOfLabel(label string) (Env, bool) {
+	words := strings.FieldsFunc(strings.ToLower(label), func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9')
+	})
+	var found []Env
+	for _, w := range words {
+		if e, err := ParseEnv(w); err == nil {
+			found = append(found, e)
+		}
+	}
+	if len(found) != 1 {
+		return "", false
+	}
+	return found[0], true
+}

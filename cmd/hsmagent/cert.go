@@ -1,0 +1,190 @@
+package main
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/d1"
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/urfave/cli/v2"
+)
+
+func certCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "cert",
+		Usage: "import, show and export the certificate chain stored with a key",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "import",
+				Usage: "store a certificate (and its chain) with a key, replacing the old one",
+				Flags: append(tokenFlags(),
+					&cli.StringFlag{Name: "key", Usage: "key `LABEL`"},
+					&cli.StringFlag{Name: "cert", Usage: "PEM `FILE` with the certificate (may hold the chain too)"},
+					&cli.StringFlag{Name: "chain", Usage: "PEM `FILE` with the intermediate certificates"},
+				),
+				Action: certImport,
+			},
+			{
+				Name:   "show",
+				Usage:  "show the stored certificate chain",
+				Flags:  append(tokenFlags(), &cli.StringFlag{Name: "key", Usage: "key `LABEL`"}, jsonFlag),
+				Action: certShow,
+			},
+			{
+				Name:   "export",
+				Usage:  "print the stored chain as PEM",
+				Flags:  append(tokenFlags(), &cli.StringFlag{Name: "key", Usage: "key `LABEL`"}, outFlag),
+				Action: certExport,
+			},
+		},
+	}
+}
+
+func readCertFile(flag, path string) ([]*x509.Certificate, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, usagef("--%s: %v", flag, err)
+	}
+	return hsm.ParseCertificatesPEM(path, data)
+}
+
+func certImport(c *cli.Context) error {
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
+	label, err := keyLabel(c, "key", sel)
+	if err != nil {
+		return err
+	}
+	if c.String("cert") == "" {
+		return usagef("missing --cert FILE")
+	}
+	certs, err := readCertFile("cert", c.String("cert"))
+	if err != nil {
+		return err
+	}
+	if p := c.String("chain"); p != "" {
+		more, err := readCertFile("chain", p)
+		if err != nil {
+			return err
+		}
+		certs = append(certs, more...)
+	}
+
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	key, err := tok.Key(label)
+	if err != nil {
+		return err
+	}
+	chain, err := hsm.SortChain(key.Public, certs)
+	if errors.Is(err, hsm.ErrNoMatchingCertificate) {
+		return fmt.Errorf("certificate %q does not belong to key %q: its public key differs", certs[0].Subject, label)
+	}
+	if err != nil {
+		return err
+	}
+	warnings, err := hsm.ChainWarnings(chain, time.Now())
+	if err != nil {
+		return err
+	}
+	for _, w := range warnings {
+		warnf(c, "%s", w)
+	}
+	leaf := chain[0]
+	if certEnv, ok := d1.EnvOfCN(leaf.Subject.CommonName); ok {
+		if keyEnv, ok := d1.EnvOfLabel(label); ok && keyEnv != certEnv {
+			warnf(c, "certificate CN %q names %s but key %q looks like a %s key; D1 environments must not share credentials (D1-G2)",
+				leaf.Subject.CommonName, certEnv, label, keyEnv)
+		}
+	}
+	if len(key.Chain) > 0 && key.Chain[0].Issuer.String() != leaf.Issuer.String() {
+		warnf(c, "the issuer changes from %q to %q; announce CA changes to Thales in advance (D1-S5)",
+			key.Chain[0].Issuer, leaf.Issuer)
+	}
+	if err := tok.ImportChain(label, chain); err != nil {
+		return err
+	}
+	infof(c, "imported %q (serial %s, valid until %s) and %d chain certificate(s) for key %q",
+		leaf.Subject, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.DateOnly), len(chain)-1, label)
+	return nil
+}
+
+type certView struct {
+	Subject     string    `json:"subject"`
+	Issuer      string    `json:"issuer"`
+	Serial      string    `json:"serial"`
+	NotBefore   time.Time `json:"notBefore"`
+	NotAfter    time.Time `json:"notAfter"`
+	DaysLeft    int       `json:"daysLeft"`
+	Fingerprint string    `json:"sha256Fingerprint"`
+	DNSNames    []string  `json:"dnsNames,omitempty"`
+}
+
+func storedChain(c *cli.Context) ([]*x509.Certificate, error) {
+	sel, err := selectToken(c)
+	if err != nil {
+		return nil, err
+	}
+	label, err := keyLabel(c, "key", sel)
+	if err != nil {
+		return nil, err
+	}
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer tok.Close()
+	return tok.Chain(label)
+}
+
+func certShow(c *cli.Context) error {
+	chain, err := storedChain(c)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	views := make([]certView, 0, len(chain))
+	for _, cert := range chain {
+		views = append(views, certView{
+			Subject: cert.Subject.String(), Issuer: cert.Issuer.String(), Serial: cert.SerialNumber.Text(16),
+			NotBefore: cert.NotBefore.UTC(), NotAfter: cert.NotAfter.UTC(),
+			DaysLeft:    int(cert.NotAfter.Sub(now).Hours() / 24),
+			Fingerprint: hsm.Fingerprint(cert.Raw), DNSNames: cert.DNSNames,
+		})
+	}
+	if c.Bool("json") {
+		return writeJSON(c, views)
+	}
+	w := c.App.Writer
+	for i, v := range views {
+		if i > 0 {
+			fmt.Fprintln(w)
+		}
+		role := "leaf"
+		if i > 0 {
+			role = fmt.Sprintf("chain %d", i)
+		}
+		fmt.Fprintf(w, "%s\n  subject:     %s\n  issuer:      %s\n  serial:      %s\n  valid:       %s to %s (%d days left)\n  sha256:      %s\n",
+			role, v.Subject, v.Issuer, v.Serial, v.NotBefore.Format(time.RFC3339), v.NotAfter.Format(time.RFC3339), v.DaysLeft, v.Fingerprint)
+		if len(v.DNSNames) > 0 {
+			fmt.Fprintf(w, "  dns names:   %v\n", v.DNSNames)
+		}
+	}
+	return nil
+}
+
+func certExport(c *cli.Context) error {
+	chain, err := storedChain(c)
+	if err != nil {
+		return err
+	}
+	return writeOutput(c, hsm.EncodeCertificatesPEM(chain))
+}

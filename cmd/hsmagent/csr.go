@@ -1,0 +1,143 @@
+package main
+
+import (
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"net"
+
+	"github.com/hsmagent/hsmagent/agent/d1"
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/urfave/cli/v2"
+)
+
+func csrCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "csr",
+		Usage: "make a certificate signing request signed inside the token",
+		Description: `With --profile d1, the CSR Thales D1 expects for mTLS client certificates (one per
+environment): subject C, ST, L, O, OU, CN with CN from --cn-template, SHA-256 signature.
+Confirm the final CN pattern with the Thales Delivery Team before sending.
+
+Without a profile, a generic CSR with --subject and optional SANs, e.g. for the
+server certificate D1 connects to.`,
+		Flags: append(tokenFlags(),
+			&cli.StringFlag{Name: "key", Usage: "key `LABEL`"},
+			&cli.StringFlag{Name: "profile", Usage: "`PROFILE`: d1 for a Thales D1 client CSR"},
+			&cli.StringFlag{Name: "issuer-id", Usage: "D1 issuer identifier `ID` given by Thales"},
+			&cli.StringFlag{Name: "env", Usage: "D1 environment `ENV`: PPR or PRD"},
+			&cli.StringFlag{Name: "country", Usage: "subject C: two-letter `CODE`"},
+			&cli.StringFlag{Name: "state", Usage: "subject ST: `STATE` or region"},
+			&cli.StringFlag{Name: "locality", Usage: "subject L: `CITY`"},
+			&cli.StringFlag{Name: "org", Usage: "subject O: `ORGANIZATION`"},
+			&cli.StringFlag{Name: "org-unit", Usage: "subject OU: `UNIT`"},
+			&cli.StringFlag{Name: "cn-template", Usage: "CN `TEMPLATE` with {keyType}, {issuerId}, {env}", Value: d1.DefaultCNTemplate},
+			&cli.StringFlag{Name: "subject", Usage: "generic subject `DN`, e.g. 'CN=api.example.com,O=Example,C=FR'"},
+			&cli.StringSliceFlag{Name: "dns", Usage: "DNS subjectAltName `NAME` (repeatable)"},
+			&cli.StringSliceFlag{Name: "ip", Usage: "IP subjectAltName `ADDR` (repeatable)"},
+			outFlag,
+		),
+		Action: csrAction,
+	}
+}
+
+func csrAction(c *cli.Context) error {
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
+	label, err := keyLabel(c, "key", sel)
+	if err != nil {
+		return err
+	}
+	var req hsm.CSRRequest
+	var d1req *d1.SubjectRequest
+	switch c.String("profile") {
+	case "d1", "D1":
+		if c.IsSet("subject") || c.IsSet("dns") || c.IsSet("ip") {
+			return usagef("--profile d1 builds the subject itself; drop --subject, --dns and --ip")
+		}
+		env, err := d1.ParseEnv(c.String("env"))
+		if err != nil {
+			return usageError{err}
+		}
+		if e, ok := d1.EnvOfLabel(label); ok && e != env {
+			return usagef("key %q looks like a %s key but --env is %s; D1 needs a separate key per environment (D1-G2)", label, e, env)
+		}
+		d1req = &d1.SubjectRequest{
+			IssuerID: c.String("issuer-id"), Env: env,
+			Country: c.String("country"), State: c.String("state"), Locality: c.String("locality"),
+			Organization: c.String("org"), OrgUnit: c.String("org-unit"), CNTemplate: c.String("cn-template"),
+			KeyType: hsm.ECDSAP256, // validated again with the key's real type below
+		}
+		if _, err := d1req.Subject(); err != nil {
+			return usageError{err}
+		}
+	case "":
+		if c.String("subject") == "" {
+			return usagef("give --profile d1 (with --issuer-id, --env, --country, --state, --locality, --org, --org-unit) or --subject DN")
+		}
+		if req.Subject, err = hsm.ParseSubject(c.String("subject")); err != nil {
+			return usageError{err}
+		}
+		req.DNSNames = c.StringSlice("dns")
+		for _, s := range c.StringSlice("ip") {
+			ip := net.ParseIP(s)
+			if ip == nil {
+				return usagef("--ip %q is not an IP address", s)
+			}
+			req.IPs = append(req.IPs, ip)
+		}
+	default:
+		return usagef("unknown --profile %q; the only profile is d1", c.String("profile"))
+	}
+
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	signer, err := tok.Signer(label)
+	if err != nil {
+		return err
+	}
+	if d1req != nil {
+		d1req.KeyType = hsm.KeyTypeOf(signer.Public())
+		if req.Subject, err = d1req.Subject(); err != nil {
+			return fmt.Errorf("key %q: %w", label, err)
+		}
+	}
+	der, err := hsm.CreateCSR(signer, req)
+	if err != nil {
+		return err
+	}
+	fp, err := hsm.PublicKeyFingerprint(signer.Public())
+	if err != nil {
+		return err
+	}
+	infof(c, "subject: %s", subjectInOrder(req.Subject))
+	infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(signer.Public()), fp)
+	if err := writeOutput(c, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})); err != nil {
+		return err
+	}
+	if out := c.String("out"); out != "" {
+		infof(c, "wrote %s", out)
+	}
+	return nil
+}
+
+// subjectInOrder prints a subject in encoding order (C first), the way
+// OpenSSL shows it, so the operator can compare it with D1's expectations.
+func subjectInOrder(n pkix.Name) string {
+	var s string
+	for _, rdn := range n.ToRDNSequence() {
+		for _, atv := range rdn {
+			short := map[string]string{"2.5.4.6": "C", "2.5.4.8": "ST", "2.5.4.7": "L", "2.5.4.10": "O", "2.5.4.11": "OU", "2.5.4.3": "CN", "2.5.4.5": "serialNumber", "2.5.4.9": "street", "2.5.4.17": "postalCode"}[atv.Type.String()]
+			if short == "" {
+				short = atv.Type.String()
+			}
+			s += fmt.Sprintf("/%s=%v", short, atv.Value)
+		}
+	}
+	return s
+}

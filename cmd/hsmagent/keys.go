@@ -1,0 +1,178 @@
+package main
+
+import (
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/urfave/cli/v2"
+)
+
+func keysCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "keys",
+		Usage: "generate, list and delete key pairs inside the token",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "generate",
+				Usage: "generate a key pair inside the token (sensitive, never extractable, sign-only)",
+				Flags: append(tokenFlags(),
+					&cli.StringFlag{Name: "label", Usage: "key `LABEL`, e.g. d1-ppr-mtls"},
+					&cli.StringFlag{Name: "type", Usage: "`TYPE`: ecdsa-p256 or rsa-4096 for D1; also ecdsa-p384, rsa-2048, rsa-3072", Value: "ecdsa-p256"},
+					&cli.StringFlag{Name: "id", Usage: "CKA_ID as `HEX` (default: 8 random bytes)"},
+					jsonFlag,
+				),
+				Action: keysGenerate,
+			},
+			{
+				Name:   "list",
+				Usage:  "list key pairs with their certificates",
+				Flags:  append(tokenFlags(), jsonFlag),
+				Action: keysList,
+			},
+			{
+				Name:  "delete",
+				Usage: "delete a key pair and its certificates",
+				Flags: append(tokenFlags(),
+					&cli.StringFlag{Name: "label", Usage: "key `LABEL`"},
+					&cli.BoolFlag{Name: "yes", Usage: "confirm: the key is destroyed for good"},
+				),
+				Action: keysDelete,
+			},
+		},
+	}
+}
+
+func keysGenerate(c *cli.Context) error {
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
+	label, err := keyLabel(c, "label", sel)
+	if err != nil {
+		return err
+	}
+	kt, err := hsm.ParseKeyType(c.String("type"))
+	if err != nil {
+		return usageError{err}
+	}
+	var id []byte
+	if s := c.String("id"); s != "" {
+		if id, err = hex.DecodeString(strings.TrimPrefix(s, "0x")); err != nil || len(id) == 0 {
+			return usagef("--id %q is not hexadecimal", s)
+		}
+	}
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	if kt == hsm.RSA4096 {
+		infof(c, "generating %s key %q inside the token (RSA 4096 can take a few seconds)...", kt, label)
+	}
+	k, err := tok.GenerateKey(label, kt, id)
+	if err != nil {
+		return err
+	}
+	fp, err := hsm.PublicKeyFingerprint(k.Public)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return writeJSON(c, keyJSON(k))
+	}
+	infof(c, "generated %s key %q (id %x) on token %q", k.Type, k.Label, k.ID, tok.Label())
+	infof(c, "public key SHA-256: %s", fp)
+	return nil
+}
+
+type keyView struct {
+	Label       string     `json:"label"`
+	ID          string     `json:"id"`
+	Type        string     `json:"type"`
+	PublicKey   string     `json:"publicKeySha256"`
+	HasCert     bool       `json:"hasCertificate"`
+	Subject     string     `json:"subject,omitempty"`
+	Issuer      string     `json:"issuer,omitempty"`
+	NotAfter    *time.Time `json:"notAfter,omitempty"`
+	ChainLength int        `json:"chainLength"`
+}
+
+func keyJSON(k *hsm.Key) keyView {
+	v := keyView{Label: k.Label, ID: hex.EncodeToString(k.ID), Type: string(k.Type), ChainLength: len(k.Chain)}
+	if v.Type == "" {
+		v.Type = "other"
+	}
+	v.PublicKey, _ = hsm.PublicKeyFingerprint(k.Public)
+	if len(k.Chain) > 0 {
+		leaf := k.Chain[0]
+		na := leaf.NotAfter.UTC()
+		v.HasCert, v.Subject, v.Issuer, v.NotAfter = true, leaf.Subject.String(), leaf.Issuer.String(), &na
+	}
+	return v
+}
+
+func keysList(c *cli.Context) error {
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	keys, err := tok.Keys()
+	if err != nil {
+		return err
+	}
+	views := make([]keyView, 0, len(keys))
+	for _, k := range keys {
+		views = append(views, keyJSON(k))
+	}
+	if c.Bool("json") {
+		return writeJSON(c, views)
+	}
+	if len(views) == 0 {
+		infof(c, "token %q holds no key pair; create one with 'hsmagent keys generate'", tok.Label())
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LABEL\tTYPE\tID\tCERTIFICATE\tNOT AFTER")
+	for _, v := range views {
+		cert, notAfter := "-", "-"
+		if v.HasCert {
+			cert = v.Subject
+			notAfter = v.NotAfter.Format(time.DateOnly)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.Label, v.Type, v.ID, cert, notAfter)
+	}
+	return tw.Flush()
+}
+
+func keysDelete(c *cli.Context) error {
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
+	label, err := keyLabel(c, "label", sel)
+	if err != nil {
+		return err
+	}
+	if !c.Bool("yes") {
+		return usagef("deleting key %q destroys it for good; add --yes to confirm", label)
+	}
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	if err := tok.DeleteKey(label); err != nil {
+		return err
+	}
+	infof(c, "deleted key %q and its certificates from token %q", label, tok.Label())
+	return nil
+}

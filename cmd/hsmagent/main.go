@@ -1,0 +1,82 @@
+// Command hsmagent manages keys in a PKCS#11 token, serves signatures made
+// with them over a Unix socket, and connects mTLS peers whose keys live there.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// usageError marks an error in how the command was called: exit status 2.
+type usageError struct{ err error }
+
+func (u usageError) Error() string { return u.err.Error() }
+func (u usageError) Unwrap() error { return u.err }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	return &cli.App{
+		Name:      "hsmagent",
+		Usage:     "keys in an HSM, signatures over a Unix socket, mTLS for Thales D1",
+		Version:   version,
+		Writer:    stdout,
+		ErrWriter: stderr,
+		Commands: withUsageErrors([]*cli.Command{
+			tokensCommand(),
+			keysCommand(),
+			csrCommand(),
+			certCommand(),
+		}),
+		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
+			return usageError{err}
+		},
+		CommandNotFound: func(c *cli.Context, name string) {
+			fmt.Fprintf(c.App.ErrWriter, "hsmagent: unknown command %q; run 'hsmagent --help'\n", name)
+			os.Exit(2)
+		},
+		// Errors are printed once, by main, on one line.
+		ExitErrHandler:  func(*cli.Context, error) {},
+		HideHelpCommand: true,
+	}
+}
+
+func main() {
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	err := newApp(stdout, stderr).Run(args)
+	if err == nil {
+		return 0
+	}
+	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	if !strings.HasPrefix(msg, "hsmagent:") {
+		msg = "hsmagent: " + msg
+	}
+	fmt.Fprintln(stderr, msg)
+	var u usageError
+	if errors.As(err, &u) {
+		return 2
+	}
+	return 1
+}
+
+// withUsageErrors wraps every command's OnUsageError so flag errors exit 2.
+func withUsageErrors(cmds []*cli.Command) []*cli.Command {
+	for _, c := range cmds {
+		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
+		withUsageErrors(c.Subcommands)
+	}
+	return cmds
+}

@@ -1,0 +1,116 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+)
+
+// tokenFlags select the module, the token and the PIN. There is no flag that
+// takes the PIN itself: argv is readable by every user of the host.
+func tokenFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "module", Usage: "PKCS#11 library `PATH` (default: SoftHSM where installed)", EnvVars: []string{"HSMAGENT_MODULE"}},
+		&cli.StringFlag{Name: "token", Usage: "token `LABEL`", EnvVars: []string{"HSMAGENT_TOKEN"}},
+		&cli.StringFlag{Name: "token-serial", Usage: "token `SERIAL` (instead of --token)", EnvVars: []string{"HSMAGENT_TOKEN_SERIAL"}},
+		&cli.StringFlag{Name: "uri", Usage: "RFC 7512 PKCS#11 `URI` (token, object, module-path, pin-source)", EnvVars: []string{"HSMAGENT_URI"}},
+		&cli.StringFlag{Name: "pin-file", Usage: "read the user PIN from `FILE` (else $HSMAGENT_PIN, the URI's pin-source, a systemd credential 'hsmagent-pin', or a prompt)", EnvVars: []string{"HSMAGENT_PIN_FILE"}},
+	}
+}
+
+// tokenSelection is what the token flags say, merged with the URI.
+type tokenSelection struct {
+	cfg    hsm.Config
+	object string // key label named by the URI
+}
+
+func selectToken(c *cli.Context) (tokenSelection, error) {
+	var sel tokenSelection
+	if s := c.String("uri"); s != "" {
+		u, err := hsm.ParseURI(s)
+		if err != nil {
+			return sel, usageError{err}
+		}
+		sel.cfg, sel.object = u.Config, u.Object
+	}
+	if v := c.String("module"); v != "" {
+		sel.cfg.ModulePath = v
+	}
+	if v := c.String("token"); v != "" {
+		sel.cfg.TokenLabel = v
+	}
+	if v := c.String("token-serial"); v != "" {
+		sel.cfg.TokenSerial = v
+	}
+	if sel.cfg.TokenLabel != "" && sel.cfg.TokenSerial != "" && c.IsSet("token") && c.IsSet("token-serial") {
+		return sel, usagef("give --token or --token-serial, not both")
+	}
+	if sel.cfg.TokenLabel == "" && sel.cfg.TokenSerial == "" {
+		return sel, usagef("no token selected: pass --token LABEL (see 'hsmagent tokens'), --token-serial or --uri")
+	}
+	sel.cfg.PIN = pinSource(c, sel.cfg.PIN)
+	return sel, nil
+}
+
+// pinSource picks the first PIN source the operator configured.
+func pinSource(c *cli.Context, fromURI hsm.PINSource) hsm.PINSource {
+	if f := c.String("pin-file"); f != "" {
+		return hsm.PINFromFile(f)
+	}
+	if os.Getenv("HSMAGENT_PIN") != "" {
+		return hsm.PINFromEnv("HSMAGENT_PIN")
+	}
+	if fromURI != nil {
+		return fromURI
+	}
+	if src, ok := hsm.SystemdCredential("hsmagent-pin"); ok {
+		return src
+	}
+	if term.IsTerminal(int(os.Stdin.Fd())) {
+		return promptPIN(c.App.ErrWriter)
+	}
+	return func() (string, error) {
+		return "", errors.New("no PIN: pass --pin-file FILE, set HSMAGENT_PIN, add pin-source to the URI, or run on a terminal to be prompted")
+	}
+}
+
+// promptPIN asks once and keeps the answer in memory, so a reopen after a
+// lost session does not prompt again.
+func promptPIN(w interface{ Write([]byte) (int, error) }) hsm.PINSource {
+	var once sync.Once
+	var pin string
+	var err error
+	return func() (string, error) {
+		once.Do(func() {
+			fmt.Fprint(w, "Token user PIN: ")
+			var b []byte
+			b, err = term.ReadPassword(int(os.Stdin.Fd()))
+			fmt.Fprintln(w)
+			if err != nil {
+				err = fmt.Errorf("reading PIN: %w", err)
+				return
+			}
+			pin = string(b)
+			if pin == "" {
+				err = errors.New("empty PIN")
+			}
+		})
+		return pin, err
+	}
+}
+
+// keyLabel reads the key label from flag name, or from the URI's object.
+func keyLabel(c *cli.Context, flag string, sel tokenSelection) (string, error) {
+	if v := c.String(flag); v != "" {
+		return v, nil
+	}
+	if sel.object != "" {
+		return sel.object, nil
+	}
+	return "", usagef("missing --%s LABEL (see 'hsmagent keys list')", flag)
+}

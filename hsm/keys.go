@@ -1,0 +1,407 @@
+package hsm
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"sync/atomic"
+
+	"github.com/ThalesGroup/crypto11"
+	"github.com/miekg/pkcs11"
+)
+
+// KeyType names a key algorithm and size as the CLI and config spell it.
+type KeyType string
+
+// Key types that can be generated.
+const (
+	ECDSAP256 KeyType = "ecdsa-p256"
+	ECDSAP384 KeyType = "ecdsa-p384"
+	RSA2048   KeyType = "rsa-2048"
+	RSA3072   KeyType = "rsa-3072"
+	RSA4096   KeyType = "rsa-4096"
+)
+
+// KeyTypes lists the supported key types, strongest-preferred first.
+var KeyTypes = []KeyType{ECDSAP256, ECDSAP384, RSA2048, RSA3072, RSA4096}
+
+// ParseKeyType checks s against the supported key types.
+func ParseKeyType(s string) (KeyType, error) {
+	kt := KeyType(strings.ToLower(s))
+	if slices.Contains(KeyTypes, kt) {
+		return kt, nil
+	}
+	var names []string
+	for _, k := range KeyTypes {
+		names = append(names, string(k))
+	}
+	return "", fmt.Errorf("hsm: unsupported key type %q; use one of %s", s, strings.Join(names, ", "))
+}
+
+// KeyTypeOf names the type of a public key, or "" for one hsmagent does not generate.
+func KeyTypeOf(pub crypto.PublicKey) KeyType {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		switch k.Curve {
+		case elliptic.P256():
+			return ECDSAP256
+		case elliptic.P384():
+			return ECDSAP384
+		}
+	case *rsa.PublicKey:
+		switch k.N.BitLen() {
+		case 2048:
+			return RSA2048
+		case 3072:
+			return RSA3072
+		case 4096:
+			return RSA4096
+		}
+	}
+	return ""
+}
+
+// Key describes a key pair on the token and the certificates stored with it.
+type Key struct {
+	Label  string           `json:"label"`
+	ID     []byte           `json:"id"`
+	Type   KeyType          `json:"type"`
+	Public crypto.PublicKey `json:"-"`
+	// Chain is the stored certificate chain, leaf first; empty when no
+	// certificate has been imported.
+	Chain []*x509.Certificate `json:"-"`
+}
+
+const chainLabelSep = "/chain/"
+
+func chainLabel(keyLabel string, i int) []byte {
+	return fmt.Appendf(nil, "%s%s%d", keyLabel, chainLabelSep, i)
+}
+
+func checkLabel(label string) error {
+	switch {
+	case label == "":
+		return errors.New("hsm: key label is empty")
+	case strings.Contains(label, chainLabelSep):
+		return fmt.Errorf("hsm: key label %q may not contain %q (reserved for stored chains)", label, chainLabelSep)
+	case len(label) > 128:
+		return fmt.Errorf("hsm: key label %q is longer than 128 bytes", label)
+	}
+	return nil
+}
+
+// GenerateKey creates a key pair inside the token. The private half is
+// sensitive, never extractable, private to the logged-in user and may only
+// sign; this is checked on the token after generation, and a key that the
+// token did not mark CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE is deleted
+// and refused. An empty id gets a random 8-byte CKA_ID.
+func (t *Token) GenerateKey(label string, kt KeyType, id []byte) (*Key, error) {
+	if err := checkLabel(label); err != nil {
+		return nil, err
+	}
+	if _, err := ParseKeyType(string(kt)); err != nil {
+		return nil, err
+	}
+	if len(id) == 0 {
+		id = make([]byte, 8)
+		if _, err := io.ReadFull(rand.Reader, id); err != nil {
+			return nil, fmt.Errorf("hsm: generating key id: %w", err)
+		}
+	}
+	var out *Key
+	err := t.do(func(ctx *crypto11.Context, _ uint64) error {
+		existing, err := ctx.FindKeyPairs(nil, []byte(label))
+		if err != nil {
+			return fmt.Errorf("hsm: looking up label %q: %w", label, explain(err))
+		}
+		if len(existing) > 0 {
+			return fmt.Errorf("hsm: a key labelled %q exists already; choose another label or delete it first", label)
+		}
+		if other, err := ctx.FindKeyPairs(id, nil); err == nil && len(other) > 0 {
+			return fmt.Errorf("hsm: a key with id %x exists already", id)
+		}
+		pub, priv, err := keyTemplates(id, label, kt)
+		if err != nil {
+			return err
+		}
+		var signer crypto11.Signer
+		switch kt {
+		case ECDSAP256:
+			signer, err = ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, elliptic.P256())
+		case ECDSAP384:
+			signer, err = ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, elliptic.P384())
+		case RSA2048, RSA3072, RSA4096:
+			bits := map[KeyType]int{RSA2048: 2048, RSA3072: 3072, RSA4096: 4096}[kt]
+			signer, err = ctx.GenerateRSAKeyPairWithAttributes(pub, priv, bits)
+		}
+		if err != nil {
+			return fmt.Errorf("hsm: generating %s key %q: %w", kt, label, explain(err))
+		}
+		if err := checkKeyPolicy(ctx, signer); err != nil {
+			_ = signer.Delete()
+			return fmt.Errorf("hsm: key %q deleted again: %w", label, err)
+		}
+		out = &Key{Label: label, ID: id, Type: kt, Public: signer.Public()}
+		return nil
+	})
+	return out, err
+}
+
+func keyTemplates(id []byte, label string, kt KeyType) (pub, priv crypto11.AttributeSet, err error) {
+	pub, err = crypto11.NewAttributeSetWithIDAndLabel(id, []byte(label))
+	if err != nil {
+		return nil, nil, fmt.Errorf("hsm: key template: %w", err)
+	}
+	priv = pub.Copy()
+	pubAttrs := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+	}
+	privAttrs := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+	}
+	if strings.HasPrefix(string(kt), "rsa-") {
+		// crypto11 makes RSA keys decrypt/encrypt by default; ours only sign.
+		pubAttrs = append(pubAttrs,
+			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false))
+		privAttrs = append(privAttrs,
+			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false))
+	}
+	pub.AddIfNotPresent(pubAttrs)
+	priv.AddIfNotPresent(privAttrs)
+	return pub, priv, nil
+}
+
+// checkKeyPolicy reads the private key's attributes back from the token.
+func checkKeyPolicy(ctx *crypto11.Context, key crypto11.Signer) error {
+	want := map[crypto11.AttributeType]bool{
+		crypto11.CkaSensitive:        true,
+		crypto11.CkaAlwaysSensitive:  true,
+		crypto11.CkaExtractable:      false,
+		crypto11.CkaNeverExtractable: true,
+		crypto11.CkaPrivate:          true,
+		crypto11.CkaSign:             true,
+	}
+	var types []crypto11.AttributeType
+	for a := range want {
+		types = append(types, a)
+	}
+	got, err := ctx.GetAttributes(key, types)
+	if err != nil {
+		return fmt.Errorf("reading key attributes back: %w", explain(err))
+	}
+	var bad []string
+	for a, w := range want {
+		attr := got[a]
+		if attr == nil || len(attr.Value) == 0 || (attr.Value[0] != 0) != w {
+			bad = append(bad, fmt.Sprintf("%s should be %t", pkcs11AttrName(a), w))
+		}
+	}
+	if len(bad) > 0 {
+		sort.Strings(bad)
+		return fmt.Errorf("the token did not apply the key policy: %s", strings.Join(bad, ", "))
+	}
+	return nil
+}
+
+func pkcs11AttrName(a crypto11.AttributeType) string {
+	switch a {
+	case crypto11.CkaSensitive:
+		return "CKA_SENSITIVE"
+	case crypto11.CkaAlwaysSensitive:
+		return "CKA_ALWAYS_SENSITIVE"
+	case crypto11.CkaExtractable:
+		return "CKA_EXTRACTABLE"
+	case crypto11.CkaNeverExtractable:
+		return "CKA_NEVER_EXTRACTABLE"
+	case crypto11.CkaPrivate:
+		return "CKA_PRIVATE"
+	case crypto11.CkaSign:
+		return "CKA_SIGN"
+	}
+	return fmt.Sprintf("attribute 0x%x", uint(a))
+}
+
+// Keys lists the key pairs on the token with their stored chains, sorted by label.
+func (t *Token) Keys() ([]*Key, error) {
+	var out []*Key
+	err := t.do(func(ctx *crypto11.Context, _ uint64) error {
+		out = nil
+		signers, err := ctx.FindAllKeyPairs()
+		if err != nil {
+			return fmt.Errorf("hsm: listing keys: %w", explain(err))
+		}
+		for _, s := range signers {
+			attrs, err := ctx.GetAttributes(s, []crypto11.AttributeType{crypto11.CkaLabel, crypto11.CkaId})
+			if err != nil {
+				return fmt.Errorf("hsm: reading key attributes: %w", explain(err))
+			}
+			k := &Key{Public: s.Public(), Type: KeyTypeOf(s.Public())}
+			if a := attrs[crypto11.CkaLabel]; a != nil {
+				k.Label = string(a.Value)
+			}
+			if a := attrs[crypto11.CkaId]; a != nil {
+				k.ID = a.Value
+			}
+			if k.Label != "" {
+				if k.Chain, err = findChain(ctx, k.Label); err != nil {
+					return err
+				}
+			}
+			out = append(out, k)
+		}
+		return nil
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].Label < out[j].Label })
+	return out, err
+}
+
+// Key returns the key labelled label with its stored chain.
+func (t *Token) Key(label string) (*Key, error) {
+	var out *Key
+	err := t.do(func(ctx *crypto11.Context, _ uint64) error {
+		s, id, err := t.findKeyPair(ctx, label)
+		if err != nil {
+			return err
+		}
+		chain, err := findChain(ctx, label)
+		if err != nil {
+			return err
+		}
+		out = &Key{Label: label, ID: id, Type: KeyTypeOf(s.Public()), Public: s.Public(), Chain: chain}
+		return nil
+	})
+	return out, err
+}
+
+// findKeyPair finds exactly one key pair by label and returns it with its CKA_ID.
+func (t *Token) findKeyPair(ctx *crypto11.Context, label string) (crypto11.Signer, []byte, error) {
+	found, err := ctx.FindKeyPairs(nil, []byte(label))
+	if err != nil {
+		return nil, nil, fmt.Errorf("hsm: looking up key %q: %w", label, explain(err))
+	}
+	switch len(found) {
+	case 0:
+		return nil, nil, t.keyNotFound(ctx, label)
+	case 1:
+	default:
+		return nil, nil, fmt.Errorf("hsm: %d keys are labelled %q; delete the extra ones with the token's tools", len(found), label)
+	}
+	attr, err := ctx.GetAttribute(found[0], crypto11.CkaId)
+	if err != nil {
+		return nil, nil, fmt.Errorf("hsm: reading id of key %q: %w", label, explain(err))
+	}
+	var id []byte
+	if attr != nil {
+		id = attr.Value
+	}
+	return found[0], id, nil
+}
+
+func (t *Token) keyNotFound(ctx *crypto11.Context, label string) error {
+	e := &KeyNotFoundError{Label: label, Token: t.Label()}
+	if all, err := ctx.FindAllKeyPairs(); err == nil {
+		for _, s := range all {
+			if a, err := ctx.GetAttribute(s, crypto11.CkaLabel); err == nil && a != nil {
+				e.Present = append(e.Present, string(a.Value))
+			}
+		}
+	}
+	sort.Strings(e.Present)
+	return e
+}
+
+// DeleteKey destroys the key pair labelled label and the certificates stored with it.
+func (t *Token) DeleteKey(label string) error {
+	return t.do(func(ctx *crypto11.Context, _ uint64) error {
+		s, id, err := t.findKeyPair(ctx, label)
+		if err != nil {
+			return err
+		}
+		if err := deleteChain(ctx, label, id); err != nil {
+			return err
+		}
+		if err := s.Delete(); err != nil {
+			return fmt.Errorf("hsm: deleting key %q: %w", label, explain(err))
+		}
+		return nil
+	})
+}
+
+// Signer returns a crypto.Signer for the key labelled label. Signatures are
+// made inside the token; the signer survives a reopen of the token.
+//
+// RSA keys accept *rsa.PSSOptions and plain crypto.Hash (PKCS #1 v1.5) for
+// SHA-256, SHA-384 and SHA-512; ECDSA keys return ASN.1 DER signatures.
+func (t *Token) Signer(label string) (crypto.Signer, error) {
+	s := &signer{token: t, label: label}
+	err := t.do(func(ctx *crypto11.Context, gen uint64) error {
+		k, _, err := t.findKeyPair(ctx, label)
+		if err != nil {
+			return err
+		}
+		s.public = k.Public()
+		s.cached.Store(&cachedKey{key: k, generation: gen})
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+type signer struct {
+	token  *Token
+	label  string
+	public crypto.PublicKey
+	cached atomic.Pointer[cachedKey]
+}
+
+type cachedKey struct {
+	key        crypto.Signer
+	generation uint64
+}
+
+var _ crypto.Signer = (*signer)(nil)
+
+func (s *signer) Public() crypto.PublicKey { return s.public }
+
+func (s *signer) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	var sig []byte
+	err := s.token.do(func(ctx *crypto11.Context, gen uint64) error {
+		c := s.cached.Load()
+		if c.generation != gen {
+			// Handles from before a reopen are meaningless to the new session.
+			k, _, err := s.token.findKeyPair(ctx, s.label)
+			if err != nil {
+				return err
+			}
+			c = &cachedKey{key: k, generation: gen}
+			s.cached.Store(c)
+		}
+		var err error
+		sig, err = c.key.Sign(r, digest, opts)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("hsm: signing with key %q: %w", s.label, explain(err))
+	}
+	return sig, nil
+}
