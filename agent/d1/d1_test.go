@@ -1,0 +1,87 @@
+package d1
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/hsmagent/hsmagent/hsm"
+)
+
+func TestParseEnv(t *testing.T) {
+	for in, want := range map[string]Env{"PPR": PreProd, "ppr": PreProd, "preprod": PreProd, "PRD": Production, "production": Production} {
+		if got, err := ParseEnv(in); err != nil || got != want {
+			t.Errorf("ParseEnv(%q) = %v, %v", in, got, err)
+		}
+	}
+	if _, err := ParseEnv("staging"); err == nil {
+		t.Error("staging accepted")
+	}
+}
+
+func validRequest() SubjectRequest {
+	return SubjectRequest{IssuerID: "ABCDEFGHIJ", Env: PreProd, KeyType: hsm.ECDSAP256, Country: "fr",
+		State: "Ile-de-France", Locality: "Paris", Organization: "Example Bank", OrgUnit: "Cards"}
+}
+
+// TestSubject covers D1-C2 (key types), D1-C3 (subject fields) and D1-C4 (CN template).
+func TestSubject(t *testing.T) {
+	tests := []struct {
+		name    string
+		edit    func(*SubjectRequest)
+		wantCN  string
+		wantErr string
+	}{
+		{name: "ECDSA default template", edit: func(*SubjectRequest) {}, wantCN: "TLSMA-ECDSA/ABCDEFGHIJ/PPR"},
+		{name: "RSA production", edit: func(r *SubjectRequest) { r.KeyType, r.Env = hsm.RSA4096, Production }, wantCN: "TLSMA-RSA/ABCDEFGHIJ/PRD"},
+		{name: "custom template", edit: func(r *SubjectRequest) { r.CNTemplate = "TLSMA-{keyType}/{env}/{issuerId}/x" }, wantCN: "TLSMA-ECDSA/PPR/ABCDEFGHIJ/x"},
+		{name: "D1-C2 rsa-2048 refused", edit: func(r *SubjectRequest) { r.KeyType = hsm.RSA2048 }, wantErr: "not accepted by D1"},
+		{name: "D1-C2 p384 refused", edit: func(r *SubjectRequest) { r.KeyType = hsm.ECDSAP384 }, wantErr: "not accepted by D1"},
+		{name: "bad country", edit: func(r *SubjectRequest) { r.Country = "FRA" }, wantErr: "two-letter"},
+		{name: "empty issuerId", edit: func(r *SubjectRequest) { r.IssuerID = "" }, wantErr: "issuerId is empty"},
+		{name: "issuerId breaking the subject", edit: func(r *SubjectRequest) { r.IssuerID = "AB/CD,O=x" }, wantErr: "may only hold"},
+		{name: "bad env", edit: func(r *SubjectRequest) { r.Env = "DEV" }, wantErr: "not PPR or PRD"},
+		{name: "missing OU", edit: func(r *SubjectRequest) { r.OrgUnit = " " }, wantErr: "organization unit is empty"},
+		{name: "unknown placeholder", edit: func(r *SubjectRequest) { r.CNTemplate = "TLSMA-{type}" }, wantErr: "unknown placeholder {type}"},
+		{name: "unbalanced brace", edit: func(r *SubjectRequest) { r.CNTemplate = "TLSMA-{keyType" }, wantErr: "unbalanced"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := validRequest()
+			tt.edit(&r)
+			name, err := r.Subject()
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if name.CommonName != tt.wantCN {
+				t.Errorf("CN %q, want %q", name.CommonName, tt.wantCN)
+			}
+			if name.Country[0] != "FR" || name.Province[0] != "Ile-de-France" || name.Locality[0] != "Paris" ||
+				name.Organization[0] != "Example Bank" || name.OrganizationalUnit[0] != "Cards" {
+				t.Errorf("subject %+v", name)
+			}
+		})
+	}
+}
+
+func TestEnvOfCNAndLabel(t *testing.T) {
+	if e, ok := EnvOfCN("TLSMA-RSA/ABCDEFGHIJ/PRD"); !ok || e != Production {
+		t.Errorf("CN: %v %v", e, ok)
+	}
+	if _, ok := EnvOfCN("api.example.com"); ok {
+		t.Error("CN without environment matched")
+	}
+	for label, want := range map[string]Env{"d1-ppr-mtls": PreProd, "PRD_client": Production, "d1-preprod": PreProd} {
+		if e, ok := EnvOfLabel(label); !ok || e != want {
+			t.Errorf("label %q: %v %v", label, e, ok)
+		}
+	}
+	if _, ok := EnvOfLabel("ppr-and-prd"); ok {
+		t.Error("ambiguous label matched")
+	}
+}
