@@ -44,7 +44,11 @@ func tokensCommand() *cli.Command {
 				if t.UserPINLocked {
 					login = "PIN LOCKED"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%t\t%s\n", t.Label, t.Serial, t.Model, t.Manufacturer, t.Initialized, login)
+				label := t.Label
+				if !t.Initialized {
+					label = "(free slot)"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%t\t%s\n", label, t.Serial, t.Model, t.Manufacturer, t.Initialized, login)
 			}
 			return tw.Flush()
 		},
