@@ -48,3 +48,11 @@ lint:
 
 clean:
 	rm -rf bin .demo
+
+# generate rebuilds the gRPC code from agent/proto (needs protoc: apt-get install protobuf-compiler).
+generate:
+	$(GO) build -o bin/ google.golang.org/protobuf/cmd/protoc-gen-go google.golang.org/grpc/cmd/protoc-gen-go-grpc
+	protoc --plugin=protoc-gen-go=bin/protoc-gen-go --plugin=protoc-gen-go-grpc=bin/protoc-gen-go-grpc \
+		-I agent/proto --go_out=. --go_opt=module=github.com/hsmagent/hsmagent \
+		--go-grpc_out=. --go-grpc_opt=module=github.com/hsmagent/hsmagent \
+		hsmagent/v1/agent.proto

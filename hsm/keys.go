@@ -397,11 +397,22 @@ func (s *signer) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 			s.cached.Store(c)
 		}
 		var err error
-		sig, err = c.key.Sign(r, digest, opts)
+		sig, err = c.key.Sign(r, digest, pssAutoToExplicit(s.public, opts))
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("hsm: signing with key %q: %w", s.label, explain(err))
 	}
 	return sig, nil
+}
+
+// pssAutoToExplicit replaces rsa.PSSSaltLengthAuto, which crypto11 refuses,
+// with the largest salt the key allows: what Go's own rsa package signs with.
+func pssAutoToExplicit(pub crypto.PublicKey, opts crypto.SignerOpts) crypto.SignerOpts {
+	pss, ok := opts.(*rsa.PSSOptions)
+	rsaPub, isRSA := pub.(*rsa.PublicKey)
+	if !ok || !isRSA || pss.SaltLength != rsa.PSSSaltLengthAuto {
+		return opts
+	}
+	return &rsa.PSSOptions{Hash: pss.Hash, SaltLength: (rsaPub.N.BitLen()-1+7)/8 - 2 - pss.Hash.Size()}
 }

@@ -37,6 +37,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			keysCommand(),
 			csrCommand(),
 			certCommand(),
+			serveCommand(),
 		}),
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}

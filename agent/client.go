@@ -1,0 +1,276 @@
+// Package agent is the client of the hsmagent daemon: it hands out
+// crypto.Signers and tls.Certificates whose private keys stay in the HSM
+// behind the agent's Unix socket.
+//
+// # Use
+//
+// Dial the agent's socket once and keep the Client for the life of the
+// process. Signer returns a crypto.Signer for a key; TLSCertificate returns a
+// tls.Certificate with the key's stored chain; GetClientCertificate and
+// GetCertificate return tls.Config callbacks that follow certificate rotation
+// (a new chain imported on the agent's token and reloaded with SIGHUP) without
+// a restart.
+//
+// # Failure
+//
+// The Client reconnects by itself: calls made while the agent is down fail
+// within their deadline (or the Client's sign timeout), and later calls
+// succeed once the agent is back, without building a new Client.
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// SocketEnv names the environment variable Dial reads when given no path.
+const SocketEnv = "HSMAGENT_SOCKET"
+
+// Client talks to one agent. It is safe for concurrent use.
+type Client struct {
+	path        string
+	conn        *grpc.ClientConn
+	api         agentpb.AgentClient
+	signTimeout time.Duration
+
+	watchOnce   sync.Once
+	watchCtx    context.Context
+	stopWatch   context.CancelFunc
+	certs       atomic.Pointer[certCache]
+	watchErrors atomic.Uint64
+}
+
+// An Option configures Dial.
+type Option func(*Client)
+
+// WithSignTimeout bounds each signature made through a Signer, whose Sign
+// method takes no context. The default is 5 seconds.
+func WithSignTimeout(d time.Duration) Option {
+	return func(c *Client) { c.signTimeout = d }
+}
+
+// Dial connects to the agent listening on socketPath (empty: $HSMAGENT_SOCKET)
+// and waits until the connection is up or ctx is done.
+func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, error) {
+	if socketPath == "" {
+		socketPath = os.Getenv(SocketEnv)
+	}
+	if socketPath == "" {
+		return nil, fmt.Errorf("agent: no socket path; pass one or set %s", SocketEnv)
+	}
+	abs, err := filepath.Abs(socketPath)
+	if err != nil {
+		return nil, fmt.Errorf("agent: socket path %q: %w", socketPath, err)
+	}
+	c := &Client{path: abs, signTimeout: 5 * time.Second}
+	for _, o := range opts {
+		o(c)
+	}
+	c.conn, err = grpc.NewClient("unix://"+abs,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(wire.MaxMessageSize)),
+		// Reconnect quickly after an agent restart instead of gRPC's default of up to two minutes.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: time.Second,
+		}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	c.api = agentpb.NewAgentClient(c.conn)
+	c.watchCtx, c.stopWatch = context.WithCancel(context.Background())
+	c.conn.Connect()
+	for {
+		s := c.conn.GetState()
+		if s == connectivity.Ready {
+			return c, nil
+		}
+		if !c.conn.WaitForStateChange(ctx, s) {
+			c.Close()
+			if _, err := os.Stat(abs); err != nil {
+				return nil, fmt.Errorf("agent: no agent socket at %q: is 'hsmagent serve' running?", abs)
+			}
+			return nil, fmt.Errorf("agent: cannot reach the agent at %q: %w", abs, ctx.Err())
+		}
+	}
+}
+
+// Close ends the connection and any background watch.
+func (c *Client) Close() error {
+	c.stopWatch()
+	return c.conn.Close()
+}
+
+// Key is a key the agent offers to this caller.
+type Key struct {
+	Label  string
+	ID     []byte
+	Public crypto.PublicKey
+	// Chain is the stored certificate chain, leaf first; empty without a certificate.
+	Chain []*x509.Certificate
+}
+
+// Keys lists the keys this process may use.
+func (c *Client) Keys(ctx context.Context) ([]Key, error) {
+	resp, err := c.api.ListKeys(ctx, &agentpb.ListKeysRequest{})
+	if err != nil {
+		return nil, callError("listing keys", err)
+	}
+	keys := make([]Key, 0, len(resp.Keys))
+	for _, pk := range resp.Keys {
+		k, err := keyFromProto(pk)
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+func keyFromProto(pk *agentpb.Key) (Key, error) {
+	pub, err := x509.ParsePKIXPublicKey(pk.PublicKey)
+	if err != nil {
+		return Key{}, fmt.Errorf("agent: key %q: bad public key from agent: %w", pk.Label, err)
+	}
+	k := Key{Label: pk.Label, ID: pk.Id, Public: pub}
+	for i, der := range pk.CertificateChain {
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return Key{}, fmt.Errorf("agent: key %q: bad certificate %d from agent: %w", pk.Label, i, err)
+		}
+		k.Chain = append(k.Chain, cert)
+	}
+	return k, nil
+}
+
+func (c *Client) key(ctx context.Context, label string) (Key, error) {
+	keys, err := c.Keys(ctx)
+	if err != nil {
+		return Key{}, err
+	}
+	var labels []string
+	for _, k := range keys {
+		if k.Label == label {
+			return k, nil
+		}
+		labels = append(labels, k.Label)
+	}
+	return Key{}, fmt.Errorf("agent: key %q not found or not allowed for this user; keys offered: %q", label, labels)
+}
+
+// Signer returns a crypto.Signer for the key labelled label. Its public key
+// is fetched now; each Sign is one call to the agent, bounded by the sign
+// timeout. Sign accepts crypto.SHA256/384/512 and, for RSA keys,
+// *rsa.PSSOptions (any salt length mode).
+func (c *Client) Signer(ctx context.Context, label string) (crypto.Signer, error) {
+	k, err := c.key(ctx, label)
+	if err != nil {
+		return nil, err
+	}
+	return &remoteSigner{client: c, label: label, public: k.Public}, nil
+}
+
+// TLSCertificate returns the key's stored chain with a signer through the agent.
+func (c *Client) TLSCertificate(ctx context.Context, label string) (*tls.Certificate, error) {
+	k, err := c.key(ctx, label)
+	if err != nil {
+		return nil, err
+	}
+	return tlsCertificate(k, &remoteSigner{client: c, label: label, public: k.Public})
+}
+
+func tlsCertificate(k Key, signer crypto.Signer) (*tls.Certificate, error) {
+	if len(k.Chain) == 0 {
+		return nil, fmt.Errorf("agent: key %q has no certificate; import one with 'hsmagent cert import' and reload the agent", k.Label)
+	}
+	cert := &tls.Certificate{PrivateKey: signer, Leaf: k.Chain[0]}
+	for _, c := range k.Chain {
+		cert.Certificate = append(cert.Certificate, c.Raw)
+	}
+	return cert, nil
+}
+
+type remoteSigner struct {
+	client *Client
+	label  string
+	public crypto.PublicKey
+}
+
+var _ crypto.Signer = (*remoteSigner)(nil)
+
+func (s *remoteSigner) Public() crypto.PublicKey { return s.public }
+
+// Sign implements crypto.Signer; rand is unused: the HSM makes its own randomness.
+func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	hash, ok := wire.Hash(opts.HashFunc())
+	if !ok {
+		return nil, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", opts.HashFunc())
+	}
+	req := &agentpb.SignRequest{Key: s.label, Digest: digest, Hash: hash}
+	if rsaPub, isRSA := s.public.(*rsa.PublicKey); isRSA {
+		req.Padding = agentpb.Padding_PADDING_PKCS1V15
+		if pss, ok := opts.(*rsa.PSSOptions); ok {
+			req.Padding = agentpb.Padding_PADDING_PSS
+			switch pss.SaltLength {
+			case rsa.PSSSaltLengthEqualsHash:
+				req.PssSaltLength = 0
+			case rsa.PSSSaltLengthAuto:
+				req.PssSaltLength = int32(wire.MaxPSSSaltLength(rsaPub, opts.HashFunc()))
+			default:
+				req.PssSaltLength = int32(pss.SaltLength)
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.client.signTimeout)
+	defer cancel()
+	resp, err := s.client.api.Sign(ctx, req)
+	if err != nil {
+		return nil, callError(fmt.Sprintf("signing with key %q", s.label), err)
+	}
+	return resp.Signature, nil
+}
+
+// callError turns a gRPC status into one line that names the operation.
+func callError(what string, err error) error {
+	st, ok := status.FromError(err)
+	if !ok {
+		return fmt.Errorf("agent: %s: %w", what, err)
+	}
+	return &CallError{Op: what, Code: st.Code().String(), Msg: st.Message()}
+}
+
+// CallError is an error returned by the agent, with its gRPC status code
+// (NotFound, PermissionDenied, InvalidArgument, Unavailable, ...).
+type CallError struct {
+	Op, Code, Msg string
+}
+
+func (e *CallError) Error() string {
+	return fmt.Sprintf("agent: %s: %s (%s)", e.Op, e.Msg, e.Code)
+}
+
+// IsUnavailable reports whether err means the agent could not be reached.
+func IsUnavailable(err error) bool {
+	var ce *CallError
+	return errors.As(err, &ce) && (ce.Code == "Unavailable" || ce.Code == "DeadlineExceeded")
+}

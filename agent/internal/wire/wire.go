@@ -1,0 +1,73 @@
+// Package wire converts between Go's crypto types and the hsmagent.v1 messages,
+// for both ends of the socket.
+package wire
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+)
+
+// MaxMessageSize caps every message on the socket in both directions. The
+// largest is a key list: a few keys with chains of a few certificates.
+const MaxMessageSize = 1 << 20
+
+// MaxSignRequestSize caps a sign request: a label and a 64-byte digest.
+const MaxSignRequestSize = 1024
+
+// Hash maps a Go hash to the wire; ok is false for hashes the agent refuses.
+func Hash(h crypto.Hash) (agentpb.Hash, bool) {
+	switch h {
+	case crypto.SHA256:
+		return agentpb.Hash_HASH_SHA256, true
+	case crypto.SHA384:
+		return agentpb.Hash_HASH_SHA384, true
+	case crypto.SHA512:
+		return agentpb.Hash_HASH_SHA512, true
+	}
+	return agentpb.Hash_HASH_UNSPECIFIED, false
+}
+
+// GoHash maps a wire hash to Go; ok is false for unknown values.
+func GoHash(h agentpb.Hash) (crypto.Hash, bool) {
+	switch h {
+	case agentpb.Hash_HASH_SHA256:
+		return crypto.SHA256, true
+	case agentpb.Hash_HASH_SHA384:
+		return crypto.SHA384, true
+	case agentpb.Hash_HASH_SHA512:
+		return crypto.SHA512, true
+	}
+	return 0, false
+}
+
+// Algorithm names a public key's algorithm on the wire.
+func Algorithm(pub crypto.PublicKey) agentpb.Algorithm {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		switch k.Curve {
+		case elliptic.P256():
+			return agentpb.Algorithm_ALGORITHM_ECDSA_P256
+		case elliptic.P384():
+			return agentpb.Algorithm_ALGORITHM_ECDSA_P384
+		}
+	case *rsa.PublicKey:
+		switch k.N.BitLen() {
+		case 2048:
+			return agentpb.Algorithm_ALGORITHM_RSA_2048
+		case 3072:
+			return agentpb.Algorithm_ALGORITHM_RSA_3072
+		case 4096:
+			return agentpb.Algorithm_ALGORITHM_RSA_4096
+		}
+	}
+	return agentpb.Algorithm_ALGORITHM_UNSPECIFIED
+}
+
+// MaxPSSSaltLength is the largest salt an RSA key of this size can carry with hash h.
+func MaxPSSSaltLength(pub *rsa.PublicKey, h crypto.Hash) int {
+	return (pub.N.BitLen()-1+7)/8 - 2 - h.Size()
+}

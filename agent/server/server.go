@@ -1,0 +1,347 @@
+// Package server is the agent's side of the socket: it serves signatures made
+// by a KeyStore (the HSM token, or anything else that hands out crypto.Signers)
+// to local processes, after checking each caller's peer credentials against
+// a Policy, and writes an audit record for every signature.
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"github.com/hsmagent/hsmagent/hsm"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// KeyStore is what the agent serves. *hsm.Token satisfies it.
+type KeyStore interface {
+	// Keys lists the key pairs with their certificate chains.
+	Keys() ([]*hsm.Key, error)
+	// Signer returns a signer for the key labelled label.
+	Signer(label string) (crypto.Signer, error)
+}
+
+var _ KeyStore = (*hsm.Token)(nil)
+
+// Options configure a Server. Zero values are usable.
+type Options struct {
+	// Logger receives operational logs; nil means slog.Default().
+	Logger *slog.Logger
+	// Audit receives one record per signature or refusal; nil means Logger.
+	Audit *slog.Logger
+	// Policy says who may use which key; nil means only the agent's own user and root.
+	Policy *Policy
+}
+
+// Server serves the hsmagent.v1 API.
+type Server struct {
+	agentpb.UnimplementedAgentServer
+	store  KeyStore
+	log    *slog.Logger
+	audit  *slog.Logger
+	grpc   *grpc.Server
+	health *health.Server
+
+	reloadMu sync.Mutex // serialises reloads
+	state    atomic.Pointer[state]
+	stopping chan struct{} // closed by Shutdown: ends watch streams
+	stopOnce sync.Once
+}
+
+// state is an immutable snapshot of keys and policy, replaced as a whole on reload.
+type state struct {
+	policy   *Policy
+	keys     map[string]*entry
+	labels   []string
+	revision uint64
+	changed  chan struct{} // closed when this state is replaced
+}
+
+type entry struct {
+	signer crypto.Signer
+	rsaPub *rsa.PublicKey // nil for EC keys
+	proto  *agentpb.Key
+}
+
+// New loads the store's keys and returns a server ready to Serve.
+func New(store KeyStore, opts Options) (*Server, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Audit == nil {
+		opts.Audit = opts.Logger
+	}
+	if opts.Policy == nil {
+		var err error
+		if opts.Policy, err = NewPolicy(nil); err != nil {
+			return nil, err
+		}
+	}
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{})}
+	if err := s.load(opts.Policy); err != nil {
+		return nil, err
+	}
+	s.grpc = grpc.NewServer(
+		grpc.Creds(peerCredentials{}),
+		grpc.MaxRecvMsgSize(wire.MaxSignRequestSize),
+		grpc.MaxSendMsgSize(wire.MaxMessageSize),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	agentpb.RegisterAgentServer(s.grpc, s)
+	s.health = health.NewServer()
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	return s, nil
+}
+
+// Serve accepts connections on l until Shutdown.
+func (s *Server) Serve(l net.Listener) error {
+	err := s.grpc.Serve(l)
+	if errors.Is(err, grpc.ErrServerStopped) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops accepting connections, ends watch streams and waits for
+// in-flight signatures until ctx is done, then closes what is left.
+func (s *Server) Shutdown(ctx context.Context) {
+	s.health.Shutdown()
+	s.stopOnce.Do(func() { close(s.stopping) })
+	done := make(chan struct{})
+	go func() { s.grpc.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.grpc.Stop()
+	}
+}
+
+// Reload reads the keys and chains again and installs policy (nil keeps the
+// current one). On error the previous state stays in force.
+func (s *Server) Reload(policy *Policy) error {
+	if policy == nil {
+		policy = s.state.Load().policy
+	}
+	return s.load(policy)
+}
+
+// Revision counts the reloads that changed a key or a chain.
+func (s *Server) Revision() uint64 { return s.state.Load().revision }
+
+func (s *Server) load(policy *Policy) error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	keys, err := s.store.Keys()
+	if err != nil {
+		return err
+	}
+	old := s.state.Load()
+	next := &state{policy: policy, keys: make(map[string]*entry, len(keys)), changed: make(chan struct{})}
+	for _, k := range keys {
+		if k.Label == "" {
+			continue // unlabelled objects cannot be asked for
+		}
+		pk, err := keyProto(k)
+		if err != nil {
+			return err
+		}
+		e := &entry{proto: pk}
+		if rp, ok := k.Public.(*rsa.PublicKey); ok {
+			e.rsaPub = rp
+		}
+		// Keep the signer of an unchanged key: it holds a warm handle.
+		if old != nil {
+			if prev := old.keys[k.Label]; prev != nil && bytes.Equal(prev.proto.PublicKey, pk.PublicKey) {
+				e.signer = prev.signer
+			}
+		}
+		if e.signer == nil {
+			if e.signer, err = s.store.Signer(k.Label); err != nil {
+				return err
+			}
+		}
+		next.keys[k.Label] = e
+		next.labels = append(next.labels, k.Label)
+	}
+	sort.Strings(next.labels)
+	if old != nil {
+		next.revision = old.revision
+		if !sameKeys(old, next) {
+			next.revision++
+		}
+	}
+	s.state.Store(next)
+	if old != nil {
+		close(old.changed)
+	}
+	return nil
+}
+
+func keyProto(k *hsm.Key) (*agentpb.Key, error) {
+	spki, err := x509.MarshalPKIXPublicKey(k.Public)
+	if err != nil {
+		return nil, fmt.Errorf("agent: key %q: encoding public key: %w", k.Label, err)
+	}
+	pk := &agentpb.Key{Label: k.Label, Id: k.ID, Algorithm: wire.Algorithm(k.Public), PublicKey: spki}
+	for _, c := range k.Chain {
+		pk.CertificateChain = append(pk.CertificateChain, c.Raw)
+	}
+	if len(k.Chain) > 0 {
+		pk.NotAfterUnix = k.Chain[0].NotAfter.Unix()
+	}
+	return pk, nil
+}
+
+func sameKeys(a, b *state) bool {
+	if len(a.keys) != len(b.keys) {
+		return false
+	}
+	for label, ea := range a.keys {
+		eb, ok := b.keys[label]
+		if !ok || !proto.Equal(ea.proto, eb.proto) {
+			return false
+		}
+	}
+	return true
+}
+
+// ListKeys implements agentpb.AgentServer.
+func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*agentpb.ListKeysResponse, error) {
+	p, err := peerFrom(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	return s.state.Load().visibleTo(p), nil
+}
+
+func (st *state) visibleTo(p Peer) *agentpb.ListKeysResponse {
+	resp := &agentpb.ListKeysResponse{Revision: st.revision}
+	for _, label := range st.labels {
+		if st.policy.Allowed(p, label) {
+			resp.Keys = append(resp.Keys, st.keys[label].proto)
+		}
+	}
+	return resp
+}
+
+// WatchKeys implements agentpb.AgentServer.
+func (s *Server) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_WatchKeysServer) error {
+	p, err := peerFrom(stream.Context())
+	if err != nil {
+		return status.Error(codes.Unauthenticated, err.Error())
+	}
+	for {
+		st := s.state.Load()
+		if err := stream.Send(st.visibleTo(p)); err != nil {
+			return err
+		}
+		select {
+		case <-st.changed:
+		case <-stream.Context().Done():
+			return nil
+		case <-s.stopping:
+			return status.Error(codes.Unavailable, "agent: shutting down")
+		}
+	}
+}
+
+// maxLabel bounds key labels in requests (and so in logs).
+const maxLabel = 128
+
+// Sign implements agentpb.AgentServer.
+func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.SignResponse, error) {
+	start := time.Now()
+	p, err := peerFrom(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	sig, code, err := s.sign(p, req)
+	s.auditSign(ctx, p, req, code, err, time.Since(start))
+	if err != nil {
+		return nil, status.Error(code, err.Error())
+	}
+	return &agentpb.SignResponse{Signature: sig}, nil
+}
+
+func (s *Server) sign(p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, error) {
+	switch {
+	case req.Key == "":
+		return nil, codes.InvalidArgument, errors.New("agent: key label is empty")
+	case len(req.Key) > maxLabel:
+		return nil, codes.InvalidArgument, fmt.Errorf("agent: key label longer than %d bytes", maxLabel)
+	}
+	st := s.state.Load()
+	e := st.keys[req.Key]
+	if e == nil {
+		return nil, codes.NotFound, fmt.Errorf("agent: key %q not found", req.Key)
+	}
+	if !st.policy.Allowed(p, req.Key) {
+		return nil, codes.PermissionDenied, fmt.Errorf("agent: uid %d may not use key %q", p.UID, req.Key)
+	}
+	hash, ok := wire.GoHash(req.Hash)
+	if !ok {
+		return nil, codes.InvalidArgument, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
+	}
+	if len(req.Digest) != hash.Size() {
+		return nil, codes.InvalidArgument, fmt.Errorf("agent: digest is %d bytes, %v needs %d", len(req.Digest), hash, hash.Size())
+	}
+	var opts crypto.SignerOpts = hash
+	switch {
+	case e.rsaPub == nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED:
+		return nil, codes.InvalidArgument, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
+	case e.rsaPub != nil && req.Padding == agentpb.Padding_PADDING_PSS:
+		salt := int(req.PssSaltLength)
+		maxSalt := wire.MaxPSSSaltLength(e.rsaPub, hash)
+		switch {
+		case salt == 0:
+			salt = rsa.PSSSaltLengthEqualsHash
+		case salt < 0 || salt > maxSalt:
+			return nil, codes.InvalidArgument, fmt.Errorf("agent: PSS salt length %d is outside 1..%d for key %q", salt, maxSalt, req.Key)
+		}
+		opts = &rsa.PSSOptions{Hash: hash, SaltLength: salt}
+	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
+		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
+	}
+	sig, err := e.signer.Sign(rand.Reader, req.Digest, opts)
+	if err != nil {
+		// Details go to the log; the caller learns that the HSM failed.
+		s.log.Error("signing failed", "key", req.Key, "err", err)
+		return nil, codes.Internal, fmt.Errorf("agent: the HSM failed to sign with key %q; see the agent's log", req.Key)
+	}
+	return sig, codes.OK, nil
+}
+
+func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, code codes.Code, err error, d time.Duration) {
+	result := "ok"
+	level := slog.LevelInfo
+	if err != nil {
+		result, level = code.String(), slog.LevelWarn
+	}
+	label := req.Key
+	if len(label) > maxLabel {
+		label = label[:maxLabel]
+	}
+	s.audit.LogAttrs(ctx, level, "sign",
+		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
+		slog.String("key", label), slog.String("hash", req.Hash.String()),
+		slog.String("result", result), slog.Duration("duration", d))
+}

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/urfave/cli/v2"
+)
+
+var socketFlag = &cli.StringFlag{Name: "socket", Usage: "agent socket `PATH`", EnvVars: []string{agent.SocketEnv}}
+
+func serveCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "serve",
+		Usage: "run the agent: open the token once and serve signatures over a Unix socket",
+		Description: `The agent is the only process that knows the PIN. Local processes connect to
+the socket; each connection's uid/gid/pid is read with SO_PEERCRED and checked against the
+access rules of the config file (by default only the agent's own user and root may sign).
+Every signature writes an audit record.
+
+Signals: SIGHUP reloads certificate chains and the config's access rules (a failed reload
+keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
+close the token and exit 0.`,
+		Flags: append(tokenFlags(),
+			configFlag,
+			socketFlag,
+			&cli.StringFlag{Name: "socket-mode", Usage: "socket file `MODE` (octal)", Value: "0660", EnvVars: []string{"HSMAGENT_SOCKET_MODE"}},
+			&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text", EnvVars: []string{"HSMAGENT_LOG_FORMAT"}},
+			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
+			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
+		),
+		Action: serveAction,
+	}
+}
+
+// serveSettings are the settings serve reads from flags, environment and config.
+func serveSettings(c *cli.Context) (*fileConfig, error) {
+	cfg, err := loadConfig(c.String("config"))
+	if err != nil {
+		return nil, err
+	}
+	err = applyConfig(c, map[string]string{
+		"socket": cfg.Socket, "socket-mode": cfg.SocketMode, "module": cfg.Module, "token": cfg.Token,
+		"token-serial": cfg.TokenSerial, "uri": cfg.URI, "pin-file": cfg.PINFile,
+		"log-format": cfg.LogFormat, "log-level": cfg.LogLevel, "audit-log": cfg.AuditLog,
+	})
+	return cfg, err
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, usagef("--log-level %q: use debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, usagef("--log-format %q: use text or json", format)
+}
+
+func serveAction(c *cli.Context) error {
+	cfg, err := serveSettings(c)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(c.App.ErrWriter, c.String("log-format"), c.String("log-level"))
+	if err != nil {
+		return err
+	}
+	mode, err := strconv.ParseUint(c.String("socket-mode"), 8, 32)
+	if err != nil || mode > 0o777 {
+		return usagef("--socket-mode %q is not an octal file mode such as 0660", c.String("socket-mode"))
+	}
+	if mode&0o007 != 0 {
+		log.Warn("the socket is open to all users; access rules still apply", "mode", fmt.Sprintf("%04o", mode))
+	}
+	if c.String("socket") == "" {
+		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
+	}
+	policy, err := server.NewPolicy(cfg.Access)
+	if err != nil {
+		return err
+	}
+	audit := log
+	if path := c.String("audit-log"); path != "" {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return fmt.Errorf("opening audit log: %w", err)
+		}
+		defer f.Close()
+		audit = slog.New(slog.NewJSONHandler(f, nil))
+	}
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	srv, err := server.New(tok, server.Options{Logger: log, Audit: audit, Policy: policy})
+	if err != nil {
+		return err
+	}
+	l, err := server.Listen(c.String("socket"), os.FileMode(mode))
+	if err != nil {
+		return err
+	}
+	signals := make(chan os.Signal, 4)
+	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(signals)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	log.Info("agent serving", "socket", c.String("socket"), "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
+
+	for {
+		select {
+		case err := <-served:
+			return fmt.Errorf("agent stopped: %w", err)
+		case sig := <-signals:
+			if sig == syscall.SIGHUP {
+				reload(c, srv, log)
+				continue
+			}
+			log.Info("shutting down", "signal", sig.String())
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			srv.Shutdown(ctx)
+			cancel()
+			<-served
+			log.Info("agent stopped")
+			return nil
+		}
+	}
+}
+
+// reload re-reads the config's access rules and the token's chains; on any
+// error the agent keeps serving with what it had.
+func reload(c *cli.Context, srv *server.Server, log *slog.Logger) {
+	cfg, err := loadConfig(c.String("config"))
+	if err != nil {
+		log.Error("reload failed, keeping the previous state", "err", err)
+		return
+	}
+	policy, err := server.NewPolicy(cfg.Access)
+	if err != nil {
+		log.Error("reload failed, keeping the previous state", "err", err)
+		return
+	}
+	if err := srv.Reload(policy); err != nil {
+		log.Error("reload failed, keeping the previous state", "err", err)
+		return
+	}
+	log.Info("reloaded", "revision", srv.Revision())
+}
