@@ -40,6 +40,9 @@ func (c *Client) currentCertificate(ctx context.Context, label string) (*tls.Cer
 		}
 	}
 	// Not in the watched list (yet, or the watch is reconnecting): ask directly.
+	if ctx == nil {
+		ctx = context.Background()
+	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.signTimeout)
