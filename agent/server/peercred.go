@@ -47,7 +47,7 @@ func (peerCredentials) Info() credentials.ProtocolInfo {
 	return credentials.ProtocolInfo{SecurityProtocol: "peercred"}
 }
 func (c peerCredentials) Clone() credentials.TransportCredentials { return c }
-func (peerCredentials) OverrideServerName(string) error             { return nil }
+func (peerCredentials) OverrideServerName(string) error           { return nil }
 
 // ReadPeer returns the credentials of the process connected through a Unix socket.
 func ReadPeer(conn net.Conn) (Peer, error) {

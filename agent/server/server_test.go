@@ -1,0 +1,207 @@
+package server_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/hsmagent/hsmagent/hsm"
+	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+)
+
+// memStore is an in-memory KeyStore with software keys, for testing the
+// protocol logic without an HSM. The same requests run against SoftHSM below.
+type memStore struct {
+	mu   sync.Mutex
+	keys map[string]crypto.Signer
+}
+
+func newMemStore(t *testing.T) *memStore {
+	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rs, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &memStore{keys: map[string]crypto.Signer{"ec": ec, "rsa": rs}}
+}
+
+func (m *memStore) Keys() ([]*hsm.Key, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []*hsm.Key
+	for label, k := range m.keys {
+		out = append(out, &hsm.Key{Label: label, Public: k.Public(), Type: hsm.KeyTypeOf(k.Public())})
+	}
+	return out, nil
+}
+
+func (m *memStore) Signer(label string) (crypto.Signer, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if k, ok := m.keys[label]; ok {
+		return k, nil
+	}
+	return nil, fmt.Errorf("no key %q", label)
+}
+
+func rawClient(t *testing.T, socket string) (agentpb.AgentClient, *grpc.ClientConn) {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return agentpb.NewAgentClient(conn), conn
+}
+
+func stores(t *testing.T) map[string]server.KeyStore {
+	fx := softhsmtest.New(t)
+	tok := fx.Open(t)
+	for label, kt := range map[string]hsm.KeyType{"ec": hsm.ECDSAP256, "rsa": hsm.RSA2048} {
+		if _, err := tok.GenerateKey(label, kt, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return map[string]server.KeyStore{"memory": newMemStore(t), "softhsm": tok}
+}
+
+// TestBadRequestsKeepTheAgentServing sends every kind of malformed request;
+// each gets a clean error with the right code and the next good one succeeds.
+func TestBadRequestsKeepTheAgentServing(t *testing.T) {
+	for name, store := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			a := softhsmtest.StartAgent(t, store, server.Options{})
+			api, conn := rawClient(t, a.Socket)
+			ctx := context.Background()
+			d32 := make([]byte, 32)
+			good := &agentpb.SignRequest{Key: "ec", Digest: d32, Hash: agentpb.Hash_HASH_SHA256}
+			tests := []struct {
+				name string
+				req  *agentpb.SignRequest
+				code codes.Code
+				want string
+			}{
+				{"wrong digest length", &agentpb.SignRequest{Key: "ec", Digest: make([]byte, 20), Hash: agentpb.Hash_HASH_SHA256}, codes.InvalidArgument, "digest is 20 bytes"},
+				{"unknown hash", &agentpb.SignRequest{Key: "ec", Digest: d32, Hash: 42}, codes.InvalidArgument, "not supported"},
+				{"unspecified hash", &agentpb.SignRequest{Key: "ec", Digest: d32}, codes.InvalidArgument, "not supported"},
+				{"unknown key", &agentpb.SignRequest{Key: "missing", Digest: d32, Hash: agentpb.Hash_HASH_SHA256}, codes.NotFound, `key "missing" not found`},
+				{"empty key", &agentpb.SignRequest{Digest: d32, Hash: agentpb.Hash_HASH_SHA256}, codes.InvalidArgument, "empty"},
+				{"PSS on an EC key", &agentpb.SignRequest{Key: "ec", Digest: d32, Hash: agentpb.Hash_HASH_SHA256, Padding: agentpb.Padding_PADDING_PSS}, codes.InvalidArgument, "RSA only"},
+				{"PSS salt too long", &agentpb.SignRequest{Key: "rsa", Digest: d32, Hash: agentpb.Hash_HASH_SHA256, Padding: agentpb.Padding_PADDING_PSS, PssSaltLength: 4000}, codes.InvalidArgument, "salt length 4000"},
+				{"negative salt", &agentpb.SignRequest{Key: "rsa", Digest: d32, Hash: agentpb.Hash_HASH_SHA256, Padding: agentpb.Padding_PADDING_PSS, PssSaltLength: -3}, codes.InvalidArgument, "salt length -3"},
+				{"unknown padding", &agentpb.SignRequest{Key: "rsa", Digest: d32, Hash: agentpb.Hash_HASH_SHA256, Padding: 9}, codes.InvalidArgument, "not supported"},
+				{"oversized message", &agentpb.SignRequest{Key: "ec", Digest: make([]byte, 1<<20), Hash: agentpb.Hash_HASH_SHA256}, codes.ResourceExhausted, "larger than max"},
+				{"label too long", &agentpb.SignRequest{Key: strings.Repeat("k", 300), Digest: d32, Hash: agentpb.Hash_HASH_SHA256}, codes.InvalidArgument, "longer than"},
+			}
+			for _, tt := range tests {
+				t.Run(tt.name, func(t *testing.T) {
+					_, err := api.Sign(ctx, tt.req)
+					st, _ := status.FromError(err)
+					if st.Code() != tt.code || !strings.Contains(st.Message(), tt.want) {
+						t.Errorf("got %v %q, want %v containing %q", st.Code(), st.Message(), tt.code, tt.want)
+					}
+					if _, err := api.Sign(ctx, good); err != nil {
+						t.Fatalf("good request after a bad one: %v", err)
+					}
+				})
+			}
+			h, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+			if err != nil || h.Status != healthpb.HealthCheckResponse_SERVING {
+				t.Errorf("health: %v %v", h, err)
+			}
+		})
+	}
+}
+
+func TestListKeysAndWatch(t *testing.T) {
+	store := newMemStore(t)
+	a := softhsmtest.StartAgent(t, store, server.Options{})
+	api, _ := rawClient(t, a.Socket)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := api.ListKeys(ctx, &agentpb.ListKeysRequest{})
+	if err != nil || len(resp.Keys) != 2 || resp.Keys[0].Label != "ec" || resp.Keys[0].Algorithm != agentpb.Algorithm_ALGORITHM_ECDSA_P256 {
+		t.Fatalf("ListKeys: %v %v", resp, err)
+	}
+	stream, err := api.WatchKeys(ctx, &agentpb.WatchKeysRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.Recv()
+	if err != nil || first.Revision != resp.Revision {
+		t.Fatalf("first watch message: %v %v", first, err)
+	}
+	// A reload that changes nothing does not bump the revision.
+	if err := a.Server.Reload(nil); err != nil || a.Server.Revision() != first.Revision {
+		t.Fatalf("no-op reload: revision %d, %v", a.Server.Revision(), err)
+	}
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	store.mu.Lock()
+	store.keys["new"] = k
+	store.mu.Unlock()
+	if err := a.Server.Reload(nil); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(msg.Keys) == 3 {
+			if msg.Revision != first.Revision+1 {
+				t.Errorf("revision %d after one change from %d", msg.Revision, first.Revision)
+			}
+			break
+		}
+	}
+	// Shutdown ends watch streams instead of hanging on them.
+	done := make(chan struct{})
+	go func() { a.Stop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown hung on an open watch stream")
+	}
+}
+
+func TestListenRefusesLiveSocketAndReplacesStale(t *testing.T) {
+	dir := softhsmtest.SocketDir(t)
+	path := dir + "/sub/agent.sock"
+	l, err := server.Listen(path, 0o660)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Listen(path, 0o660); err == nil || !strings.Contains(err.Error(), "another agent is listening") {
+		t.Errorf("second listener: %v", err)
+	}
+	// A socket file whose listener died without removing it.
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	l2, err := server.Listen(path, 0o600)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	defer l2.Close()
+	if fi, err := statMode(path); err != nil || fi != 0o600 {
+		t.Errorf("socket mode %o, %v", fi, err)
+	}
+	if fi, err := statMode(dir + "/sub"); err != nil || fi != 0o750 {
+		t.Errorf("socket directory mode %o, %v", fi, err)
+	}
+}
