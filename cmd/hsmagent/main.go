@@ -38,6 +38,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			csrCommand(),
 			certCommand(),
 			serveCommand(),
+			benchCommand(),
 		}),
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}
