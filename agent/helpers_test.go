@@ -1,5 +1,32 @@
 package agent_test
 
-import "crypto/elliptic"
+import (
+	"context"
+	"crypto/elliptic"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent"
+)
 
 func ecdsaCurve() elliptic.Curve { return elliptic.P256() }
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func dialB(b *testing.B, socket string) *agent.Client {
+	b.Helper()
+	c, err := agent.Dial(context.Background(), socket)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return c
+}
+
+// benchTime spreads -benchtime over the run: Handshakes runs for a duration.
+func benchTime(b *testing.B) time.Duration {
+	b.StopTimer()
+	return 2 * time.Second
+}
