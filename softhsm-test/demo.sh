@@ -34,4 +34,35 @@ step "import the certificate and its chain next to the key"
 "$bin" cert show --key d1-ppr-mtls
 "$bin" keys list
 
-step "done: the private key never left the token"
+step "start the agent on a throwaway socket (it alone knows the PIN)"
+"$bin" serve --socket "$work/run/agent.sock" --log-level warn &
+agent_pid=$!
+server_pid=
+cleanup() {
+	kill "$agent_pid" $server_pid 2>/dev/null || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+for _ in $(seq 100); do [ -S "$work/run/agent.sock" ] && break; sleep 0.1; done
+echo "agent pid $agent_pid listening on $work/run/agent.sock" >&2
+
+step "a local mTLS test server (openssl s_server -Verify) trusting the test CA"
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+	-keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\n' >"$work/server.ext"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
+	-days 1 -extfile "$work/server.ext" -out "$work/server.crt" 2>/dev/null
+port=$(( 20000 + RANDOM % 20000 ))
+openssl s_server -quiet -accept "127.0.0.1:$port" -cert "$work/server.crt" -key "$work/server.key" \
+	-CAfile "$work/ca.crt" -Verify 1 -verify_return_error -www >/dev/null 2>&1 &
+server_pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+
+step "an mTLS request whose client key is used through the agent"
+"$(dirname "$bin")/mtls-get" --socket "$work/run/agent.sock" --key d1-ppr-mtls --ca "$work/ca.crt" "https://localhost:$port/"
+
+step "a short benchmark: in-process vs through the agent, same key"
+"$bin" bench --key d1-ppr-mtls --socket "$work/run/agent.sock" --duration 1s
+
+kill -TERM $agent_pid; wait $agent_pid
+step "done: the agent stopped cleanly and the private key never left the token"

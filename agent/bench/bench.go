@@ -167,4 +167,3 @@ func Handshakes(ctx context.Context, name string, s crypto.Signer, concurrency i
 		return nil
 	}), nil
 }
-
