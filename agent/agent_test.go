@@ -335,3 +335,37 @@ func TestHTTPClientWithAgentKey(t *testing.T) {
 	}
 	_ = errors.New
 }
+
+// TestConcurrentSignersGetTheirOwnSignatures: many goroutines share the
+// client's sign stream; every signature must verify against its own digest.
+func TestConcurrentSignersGetTheirOwnSignatures(t *testing.T) {
+	f := newFixture(t)
+	signer, err := f.client.Signer(context.Background(), "ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := signer.Public().(*ecdsa.PublicKey)
+	errs := make(chan error, 16)
+	for g := range 16 {
+		go func() {
+			for i := range 40 {
+				digest := sha256.Sum256(fmt.Appendf(nil, "%d/%d", g, i))
+				sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if !ecdsa.VerifyASN1(pub, digest[:], sig) {
+					errs <- fmt.Errorf("goroutine %d call %d: signature is for another digest", g, i)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 16 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

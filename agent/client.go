@@ -37,6 +37,7 @@ import (
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -56,6 +57,7 @@ type Client struct {
 	watchCtx    context.Context
 	stopWatch   context.CancelFunc
 	certs       atomic.Pointer[certCache]
+	streams     streams
 	watchErrors atomic.Uint64
 }
 
@@ -243,9 +245,15 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.client.signTimeout)
 	defer cancel()
-	resp, err := s.client.api.Sign(ctx, req)
+	resp, err := s.client.sign(ctx, req)
 	if err != nil {
-		return nil, callError(fmt.Sprintf("signing with key %q", s.label), err)
+		if ce, ok := err.(*CallError); ok {
+			ce.Op = fmt.Sprintf("signing with key %q", s.label)
+		}
+		return nil, err
+	}
+	if resp.Code != 0 {
+		return nil, &CallError{Op: fmt.Sprintf("signing with key %q", s.label), Code: codes.Code(resp.Code).String(), Msg: resp.Message}
 	}
 	return resp.Signature, nil
 }

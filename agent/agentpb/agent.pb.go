@@ -518,6 +518,218 @@ func (x *SignResponse) GetSignature() []byte {
 	return nil
 }
 
+// SignStreamRequest carries the signatures a client has queued: under load
+// several travel together, which spreads the cost of a message over them.
+type SignStreamRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Items         []*SignStreamItem      `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamRequest) Reset() {
+	*x = SignStreamRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamRequest) ProtoMessage() {}
+
+func (x *SignStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamRequest.ProtoReflect.Descriptor instead.
+func (*SignStreamRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SignStreamRequest) GetItems() []*SignStreamItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type SignStreamItem struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the client, echoed in the result.
+	Id            uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request       *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamItem) Reset() {
+	*x = SignStreamItem{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamItem) ProtoMessage() {}
+
+func (x *SignStreamItem) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamItem.ProtoReflect.Descriptor instead.
+func (*SignStreamItem) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SignStreamItem) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SignStreamItem) GetRequest() *SignRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+type SignStreamResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*SignStreamResult    `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamResponse) Reset() {
+	*x = SignStreamResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamResponse) ProtoMessage() {}
+
+func (x *SignStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamResponse.ProtoReflect.Descriptor instead.
+func (*SignStreamResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SignStreamResponse) GetResults() []*SignStreamResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type SignStreamResult struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Signature []byte                 `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	// A google.rpc.Code; 0 (OK) when signature is set.
+	Code          int32  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamResult) Reset() {
+	*x = SignStreamResult{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamResult) ProtoMessage() {}
+
+func (x *SignStreamResult) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamResult.ProtoReflect.Descriptor instead.
+func (*SignStreamResult) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SignStreamResult) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SignStreamResult) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *SignStreamResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *SignStreamResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_hsmagent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_hsmagent_v1_agent_proto_rawDesc = "" +
@@ -543,7 +755,19 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\apadding\x18\x04 \x01(\x0e2\x14.hsmagent.v1.PaddingR\apadding\x12&\n" +
 	"\x0fpss_salt_length\x18\x05 \x01(\x05R\rpssSaltLength\",\n" +
 	"\fSignResponse\x12\x1c\n" +
-	"\tsignature\x18\x01 \x01(\fR\tsignature*\xa2\x01\n" +
+	"\tsignature\x18\x01 \x01(\fR\tsignature\"F\n" +
+	"\x11SignStreamRequest\x121\n" +
+	"\x05items\x18\x01 \x03(\v2\x1b.hsmagent.v1.SignStreamItemR\x05items\"T\n" +
+	"\x0eSignStreamItem\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x122\n" +
+	"\arequest\x18\x02 \x01(\v2\x18.hsmagent.v1.SignRequestR\arequest\"M\n" +
+	"\x12SignStreamResponse\x127\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.hsmagent.v1.SignStreamResultR\aresults\"n\n" +
+	"\x10SignStreamResult\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\x12\x12\n" +
+	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage*\xa2\x01\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ALGORITHM_ECDSA_P256\x10\x01\x12\x18\n" +
@@ -559,10 +783,12 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\aPadding\x12\x17\n" +
 	"\x13PADDING_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10PADDING_PKCS1V15\x10\x01\x12\x0f\n" +
-	"\vPADDING_PSS\x10\x022\xda\x01\n" +
+	"\vPADDING_PSS\x10\x022\xad\x02\n" +
 	"\x05Agent\x12G\n" +
 	"\bListKeys\x12\x1c.hsmagent.v1.ListKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse\x12;\n" +
-	"\x04Sign\x12\x18.hsmagent.v1.SignRequest\x1a\x19.hsmagent.v1.SignResponse\x12K\n" +
+	"\x04Sign\x12\x18.hsmagent.v1.SignRequest\x1a\x19.hsmagent.v1.SignResponse\x12Q\n" +
+	"\n" +
+	"SignStream\x12\x1e.hsmagent.v1.SignStreamRequest\x1a\x1f.hsmagent.v1.SignStreamResponse(\x010\x01\x12K\n" +
 	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x01B,Z*github.com/hsmagent/hsmagent/agent/agentpbb\x06proto3"
 
 var (
@@ -578,34 +804,43 @@ func file_hsmagent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_hsmagent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_hsmagent_v1_agent_proto_goTypes = []any{
-	(Algorithm)(0),           // 0: hsmagent.v1.Algorithm
-	(Hash)(0),                // 1: hsmagent.v1.Hash
-	(Padding)(0),             // 2: hsmagent.v1.Padding
-	(*ListKeysRequest)(nil),  // 3: hsmagent.v1.ListKeysRequest
-	(*WatchKeysRequest)(nil), // 4: hsmagent.v1.WatchKeysRequest
-	(*ListKeysResponse)(nil), // 5: hsmagent.v1.ListKeysResponse
-	(*Key)(nil),              // 6: hsmagent.v1.Key
-	(*SignRequest)(nil),      // 7: hsmagent.v1.SignRequest
-	(*SignResponse)(nil),     // 8: hsmagent.v1.SignResponse
+	(Algorithm)(0),             // 0: hsmagent.v1.Algorithm
+	(Hash)(0),                  // 1: hsmagent.v1.Hash
+	(Padding)(0),               // 2: hsmagent.v1.Padding
+	(*ListKeysRequest)(nil),    // 3: hsmagent.v1.ListKeysRequest
+	(*WatchKeysRequest)(nil),   // 4: hsmagent.v1.WatchKeysRequest
+	(*ListKeysResponse)(nil),   // 5: hsmagent.v1.ListKeysResponse
+	(*Key)(nil),                // 6: hsmagent.v1.Key
+	(*SignRequest)(nil),        // 7: hsmagent.v1.SignRequest
+	(*SignResponse)(nil),       // 8: hsmagent.v1.SignResponse
+	(*SignStreamRequest)(nil),  // 9: hsmagent.v1.SignStreamRequest
+	(*SignStreamItem)(nil),     // 10: hsmagent.v1.SignStreamItem
+	(*SignStreamResponse)(nil), // 11: hsmagent.v1.SignStreamResponse
+	(*SignStreamResult)(nil),   // 12: hsmagent.v1.SignStreamResult
 }
 var file_hsmagent_v1_agent_proto_depIdxs = []int32{
-	6, // 0: hsmagent.v1.ListKeysResponse.keys:type_name -> hsmagent.v1.Key
-	0, // 1: hsmagent.v1.Key.algorithm:type_name -> hsmagent.v1.Algorithm
-	1, // 2: hsmagent.v1.SignRequest.hash:type_name -> hsmagent.v1.Hash
-	2, // 3: hsmagent.v1.SignRequest.padding:type_name -> hsmagent.v1.Padding
-	3, // 4: hsmagent.v1.Agent.ListKeys:input_type -> hsmagent.v1.ListKeysRequest
-	7, // 5: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
-	4, // 6: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
-	5, // 7: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
-	8, // 8: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
-	5, // 9: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
-	7, // [7:10] is the sub-list for method output_type
-	4, // [4:7] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	6,  // 0: hsmagent.v1.ListKeysResponse.keys:type_name -> hsmagent.v1.Key
+	0,  // 1: hsmagent.v1.Key.algorithm:type_name -> hsmagent.v1.Algorithm
+	1,  // 2: hsmagent.v1.SignRequest.hash:type_name -> hsmagent.v1.Hash
+	2,  // 3: hsmagent.v1.SignRequest.padding:type_name -> hsmagent.v1.Padding
+	10, // 4: hsmagent.v1.SignStreamRequest.items:type_name -> hsmagent.v1.SignStreamItem
+	7,  // 5: hsmagent.v1.SignStreamItem.request:type_name -> hsmagent.v1.SignRequest
+	12, // 6: hsmagent.v1.SignStreamResponse.results:type_name -> hsmagent.v1.SignStreamResult
+	3,  // 7: hsmagent.v1.Agent.ListKeys:input_type -> hsmagent.v1.ListKeysRequest
+	7,  // 8: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
+	9,  // 9: hsmagent.v1.Agent.SignStream:input_type -> hsmagent.v1.SignStreamRequest
+	4,  // 10: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
+	5,  // 11: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
+	8,  // 12: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
+	11, // 13: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
+	5,  // 14: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
+	11, // [11:15] is the sub-list for method output_type
+	7,  // [7:11] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_hsmagent_v1_agent_proto_init() }
@@ -619,7 +854,7 @@ func file_hsmagent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hsmagent_v1_agent_proto_rawDesc), len(file_hsmagent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   6,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -61,6 +62,10 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 
+	// hsmSlots bounds the signatures in the HSM at once to the CPUs: more
+	// only adds threads that a CPU-bound HSM such as SoftHSM cannot serve.
+	hsmSlots chan struct{}
+
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
 	stopping chan struct{} // closed by Shutdown: ends watch streams
@@ -96,13 +101,15 @@ func New(store KeyStore, opts Options) (*Server, error) {
 			return nil, err
 		}
 	}
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{})}
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}),
+		hsmSlots: make(chan struct{}, runtime.NumCPU())}
 	if err := s.load(opts.Policy); err != nil {
 		return nil, err
 	}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peerCredentials{}),
-		grpc.MaxRecvMsgSize(wire.MaxSignRequestSize),
+		grpc.MaxRecvMsgSize(wire.MaxRequestSize),
+		grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))),
 		grpc.MaxSendMsgSize(wire.MaxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
@@ -321,7 +328,9 @@ func (s *Server) sign(p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, err
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
+	s.hsmSlots <- struct{}{}
 	sig, err := e.signer.Sign(rand.Reader, req.Digest, opts)
+	<-s.hsmSlots
 	if err != nil {
 		// Details go to the log; the caller learns that the HSM failed.
 		s.log.Error("signing failed", "key", req.Key, "err", err)

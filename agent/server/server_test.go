@@ -205,3 +205,69 @@ func TestListenRefusesLiveSocketAndReplacesStale(t *testing.T) {
 		t.Errorf("socket directory mode %o, %v", fi, err)
 	}
 }
+
+// TestSignStream sends a batch mixing good and bad items: each is answered
+// under its own id, and the stream stays usable.
+func TestSignStream(t *testing.T) {
+	a := softhsmtest.StartAgent(t, newMemStore(t), server.Options{})
+	api, _ := rawClient(t, a.Socket)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	stream, err := api.SignStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d32 := make([]byte, 32)
+	items := []*agentpb.SignStreamItem{
+		{Id: 7, Request: &agentpb.SignRequest{Key: "ec", Digest: d32, Hash: agentpb.Hash_HASH_SHA256}},
+		{Id: 8, Request: &agentpb.SignRequest{Key: "missing", Digest: d32, Hash: agentpb.Hash_HASH_SHA256}},
+		{Id: 9, Request: &agentpb.SignRequest{Key: "ec", Digest: d32[:5], Hash: agentpb.Hash_HASH_SHA256}},
+		{Id: 10},
+	}
+	if err := stream.Send(&agentpb.SignStreamRequest{Items: items}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[uint64]codes.Code{7: codes.OK, 8: codes.NotFound, 9: codes.InvalidArgument, 10: codes.InvalidArgument}
+	for len(want) > 0 {
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range resp.Results {
+			code, ok := want[r.Id]
+			if !ok {
+				t.Fatalf("unexpected result id %d", r.Id)
+			}
+			if codes.Code(r.Code) != code || (code == codes.OK) != (len(r.Signature) > 0) {
+				t.Errorf("id %d: code %v %q, %d signature bytes; want %v", r.Id, codes.Code(r.Code), r.Message, len(r.Signature), code)
+			}
+			delete(want, r.Id)
+		}
+	}
+	// Too many items in one message ends the stream with InvalidArgument.
+	var big []*agentpb.SignStreamItem
+	for i := range 65 {
+		big = append(big, &agentpb.SignStreamItem{Id: uint64(100 + i), Request: items[0].Request})
+	}
+	stream.Send(&agentpb.SignStreamRequest{Items: big})
+	if _, err := stream.Recv(); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("oversized batch: %v", err)
+	}
+	// Shutdown with an idle stream open does not wait for the client.
+	idle, err := api.SignStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle.Send(&agentpb.SignStreamRequest{Items: items[:1]})
+	if _, err := idle.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	a.Stop()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("shutdown took %v with an open sign stream", d)
+	}
+	if _, err := idle.Recv(); status.Code(err) != codes.Unavailable {
+		t.Errorf("stream after shutdown: %v", err)
+	}
+}

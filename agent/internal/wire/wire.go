@@ -15,8 +15,9 @@ import (
 // largest is a key list: a few keys with chains of a few certificates.
 const MaxMessageSize = 1 << 20
 
-// MaxSignRequestSize caps a sign request: a label and a 64-byte digest.
-const MaxSignRequestSize = 1024
+// MaxRequestSize caps what a client may send in one message: a batch of 64
+// sign requests, each a label of at most 128 bytes and a digest of at most 64.
+const MaxRequestSize = 16 << 10
 
 // Hash maps a Go hash to the wire; ok is false for hashes the agent refuses.
 func Hash(h crypto.Hash) (agentpb.Hash, bool) {

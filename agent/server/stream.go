@@ -1,0 +1,120 @@
+package server
+
+import (
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// maxInFlightPerStream bounds the signatures one stream may have pending:
+// beyond it the stream stops reading and the client waits.
+const maxInFlightPerStream = 256
+
+// maxBatch bounds the items of one SignStream message in either direction.
+const maxBatch = 64
+
+// SignStream implements agentpb.AgentServer. Each item is signed in its own
+// goroutine; results that complete while a message is being sent go out
+// together in the next one. On shutdown the stream stops taking requests,
+// answers those in flight and ends.
+func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
+	p, err := peerFrom(stream.Context())
+	if err != nil {
+		return status.Error(codes.Unauthenticated, err.Error())
+	}
+	ctx := stream.Context()
+	requests := make(chan *agentpb.SignStreamRequest)
+	go func() {
+		// Ends when the client closes its side or the stream's context ends
+		// (which happens when this handler returns).
+		defer close(requests)
+		for {
+			msg, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			select {
+			case requests <- msg:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+
+	results := make(chan *agentpb.SignStreamResult, maxInFlightPerStream+maxBatch)
+	inFlight := 0
+	flush := func(first *agentpb.SignStreamResult) error {
+		batch := []*agentpb.SignStreamResult{first}
+	more:
+		for len(batch) < maxBatch {
+			select {
+			case r := <-results:
+				batch = append(batch, r)
+			default:
+				break more
+			}
+		}
+		inFlight -= len(batch)
+		return stream.Send(&agentpb.SignStreamResponse{Results: batch})
+	}
+	draining := false
+	stopping := s.stopping
+	for {
+		if draining && inFlight == 0 {
+			if s.isStopping() {
+				return status.Error(codes.Unavailable, "agent: shutting down")
+			}
+			return nil
+		}
+		var in <-chan *agentpb.SignStreamRequest
+		if !draining && inFlight < maxInFlightPerStream {
+			in = requests
+		}
+		select {
+		case msg, ok := <-in:
+			if !ok {
+				draining = true
+				continue
+			}
+			items := msg.Items
+			if len(items) > maxBatch {
+				return status.Errorf(codes.InvalidArgument, "agent: %d signatures in one message; at most %d", len(items), maxBatch)
+			}
+			for _, it := range items {
+				inFlight++
+				go func(id uint64, req *agentpb.SignRequest) {
+					if req == nil {
+						req = &agentpb.SignRequest{}
+					}
+					start := time.Now()
+					sig, code, err := s.sign(p, req)
+					s.auditSign(ctx, p, req, code, err, time.Since(start))
+					r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
+					if err != nil {
+						r.Message = err.Error()
+					}
+					results <- r // room for every item in flight: never blocks
+				}(it.Id, it.Request)
+			}
+		case r := <-results:
+			if err := flush(r); err != nil {
+				return err
+			}
+		case <-stopping:
+			draining, stopping = true, nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (s *Server) isStopping() bool {
+	select {
+	case <-s.stopping:
+		return true
+	default:
+		return false
+	}
+}
