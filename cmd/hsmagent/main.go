@@ -39,6 +39,9 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			certCommand(),
 			serveCommand(),
 			benchCommand(),
+			proxyCommand(),
+			d1Command(),
+			jwtCommand(),
 		}),
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}
