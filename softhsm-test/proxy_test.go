@@ -224,8 +224,24 @@ func TestProxyServerWithCurl(t *testing.T) {
 	caFile := w.path("client-ca-in-use.pem")
 	writePEM(t, caFile, w.thales.Cert)
 	listen := freeAddr(t)
-	proxyCmd := w.background(t, "proxy server serving", "proxy", "server", "--listen", listen, "--backend", "http://"+backendLn.Addr().String(),
-		"--key", "issuer-server", "--client-ca", caFile)
+	// Configured from the same file as the agent, one section per environment.
+	config := w.path("hsmagent.yaml")
+	os.WriteFile(config, []byte(fmt.Sprintf(`socket: %s
+d1:
+  PPR:
+    server:
+      listen: %q
+      backend: http://%s
+      key: issuer-server
+      client_ca: %s
+  PRD:
+    server:
+      listen: "127.0.0.1:1"
+      backend: http://127.0.0.1:1
+      key: d1-prd-server
+      client_ca: /nonexistent
+`, w.daemon.socket, listen, backendLn.Addr(), caFile)), 0o644)
+	proxyCmd := w.background(t, "proxy server serving", "proxy", "server", "--config", config, "--env", "preprod")
 	url := "https://localhost:" + port(listen) + "/notify"
 
 	curl := func(cert, key string, extra ...string) (string, int) {

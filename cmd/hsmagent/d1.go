@@ -25,6 +25,7 @@ import (
 
 func d1ClientFlags() []cli.Flag {
 	return []cli.Flag{
+		configFlag,
 		socketFlag,
 		&cli.StringFlag{Name: "key", Usage: "`LABEL` of the D1 mTLS client key in the agent"},
 		&cli.StringFlag{Name: "env", Usage: "D1 environment `ENV`: PPR or PRD (default: from the certificate's CN)"},
@@ -123,6 +124,9 @@ func d1Command() *cli.Command {
 }
 
 func d1TokenAction(c *cli.Context) error {
+	if err := applyD1Config(c, "client"); err != nil {
+		return err
+	}
 	if c.String("jwt-key") == "" {
 		return usagef("missing --jwt-key LABEL (with --kid, --issuer-id and --token-url)")
 	}
@@ -223,7 +227,9 @@ func proxyCommand() *cli.Command {
 				Name:  "server",
 				Usage: "mTLS from D1 in (Thales client CA only), plain HTTP to the backend out",
 				Flags: append([]cli.Flag{
+					configFlag,
 					socketFlag,
+					&cli.StringFlag{Name: "env", Usage: "`ENV` whose config section to use: PPR or PRD"},
 					&cli.StringFlag{Name: "listen", Usage: "`ADDR` to listen on (443 preferred by D1, 8443 supported)", Value: ":443"},
 					&cli.StringFlag{Name: "backend", Usage: "backend `URL`, e.g. http://127.0.0.1:9000"},
 					&cli.StringFlag{Name: "key", Usage: "`LABEL` of the server key in the agent (its stored chain is served)"},
@@ -237,6 +243,9 @@ func proxyCommand() *cli.Command {
 }
 
 func proxyClientAction(c *cli.Context) error {
+	if err := applyD1Config(c, "client"); err != nil {
+		return err
+	}
 	listen, target := c.String("listen"), c.String("target")
 	if listen == "" || target == "" {
 		return usagef("proxy client needs --listen 127.0.0.1:PORT and --target https://D1-HOST")
@@ -280,6 +289,9 @@ func proxyClientAction(c *cli.Context) error {
 }
 
 func proxyServerAction(c *cli.Context) error {
+	if err := applyD1Config(c, "server"); err != nil {
+		return err
+	}
 	backend, label, caFile := c.String("backend"), c.String("key"), c.String("client-ca")
 	if backend == "" || label == "" || caFile == "" {
 		return usagef("proxy server needs --backend http://127.0.0.1:PORT, --key LABEL and --client-ca FILE")
