@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -368,5 +369,61 @@ func TestD1TokenAndJWTSign(t *testing.T) {
 	r = w.fx.hsmagent(t, "jwt", "sign", "--socket", w.daemon.socket, "--key", "d1-ppr-jwt", "--kid", "k", "--claims", w.path("client.pem"))
 	if r.code != 2 || !strings.Contains(r.stderr, "not a JSON object") {
 		t.Errorf("bad claims: exit %d %s", r.code, r.stderr)
+	}
+}
+
+// TestProxyServerOAuth (D1-S6): D1 trades client credentials for an access
+// token signed by a key in the agent, then calls with it as Bearer.
+func TestProxyServerOAuth(t *testing.T) {
+	w := newD1World(t)
+	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	backend := &http.Server{ErrorLog: log.New(io.Discard, "", 0), Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(rw, "backend got %s authorization=%q", r.URL.Path, r.Header.Get("Authorization"))
+	})}
+	go backend.Serve(backendLn)
+	defer backend.Close()
+	secretFile := w.path("d1-oauth-secret")
+	os.WriteFile(secretFile, []byte("s3cret-s3cret-s3cret\n"), 0o600)
+	listen := freeAddr(t)
+	w.background(t, "proxy server serving", "proxy", "server", "--listen", listen, "--backend", "http://"+backendLn.Addr().String(),
+		"--key", "issuer-server", "--client-ca", w.path("thales-ca.pem"),
+		"--oauth-client-id", "d1", "--oauth-secret-file", secretFile, "--oauth-key", "d1-ppr-jwt")
+	cert, key := w.peerFiles(t, w.thales, "d1-caller", time.Now().Add(24*time.Hour))
+	base := "https://localhost:" + port(listen)
+	curl := func(args ...string) string {
+		all := append([]string{"-sS", "--max-time", "10", "--cacert", w.path("public-root.pem"), "--cert", cert, "--key", key,
+			"-w", " HTTP%{http_code}"}, args...)
+		out, _ := exec.Command("curl", all...).CombinedOutput()
+		return string(out)
+	}
+
+	out := curl("-u", "d1:s3cret-s3cret-s3cret", "-d", "grant_type=client_credentials", base+"/authz/d1/v1/oauth2/token")
+	var tr struct {
+		AccessToken string `json:"access_token"`
+		TokenType   string `json:"token_type"`
+		ExpiresIn   int    `json:"expires_in"`
+	}
+	if err := json.Unmarshal([]byte(strings.TrimSuffix(out, " HTTP200")), &tr); err != nil || tr.TokenType != "Bearer" || tr.ExpiresIn != 900 {
+		t.Fatalf("token endpoint: %s", out)
+	}
+	tok, err := jwt.ParseSigned(tr.AccessToken, []jose.SignatureAlgorithm{jose.ES256})
+	var claims jwt.Claims
+	if err != nil || tok.Claims(w.jwtKey, &claims) != nil || claims.Subject != "d1" {
+		t.Errorf("access token is not signed by the agent's key: %v %+v", err, claims)
+	}
+	if out := curl(base + "/api/notify"); !strings.Contains(out, "invalid_token") || !strings.HasSuffix(out, "HTTP401") {
+		t.Errorf("without a token: %s", out)
+	}
+	if out := curl("-H", "Authorization: Bearer "+tr.AccessToken, base+"/api/notify"); !strings.Contains(out, `backend got /api/notify authorization=""`) {
+		t.Errorf("with the token: %s", out)
+	}
+	if out := curl("-H", "Authorization: Bearer "+tr.AccessToken+"x", base+"/api/notify"); !strings.HasSuffix(out, "HTTP401") {
+		t.Errorf("with a tampered token: %s", out)
+	}
+	if out := curl("-u", "d1:wrong-secret-wrong", "-d", "grant_type=client_credentials", base+"/authz/d1/v1/oauth2/token"); !strings.Contains(out, "invalid_client") {
+		t.Errorf("wrong secret: %s", out)
 	}
 }

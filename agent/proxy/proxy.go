@@ -42,8 +42,10 @@ func NewClient(target *url.URL, rt http.RoundTripper, log *slog.Logger, maxBody 
 	return limitAndLog(rp, log, maxBody, "proxy client")
 }
 
-// NewServer forwards D1's verified requests to backend.
-func NewServer(backend *url.URL, log *slog.Logger, maxBody int64) http.Handler {
+// NewServer forwards D1's verified requests to backend. With oauth set, the
+// proxy also serves D1's token endpoint and requires a Bearer token on every
+// other route (D1-S6).
+func NewServer(backend *url.URL, log *slog.Logger, maxBody int64, oauth *OAuth) http.Handler {
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(backend)
@@ -62,7 +64,11 @@ func NewServer(backend *url.URL, log *slog.Logger, maxBody int64) http.Handler {
 		},
 		ErrorHandler: errorHandler(log, "the backend"),
 	}
-	return limitAndLog(rp, log, maxBody, "proxy server")
+	var h http.Handler = rp
+	if oauth != nil {
+		h = oauth.Wrap(rp)
+	}
+	return limitAndLog(h, log, maxBody, "proxy server")
 }
 
 func errorHandler(log *slog.Logger, upstream string) func(http.ResponseWriter, *http.Request, error) {

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -235,6 +236,10 @@ func proxyCommand() *cli.Command {
 					&cli.StringFlag{Name: "key", Usage: "`LABEL` of the server key in the agent (its stored chain is served)"},
 					&cli.StringFlag{Name: "client-ca", Usage: "Thales client CA PEM `FILE`, the only CA trusted for D1's client certificates"},
 					&cli.DurationFlag{Name: "ca-reload-interval", Usage: "check the client CA file for changes every `DURATION`", Value: 30 * time.Second},
+					&cli.StringFlag{Name: "oauth-client-id", Usage: "enable OAuth for D1's calls (D1-S6): the client `ID` D1 authenticates with"},
+					&cli.StringFlag{Name: "oauth-secret-file", Usage: "`FILE` holding D1's OAuth client secret"},
+					&cli.StringFlag{Name: "oauth-key", Usage: "`LABEL` of the key in the agent that signs the access tokens"},
+					&cli.DurationFlag{Name: "oauth-ttl", Usage: "access token lifetime", Value: 15 * time.Minute},
 				}, common...),
 				Action: proxyServerAction,
 			},
@@ -317,7 +322,11 @@ func proxyServerAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := proxy.NewHTTPServer(proxy.NewServer(u, log, c.Int64("max-body")), log)
+	oauth, err := serverOAuth(c, client, log)
+	if err != nil {
+		return err
+	}
+	srv := proxy.NewHTTPServer(proxy.NewServer(u, log, c.Int64("max-body"), oauth), log)
 	srv.Addr = c.String("listen")
 	srv.TLSConfig = st.TLSConfig()
 	ctx, cancel := context.WithCancel(c.Context)
@@ -338,6 +347,31 @@ func proxyServerAction(c *cli.Context) error {
 	}
 	return runHTTP(srv, log, true, reload, "proxy server serving",
 		"listen", srv.Addr, "backend", backend, "key", label, "client_ca", caFile)
+}
+
+// serverOAuth builds the D1-S6 token issuer from the flags, or nil without them.
+func serverOAuth(c *cli.Context, client *agent.Client, log *slog.Logger) (*proxy.OAuth, error) {
+	id, secretFile, key := c.String("oauth-client-id"), c.String("oauth-secret-file"), c.String("oauth-key")
+	if id == "" && secretFile == "" && key == "" {
+		return nil, nil
+	}
+	if id == "" || secretFile == "" || key == "" {
+		return nil, usagef("OAuth needs --oauth-client-id, --oauth-secret-file and --oauth-key together")
+	}
+	secret, err := os.ReadFile(secretFile)
+	if err != nil {
+		return nil, usagef("--oauth-secret-file: %v", err)
+	}
+	signer, err := client.Signer(c.Context, key)
+	if err != nil {
+		return nil, err
+	}
+	o := &proxy.OAuth{ClientID: id, Secret: []byte(strings.TrimRight(string(secret), "\r\n")), Signer: signer, KeyID: key,
+		TTL: c.Duration("oauth-ttl"), Log: log}
+	if err := o.Check(); err != nil {
+		return nil, usageError{err}
+	}
+	return o, nil
 }
 
 // runHTTP listens, logs ready with attrs, and serves until SIGTERM/SIGINT,
