@@ -14,7 +14,7 @@ all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hsmagent
-	$(GO) build -o bin/mtls-get ./softhsm-test/cmd/mtls-get
+	$(GO) build -o bin/ ./softhsm-test/cmd/mtls-get ./softhsm-test/cmd/echo-backend
 
 # deps installs the system packages the tests and the demo use: with apt-get
 # when running as root, otherwise it prints the command to run.

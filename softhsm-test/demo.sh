@@ -34,6 +34,14 @@ step "import the certificate and its chain next to the key"
 "$bin" cert show --key d1-ppr-mtls
 "$bin" keys list
 
+step "a second key for the issuer's own server, which D1 calls (outbound)"
+"$bin" keys generate --label demo-server --type ecdsa-p256
+"$bin" csr --key demo-server --subject "CN=localhost,O=Demo Bank,C=FR" --dns localhost --out "$work/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\n' >"$work/san.ext"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
+	-days 90 -extfile "$work/san.ext" -out "$work/issuer-server.crt" 2>/dev/null
+"$bin" cert import --key demo-server --cert "$work/issuer-server.crt" --chain "$work/ca.crt"
+
 step "start the agent on a throwaway socket (it alone knows the PIN)"
 "$bin" serve --socket "$work/run/agent.sock" --log-level warn &
 agent_pid=$!
@@ -63,6 +71,25 @@ step "an mTLS request whose client key is used through the agent"
 
 step "a short benchmark: in-process vs through the agent, same key"
 "$bin" bench --key d1-ppr-mtls --socket "$work/run/agent.sock" --duration 1s
+
+step "the D1 proxy pair on loopback: backend -> proxy client -> mTLS -> proxy server -> backend"
+# The issuer's backend calls the client proxy in plain HTTP; the client proxy
+# calls "D1" (here: the issuer's own server proxy) with mTLS and the D1 client key
+# in the agent; the server proxy checks the caller against the client CA and
+# hands the request to a plain-HTTP backend with the caller's identity in headers.
+backend_port=$(( port + 1 )); server_port=$(( port + 2 )); client_port=$(( port + 3 ))
+"$(dirname "$bin")/echo-backend" "127.0.0.1:$backend_port" & backend_pid=$!
+"$bin" proxy server --socket "$work/run/agent.sock" --listen "127.0.0.1:$server_port" \
+	--backend "http://127.0.0.1:$backend_port" --key demo-server --client-ca "$work/ca.crt" 2>"$work/proxy-server.log" & pserver_pid=$!
+"$bin" proxy client --socket "$work/run/agent.sock" --listen "127.0.0.1:$client_port" \
+	--target "https://localhost:$server_port" --key d1-ppr-mtls --server-ca "$work/ca.crt" 2>"$work/proxy-client.log" & pclient_pid=$!
+server_pid="$server_pid $backend_pid $pserver_pid $pclient_pid"
+for p in $server_port $client_port; do
+	for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
+done
+curl -sS "http://127.0.0.1:$client_port/d1/notify"
+echo "proxy client log:" >&2; tail -n 1 "$work/proxy-client.log" >&2
+echo "proxy server log:" >&2; tail -n 1 "$work/proxy-server.log" >&2
 
 kill -TERM $agent_pid; wait $agent_pid
 step "done: the agent stopped cleanly and the private key never left the token"
