@@ -37,6 +37,15 @@ type OAuth struct {
 	// TTL of the access tokens; 0 means 15 minutes.
 	TTL time.Duration
 	Log *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+func (o *OAuth) now() time.Time {
+	if o.Now != nil {
+		return o.Now()
+	}
+	return time.Now()
 }
 
 func (o *OAuth) ttl() time.Duration {
@@ -108,7 +117,7 @@ func (o *OAuth) token(w http.ResponseWriter, r *http.Request) {
 		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "grant_type must be client_credentials")
 		return
 	}
-	now := time.Now()
+	now := o.now()
 	jti := make([]byte, 16)
 	rand.Read(jti)
 	claims := jwt.Claims{Issuer: tokenIssuer, Subject: o.ClientID, IssuedAt: jwt.NewNumericDate(now),
@@ -138,7 +147,7 @@ func (o *OAuth) verify(header string) error {
 	if err := tok.Claims(o.Signer.Public(), &c); err != nil {
 		return errors.New("bad token signature")
 	}
-	if err := c.ValidateWithLeeway(jwt.Expected{Issuer: tokenIssuer, Subject: o.ClientID, Time: time.Now()}, 5*time.Second); err != nil {
+	if err := c.ValidateWithLeeway(jwt.Expected{Issuer: tokenIssuer, Subject: o.ClientID, Time: o.now()}, 5*time.Second); err != nil {
 		return fmt.Errorf("token not valid: %v", err)
 	}
 	return nil
