@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/user"
@@ -59,7 +60,7 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 				return usr.Uid, nil
 			})
 			if err != nil {
-				return nil, fmt.Errorf("agent: access rule %d: unknown user %q: %w", i+1, u, err)
+				return nil, fmt.Errorf("agent: access rule %d: unknown user %q%s", i+1, u, lookupCause(err))
 			}
 			rr.uids = append(rr.uids, id)
 		}
@@ -72,13 +73,23 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 				return grp.Gid, nil
 			})
 			if err != nil {
-				return nil, fmt.Errorf("agent: access rule %d: unknown group %q: %w", i+1, g, err)
+				return nil, fmt.Errorf("agent: access rule %d: unknown group %q%s", i+1, g, lookupCause(err))
 			}
 			rr.gids = append(rr.gids, id)
 		}
 		p.rules = append(p.rules, rr)
 	}
 	return p, nil
+}
+
+// lookupCause explains a failed lookup unless the error only repeats "unknown".
+func lookupCause(err error) string {
+	var uu user.UnknownUserError
+	var ug user.UnknownGroupError
+	if errors.As(err, &uu) || errors.As(err, &ug) {
+		return " on this host"
+	}
+	return ": " + err.Error()
 }
 
 func lookupID(s string, byName func(string) (string, error)) (int, error) {
