@@ -388,9 +388,19 @@ func TestProxyServerOAuth(t *testing.T) {
 	secretFile := w.path("d1-oauth-secret")
 	os.WriteFile(secretFile, []byte("s3cret-s3cret-s3cret\n"), 0o600)
 	listen := freeAddr(t)
-	w.background(t, "proxy server serving", "proxy", "server", "--listen", listen, "--backend", "http://"+backendLn.Addr().String(),
-		"--key", "issuer-server", "--client-ca", w.path("thales-ca.pem"),
-		"--oauth-client-id", "d1", "--oauth-secret-file", secretFile, "--oauth-key", "d1-ppr-jwt")
+	config := w.path("oauth.yaml")
+	os.WriteFile(config, []byte(fmt.Sprintf(`d1:
+  PPR:
+    server:
+      listen: %q
+      backend: http://%s
+      key: issuer-server
+      client_ca: %s
+      oauth_client_id: d1
+      oauth_secret_file: %s
+      oauth_key: d1-ppr-jwt
+`, listen, backendLn.Addr(), w.path("thales-ca.pem"), secretFile)), 0o644)
+	w.background(t, "proxy server serving", "proxy", "server", "--config", config)
 	cert, key := w.peerFiles(t, w.thales, "d1-caller", time.Now().Add(24*time.Hour))
 	base := "https://localhost:" + port(listen)
 	curl := func(args ...string) string {

@@ -52,6 +52,10 @@ type d1Section struct {
 		Backend  string `yaml:"backend"`
 		Key      string `yaml:"key"`
 		ClientCA string `yaml:"client_ca"`
+		// OAuth for D1's calls (D1-S6).
+		OAuthClientID   string `yaml:"oauth_client_id"`
+		OAuthSecretFile string `yaml:"oauth_secret_file"`
+		OAuthKey        string `yaml:"oauth_key"`
 	} `yaml:"server"`
 }
 
@@ -139,7 +143,8 @@ func applyD1Config(c *cli.Context, role string) error {
 			"jwt-key": sec.JWT.Key, "kid": sec.JWT.Kid, "issuer-id": sec.JWT.IssuerID, "jwt-issuer": sec.JWT.Issuer,
 			"token-url": sec.JWT.TokenURL, "aud": sec.JWT.Aud}
 	} else {
-		values = map[string]string{"listen": sec.Server.Listen, "backend": sec.Server.Backend, "key": sec.Server.Key, "client-ca": sec.Server.ClientCA}
+		values = map[string]string{"listen": sec.Server.Listen, "backend": sec.Server.Backend, "key": sec.Server.Key, "client-ca": sec.Server.ClientCA,
+			"oauth-client-id": sec.Server.OAuthClientID, "oauth-secret-file": sec.Server.OAuthSecretFile, "oauth-key": sec.Server.OAuthKey}
 	}
 	// Only flags the command has: "d1 token" has no --listen or --target.
 	for name := range values {
