@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -14,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"time"
 
@@ -39,14 +41,54 @@ func must(err error) {
 	}
 }
 
-func newExampleEnv() *exampleEnv {
-	dir, err := os.MkdirTemp("", "hsa-example")
-	must(err)
+// exampleStore is what the examples serve: a SoftHSM token, or outside CI on
+// a machine without SoftHSM (examples cannot skip) a software key.
+type exampleStore interface {
+	server.KeyStore
+	GenerateKey(label string, kt hsm.KeyType, id []byte) (*hsm.Key, error)
+	ImportChain(label string, chain []*x509.Certificate) error
+	Close() error
+}
+
+func newExampleStore(dir string) exampleStore {
+	_, utilErr := exec.LookPath("softhsm2-util")
+	if (hsm.DefaultModulePath() == "" || utilErr != nil) && os.Getenv("CI") == "" {
+		return &softwareStore{}
+	}
 	fx, err := softhsmtest.Create(dir, hsm.DefaultModulePath(), "example")
 	must(err)
 	os.Setenv("SOFTHSM2_CONF", fx.ConfPath)
 	tok, err := hsm.Open(fx.Config())
 	must(err)
+	return tok
+}
+
+// softwareStore holds one software key; it stands in only where SoftHSM is missing.
+type softwareStore struct {
+	key   *ecdsa.PrivateKey
+	label string
+	chain []*x509.Certificate
+}
+
+func (s *softwareStore) GenerateKey(label string, _ hsm.KeyType, _ []byte) (*hsm.Key, error) {
+	s.key, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	s.label = label
+	return &hsm.Key{Label: label, Public: &s.key.PublicKey}, nil
+}
+func (s *softwareStore) ImportChain(_ string, chain []*x509.Certificate) error {
+	s.chain = chain
+	return nil
+}
+func (s *softwareStore) Keys() ([]*hsm.Key, error) {
+	return []*hsm.Key{{Label: s.label, Public: &s.key.PublicKey, Chain: s.chain}}, nil
+}
+func (s *softwareStore) Signer(string) (crypto.Signer, error) { return s.key, nil }
+func (s *softwareStore) Close() error                         { return nil }
+
+func newExampleEnv() *exampleEnv {
+	dir, err := os.MkdirTemp("", "hsa-example")
+	must(err)
+	tok := newExampleStore(dir)
 	key, err := tok.GenerateKey("d1-ppr-mtls", hsm.ECDSAP256, nil)
 	must(err)
 
