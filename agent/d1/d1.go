@@ -6,13 +6,15 @@
 package d1
 
 import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"regexp"
 	"strings"
-
-	"github.com/hsmagent/hsmagent/hsm"
 )
 
 // Env is a D1 environment code. PreProd and Production are isolated: each has
@@ -35,28 +37,28 @@ func ParseEnv(s string) (Env, error) {
 	return "", fmt.Errorf("d1: environment %q is not PPR or PRD (preprod/production also accepted)", s)
 }
 
-// KeyTypes are the key types D1 accepts for mTLS CSRs (D1-C2).
-var KeyTypes = []hsm.KeyType{hsm.ECDSAP256, hsm.RSA4096}
+// Key types as a D1 CN names them (D1-C4).
+const (
+	KeyTypeECDSA = "ECDSA"
+	KeyTypeRSA   = "RSA"
+)
 
-// CheckKeyType refuses key types D1 does not accept (D1-C2).
-func CheckKeyType(kt hsm.KeyType) error {
-	for _, ok := range KeyTypes {
-		if kt == ok {
-			return nil
+// CNKeyType checks that pub is a key D1 accepts for mTLS, ECDSA P-256 or
+// RSA 4096 (D1-C2), and returns how the CN names its type.
+func CNKeyType(pub crypto.PublicKey) (string, error) {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve == elliptic.P256() {
+			return KeyTypeECDSA, nil
 		}
+		return "", fmt.Errorf("d1: ECDSA keys on %s are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", k.Curve.Params().Name)
+	case *rsa.PublicKey:
+		if k.N.BitLen() == 4096 {
+			return KeyTypeRSA, nil
+		}
+		return "", fmt.Errorf("d1: RSA %d-bit keys are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", k.N.BitLen())
 	}
-	if kt == "" {
-		kt = "unknown"
-	}
-	return fmt.Errorf("d1: key type %s is not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", kt)
-}
-
-// cnKeyType is how the CN names the key type (D1-C4).
-func cnKeyType(kt hsm.KeyType) string {
-	if strings.HasPrefix(string(kt), "rsa-") {
-		return "RSA"
-	}
-	return "ECDSA"
+	return "", fmt.Errorf("d1: %T keys are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", pub)
 }
 
 // DefaultCNTemplate is the CN pattern used unless the Thales Delivery Team
@@ -84,9 +86,10 @@ func CheckIssuerID(id string) error {
 
 // SubjectRequest is the operator's input for a D1 client CSR (D1-C3, D1-C4).
 type SubjectRequest struct {
-	IssuerID     string
-	Env          Env
-	KeyType      hsm.KeyType
+	IssuerID string
+	Env      Env
+	// KeyType is KeyTypeECDSA or KeyTypeRSA, from CNKeyType.
+	KeyType      string
 	Country      string
 	State        string
 	Locality     string
@@ -100,8 +103,8 @@ type SubjectRequest struct {
 // Subject validates r and returns the CSR subject: C, ST, L, O, OU and the CN
 // built from the template.
 func (r SubjectRequest) Subject() (pkix.Name, error) {
-	if err := CheckKeyType(r.KeyType); err != nil {
-		return pkix.Name{}, err
+	if r.KeyType != KeyTypeECDSA && r.KeyType != KeyTypeRSA {
+		return pkix.Name{}, fmt.Errorf("d1: key type %q is not %s or %s", r.KeyType, KeyTypeECDSA, KeyTypeRSA)
 	}
 	if err := CheckIssuerID(r.IssuerID); err != nil {
 		return pkix.Name{}, err
@@ -147,7 +150,7 @@ func (r SubjectRequest) CommonName() (string, error) {
 	cn := placeholder.ReplaceAllStringFunc(tmpl, func(p string) string {
 		switch p {
 		case "{keyType}":
-			return cnKeyType(r.KeyType)
+			return r.KeyType
 		case "{issuerId}":
 			return r.IssuerID
 		case "{env}":

@@ -1,10 +1,15 @@
 package d1
 
 import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"math/big"
 	"strings"
 	"testing"
-
-	"github.com/hsmagent/hsmagent/hsm"
 )
 
 func TestParseEnv(t *testing.T) {
@@ -19,11 +24,41 @@ func TestParseEnv(t *testing.T) {
 }
 
 func validRequest() SubjectRequest {
-	return SubjectRequest{IssuerID: "ABCDEFGHIJ", Env: PreProd, KeyType: hsm.ECDSAP256, Country: "fr",
+	return SubjectRequest{IssuerID: "ABCDEFGHIJ", Env: PreProd, KeyType: KeyTypeECDSA, Country: "fr",
 		State: "Ile-de-France", Locality: "Paris", Organization: "Example Bank", OrgUnit: "Cards"}
 }
 
-// TestSubject covers D1-C2 (key types), D1-C3 (subject fields) and D1-C4 (CN template).
+// TestCNKeyType covers D1-C2: ECDSA P-256 or RSA 4096 only.
+func TestCNKeyType(t *testing.T) {
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	rsa2048, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rsa4096 := &rsa.PublicKey{N: new(big.Int).Lsh(big.NewInt(1), 4095), E: 65537}
+	_, ed, _ := ed25519.GenerateKey(rand.Reader)
+	tests := []struct {
+		name string
+		pub  crypto.PublicKey
+		want string
+		err  string
+	}{
+		{"P-256", &p256.PublicKey, KeyTypeECDSA, ""},
+		{"RSA 4096", rsa4096, KeyTypeRSA, ""},
+		{"P-384", &p384.PublicKey, "", "P-384 are not accepted"},
+		{"RSA 2048", &rsa2048.PublicKey, "", "RSA 2048-bit keys are not accepted"},
+		{"Ed25519", ed.Public(), "", "are not accepted"},
+	}
+	for _, tt := range tests {
+		got, err := CNKeyType(tt.pub)
+		if got != tt.want || (tt.err == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.err)) {
+			t.Errorf("%s: %q, %v", tt.name, got, err)
+		}
+	}
+}
+
+// TestSubject covers D1-C3 (subject fields) and D1-C4 (CN template).
 func TestSubject(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -32,10 +67,9 @@ func TestSubject(t *testing.T) {
 		wantErr string
 	}{
 		{name: "ECDSA default template", edit: func(*SubjectRequest) {}, wantCN: "TLSMA-ECDSA/ABCDEFGHIJ/PPR"},
-		{name: "RSA production", edit: func(r *SubjectRequest) { r.KeyType, r.Env = hsm.RSA4096, Production }, wantCN: "TLSMA-RSA/ABCDEFGHIJ/PRD"},
+		{name: "RSA production", edit: func(r *SubjectRequest) { r.KeyType, r.Env = KeyTypeRSA, Production }, wantCN: "TLSMA-RSA/ABCDEFGHIJ/PRD"},
 		{name: "custom template", edit: func(r *SubjectRequest) { r.CNTemplate = "TLSMA-{keyType}/{env}/{issuerId}/x" }, wantCN: "TLSMA-ECDSA/PPR/ABCDEFGHIJ/x"},
-		{name: "D1-C2 rsa-2048 refused", edit: func(r *SubjectRequest) { r.KeyType = hsm.RSA2048 }, wantErr: "not accepted by D1"},
-		{name: "D1-C2 p384 refused", edit: func(r *SubjectRequest) { r.KeyType = hsm.ECDSAP384 }, wantErr: "not accepted by D1"},
+		{name: "unknown key type", edit: func(r *SubjectRequest) { r.KeyType = "DSA" }, wantErr: `key type "DSA"`},
 		{name: "bad country", edit: func(r *SubjectRequest) { r.Country = "FRA" }, wantErr: "two-letter"},
 		{name: "empty issuerId", edit: func(r *SubjectRequest) { r.IssuerID = "" }, wantErr: "issuerId is empty"},
 		{name: "issuerId breaking the subject", edit: func(r *SubjectRequest) { r.IssuerID = "AB/CD,O=x" }, wantErr: "may only hold"},

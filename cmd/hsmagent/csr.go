@@ -68,7 +68,7 @@ func csrAction(c *cli.Context) error {
 			IssuerID: c.String("issuer-id"), Env: env,
 			Country: c.String("country"), State: c.String("state"), Locality: c.String("locality"),
 			Organization: c.String("org"), OrgUnit: c.String("org-unit"), CNTemplate: c.String("cn-template"),
-			KeyType: hsm.ECDSAP256, // validated again with the key's real type below
+			KeyType: d1.KeyTypeECDSA, // replaced by the key's real type below
 		}
 		if _, err := d1req.Subject(); err != nil {
 			return usageError{err}
@@ -102,7 +102,9 @@ func csrAction(c *cli.Context) error {
 		return err
 	}
 	if d1req != nil {
-		d1req.KeyType = hsm.KeyTypeOf(signer.Public())
+		if d1req.KeyType, err = d1.CNKeyType(signer.Public()); err != nil {
+			return fmt.Errorf("key %q: %w", label, err)
+		}
 		if req.Subject, err = d1req.Subject(); err != nil {
 			return fmt.Errorf("key %q: %w", label, err)
 		}
