@@ -261,6 +261,11 @@ d1:
 	if code != 0 || !strings.Contains(out, "subject=CN=d1-client-1") || !strings.Contains(out, "forged=false") || !strings.Contains(out, "fp=") {
 		t.Fatalf("curl through the proxy server: exit %d: %s", code, out)
 	}
+	t.Run("HTTP/2 offered", func(t *testing.T) {
+		if out, code := curl(cert, key, "--http2", "-o", "/dev/null", "-w", "%{http_version}"); code != 0 || out != "2" {
+			t.Errorf("exit %d, HTTP version %q", code, out)
+		}
+	})
 	t.Run("D1-S4 rotated D1 certificate accepted without restart", func(t *testing.T) {
 		cert, key := w.peerFiles(t, w.thales, "d1-client-2", time.Now().Add(day))
 		if out, code := curl(cert, key); code != 0 || !strings.Contains(out, "subject=CN=d1-client-2") {

@@ -329,6 +329,8 @@ func proxyServerAction(c *cli.Context) error {
 	srv := proxy.NewHTTPServer(proxy.NewServer(u, log, c.Int64("max-body"), oauth), log)
 	srv.Addr = c.String("listen")
 	srv.TLSConfig = st.TLSConfig()
+	// Offer HTTP/2 as well; the per-handshake configs are clones of this one.
+	srv.TLSConfig.NextProtos = []string{"h2", "http/1.1"}
 	ctx, cancel := context.WithCancel(c.Context)
 	defer cancel()
 	go st.WatchCAFile(ctx, c.Duration("ca-reload-interval"), func(changed bool, err error) {
