@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 
@@ -65,7 +66,7 @@ func (t *Token) configure() (*crypto11.Context, error) {
 		return nil, t.tokenNotFound()
 	}
 	if strings.Contains(err.Error(), "failed to create module context") {
-		return nil, fmt.Errorf("hsm: cannot load PKCS#11 module %q: %w", t.modulePath, err)
+		return nil, fmt.Errorf("hsm: cannot load PKCS#11 module %q%s: %w", t.modulePath, moduleHint(t.modulePath), err)
 	}
 	return nil, fmt.Errorf("hsm: opening %s: %w", t.cfg.tokenName(), explain(err))
 }
@@ -188,7 +189,7 @@ func ListTokens(modulePath string) ([]TokenInfo, error) {
 	alreadyInit := errors.Is(initErr, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED))
 	if initErr != nil && !alreadyInit {
 		p.Destroy()
-		return nil, fmt.Errorf("hsm: initialising PKCS#11 module %q: %w", path, explain(initErr))
+		return nil, fmt.Errorf("hsm: initialising PKCS#11 module %q%s: %w", path, moduleHint(path), initErr)
 	}
 	if !alreadyInit {
 		// Only finalise what this call initialised: another user in this
@@ -216,4 +217,17 @@ func ListTokens(modulePath string) ([]TokenInfo, error) {
 		})
 	}
 	return out, nil
+}
+
+// moduleHint says where to look when a module fails to initialise: for
+// SoftHSM that is nearly always its configuration file.
+func moduleHint(path string) string {
+	if !strings.Contains(path, "softhsm") {
+		return ""
+	}
+	conf := os.Getenv("SOFTHSM2_CONF")
+	if conf == "" {
+		conf = "/etc/softhsm/softhsm2.conf"
+	}
+	return fmt.Sprintf(" (SoftHSM: check the configuration file %q and that its directories.tokendir exists)", conf)
 }

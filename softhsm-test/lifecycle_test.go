@@ -224,3 +224,13 @@ func TestURIAndEnvironmentSelection(t *testing.T) {
 		t.Errorf("after delete: %s", r.stdout)
 	}
 }
+
+// TestBrokenSoftHSMConfigIsNamed: a SoftHSM that cannot start says which
+// configuration file to check.
+func TestBrokenSoftHSMConfigIsNamed(t *testing.T) {
+	fx := New(t)
+	r := fx.hsmagentEnv(t, []string{"SOFTHSM2_CONF=/nonexistent/softhsm2.conf"}, fx.args([]string{"keys", "list"})...)
+	if r.code != 1 || !strings.Contains(r.stderr, `check the configuration file "/nonexistent/softhsm2.conf"`) {
+		t.Errorf("exit %d: %s", r.code, r.stderr)
+	}
+}
