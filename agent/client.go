@@ -53,12 +53,11 @@ type Client struct {
 	api         agentpb.AgentClient
 	signTimeout time.Duration
 
-	watchOnce   sync.Once
-	watchCtx    context.Context
-	stopWatch   context.CancelFunc
-	certs       atomic.Pointer[certCache]
-	streams     streams
-	watchErrors atomic.Uint64
+	watchOnce sync.Once
+	watchCtx  context.Context
+	stopWatch context.CancelFunc
+	certs     atomic.Pointer[certCache]
+	streams   streams
 }
 
 // An Option configures Dial.

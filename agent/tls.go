@@ -84,7 +84,6 @@ func (c *Client) watchOnceStream() bool {
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
-			c.watchErrors.Add(1)
 			return received
 		}
 		received = true

@@ -401,6 +401,9 @@ func (s *signer) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 		return err
 	})
 	if err != nil {
+		if strings.HasPrefix(err.Error(), "hsm: ") {
+			return nil, err // already says which key and why
+		}
 		return nil, fmt.Errorf("hsm: signing with key %q: %w", s.label, explain(err))
 	}
 	return sig, nil

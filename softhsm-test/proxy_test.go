@@ -127,6 +127,20 @@ func (w *d1World) background(t *testing.T, ready string, args ...string) *exec.C
 	}
 }
 
+// startBackend serves h in plain HTTP on loopback until the test ends: the
+// issuer's backend behind the server proxy.
+func startBackend(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{ErrorLog: log.New(io.Discard, "", 0), Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
 func freeAddr(t *testing.T) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -210,17 +224,11 @@ func TestProxyClientToOpenSSL(t *testing.T) {
 // TestProxyServerWithCurl: curl plays D1 calling the issuer (D1-S1..S5).
 func TestProxyServerWithCurl(t *testing.T) {
 	w := newD1World(t)
-	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	backend := &http.Server{ErrorLog: log.New(io.Discard, "", 0), Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+	backendAddr := startBackend(t, func(rw http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(rw, "subject=%s serial=%s fp=%s forged=%v",
 			r.Header.Get("X-D1-Client-Subject"), r.Header.Get("X-D1-Client-Serial"), r.Header.Get("X-D1-Client-Fingerprint"),
 			len(r.Header.Values("X-D1-Client-Subject")) > 1)
-	})}
-	go backend.Serve(backendLn)
-	defer backend.Close()
+	})
 
 	caFile := w.path("client-ca-in-use.pem")
 	writePEM(t, caFile, w.thales.Cert)
@@ -241,7 +249,7 @@ d1:
       backend: http://127.0.0.1:1
       key: d1-prd-server
       client_ca: /nonexistent
-`, w.daemon.socket, listen, backendLn.Addr(), caFile)), 0o644)
+`, w.daemon.socket, listen, backendAddr, caFile)), 0o644)
 	proxyCmd := w.background(t, "proxy server serving", "proxy", "server", "--config", config, "--env", "preprod")
 	url := "https://localhost:" + port(listen) + "/notify"
 
@@ -381,15 +389,9 @@ func TestD1TokenAndJWTSign(t *testing.T) {
 // token signed by a key in the agent, then calls with it as Bearer.
 func TestProxyServerOAuth(t *testing.T) {
 	w := newD1World(t)
-	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	backend := &http.Server{ErrorLog: log.New(io.Discard, "", 0), Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+	backendAddr := startBackend(t, func(rw http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(rw, "backend got %s authorization=%q", r.URL.Path, r.Header.Get("Authorization"))
-	})}
-	go backend.Serve(backendLn)
-	defer backend.Close()
+	})
 	secretFile := w.path("d1-oauth-secret")
 	os.WriteFile(secretFile, []byte("s3cret-s3cret-s3cret\n"), 0o600)
 	listen := freeAddr(t)
@@ -404,7 +406,7 @@ func TestProxyServerOAuth(t *testing.T) {
       oauth_client_id: d1
       oauth_secret_file: %s
       oauth_key: d1-ppr-jwt
-`, listen, backendLn.Addr(), w.path("thales-ca.pem"), secretFile)), 0o644)
+`, listen, backendAddr, w.path("thales-ca.pem"), secretFile)), 0o644)
 	w.background(t, "proxy server serving", "proxy", "server", "--config", config)
 	cert, key := w.peerFiles(t, w.thales, "d1-caller", time.Now().Add(24*time.Hour))
 	base := "https://localhost:" + port(listen)

@@ -183,22 +183,28 @@ func startChildAgent(c *cli.Context) (stop func(), socket string, err error) {
 	if err := cmd.Start(); err != nil {
 		return nil, "", fmt.Errorf("starting the agent: %w", err)
 	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	stop = func() {
 		cmd.Process.Signal(os.Interrupt)
-		cmd.Wait()
+		<-exited
 		os.RemoveAll(dir)
 	}
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.After(30 * time.Second)
 	for {
 		if conn, err := net.Dial("unix", socket); err == nil {
 			conn.Close()
 			return stop, socket, nil
 		}
-		if time.Now().After(deadline) || cmd.ProcessState != nil {
+		select {
+		case <-exited:
+			os.RemoveAll(dir)
+			return nil, "", errors.New("the child agent exited; see its message above")
+		case <-deadline:
 			stop()
-			return nil, "", errors.New("the child agent did not start; see the messages above")
+			return nil, "", errors.New("the child agent did not start within 30s")
+		case <-time.After(50 * time.Millisecond):
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 
@@ -81,7 +82,7 @@ func pinSource(c *cli.Context, fromURI hsm.PINSource) hsm.PINSource {
 
 // promptPIN asks once and keeps the answer in memory, so a reopen after a
 // lost session does not prompt again.
-func promptPIN(w interface{ Write([]byte) (int, error) }) hsm.PINSource {
+func promptPIN(w io.Writer) hsm.PINSource {
 	var once sync.Once
 	var pin string
 	var err error
