@@ -20,18 +20,24 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/agenttest"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"github.com/hsmagent/hsmagent/agent/server"
-	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/hsmagent/hsmagent/agent/server/storetest"
+	"github.com/hsmagent/hsmagent/hsm/hsmstore"
 	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
-// fixture is a SoftHSM token with an ECDSA P-256 and an RSA-4096 key, each
-// with a certificate from a test CA, served by an agent on a real socket.
+// fixture is a key store with an ECDSA P-256 and an RSA key, each with a
+// certificate from a test CA, served by an agent on a real socket. The
+// in-memory store is the default (the contract suite holds the PKCS#11 store
+// to the same behaviour); newSoftHSMFixture serves a real token, for what
+// only a token proves.
 type fixture struct {
-	hsm    *softhsmtest.Token
-	token  *hsm.Token
+	store  storetest.Store
+	hsm    *softhsmtest.Token // nil for the in-memory store
 	ca     *softhsmtest.CA
-	agent  *softhsmtest.Agent
+	agent  *agenttest.Agent
 	client *agent.Client
 }
 
@@ -39,16 +45,26 @@ var keyLabels = []string{"ec", "rsa"}
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	f := &fixture{hsm: softhsmtest.New(t), ca: softhsmtest.NewCAWithIntermediate(t, "Agent Test CA")}
-	f.token = f.hsm.Open(t)
-	for label, kt := range map[string]hsm.KeyType{"ec": hsm.ECDSAP256, "rsa": hsm.RSA4096} {
-		k, err := f.token.GenerateKey(label, kt, nil)
+	return startFixture(t, server.NewMemoryStore(), nil, keytype.RSA2048)
+}
+
+func newSoftHSMFixture(t *testing.T) *fixture {
+	t.Helper()
+	tok := softhsmtest.New(t)
+	return startFixture(t, hsmstore.New(tok.Open(t)), tok, keytype.RSA4096)
+}
+
+func startFixture(t *testing.T, store storetest.Store, tok *softhsmtest.Token, rsaType keytype.Type) *fixture {
+	t.Helper()
+	f := &fixture{store: store, hsm: tok, ca: softhsmtest.NewCAWithIntermediate(t, "Agent Test CA")}
+	for label, kt := range map[string]keytype.Type{"ec": keytype.ECDSAP256, "rsa": rsaType} {
+		pub, err := store.Generate(label, kt)
 		if err != nil {
 			t.Fatal(err)
 		}
-		f.importLeaf(t, label, k.Public, "localhost")
+		f.importLeaf(t, label, pub, "localhost")
 	}
-	f.agent = softhsmtest.StartAgent(t, f.token, server.Options{})
+	f.agent = agenttest.Start(t, store, server.Options{})
 	f.client = dial(t, f.agent.Socket)
 	return f
 }
@@ -56,10 +72,26 @@ func newFixture(t *testing.T) *fixture {
 func (f *fixture) importLeaf(t *testing.T, label string, pub crypto.PublicKey, cn string) *x509.Certificate {
 	t.Helper()
 	leaf := f.ca.Leaf(t, pkix.Name{CommonName: cn}, pub, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour), "localhost")
-	if err := f.token.ImportChain(label, append([]*x509.Certificate{leaf}, f.ca.Chain()...)); err != nil {
+	if err := f.store.SetChain(label, append([]*x509.Certificate{leaf}, f.ca.Chain()...)); err != nil {
 		t.Fatal(err)
 	}
 	return leaf
+}
+
+// key returns the key labelled label as the store lists it.
+func (f *fixture) key(t *testing.T, label string) server.Key {
+	t.Helper()
+	keys, err := f.store.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if k.Label == label {
+			return k
+		}
+	}
+	t.Fatalf("no key %q in the store", label)
+	return server.Key{}
 }
 
 func dial(t *testing.T, socket string) *agent.Client {
@@ -94,7 +126,11 @@ func (f *fixture) peerConfig(t *testing.T) (tls.Certificate, *x509.CertPool) {
 // the client side and on the server side, for both key types and both TLS
 // versions (TLS 1.3 with RSA needs RSA-PSS from the HSM).
 func TestTLSHandshakes(t *testing.T) {
-	f := newFixture(t)
+	t.Run("memory", func(t *testing.T) { testTLSHandshakes(t, newFixture(t)) })
+	t.Run("softhsm", func(t *testing.T) { testTLSHandshakes(t, newSoftHSMFixture(t)) })
+}
+
+func testTLSHandshakes(t *testing.T, f *fixture) {
 	peerCert, pool := f.peerConfig(t)
 	for _, label := range keyLabels {
 		for _, version := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
@@ -113,10 +149,7 @@ func TestTLSHandshakes(t *testing.T) {
 					if state.Version != version {
 						t.Errorf("negotiated %s", tls.VersionName(state.Version))
 					}
-					k, err := f.token.Key(label)
-					if err != nil {
-						t.Fatal(err)
-					}
+					k := f.key(t, label)
 					if side == "client" && !state.serverSawClient.Equal(k.Chain[0]) {
 						t.Error("server did not see the agent's certificate")
 					}
@@ -236,7 +269,7 @@ func TestAgentRestart(t *testing.T) {
 	if waited := time.Since(start); waited > 3*time.Second {
 		t.Errorf("failed only after %v; the sign timeout is 2s", waited)
 	}
-	softhsmtest.StartAgentAt(t, f.agent.Socket, 0o660, f.token, server.Options{})
+	agenttest.StartAt(t, f.agent.Socket, 0o660, f.store, server.Options{})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, err = signer.Sign(nil, digest[:], crypto.SHA256)
@@ -260,7 +293,7 @@ func TestRotationWithoutRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, _ := f.token.Key("ec")
+	k := f.key(t, "ec")
 	rotated := f.importLeaf(t, "ec", k.Public, "rotated")
 	if err := f.agent.Server.Reload(nil); err != nil {
 		t.Fatal(err)
@@ -287,7 +320,7 @@ func TestRotationWithoutRestart(t *testing.T) {
 // TestAgentRecoversLostHSMSession closes every session of the slot behind the
 // agent's back; the next signature through the agent must still succeed.
 func TestAgentRecoversLostHSMSession(t *testing.T) {
-	f := newFixture(t)
+	f := newSoftHSMFixture(t)
 	signer, err := f.client.Signer(context.Background(), "rsa")
 	if err != nil {
 		t.Fatal(err)

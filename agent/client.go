@@ -35,6 +35,7 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
@@ -236,7 +237,7 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 			case rsa.PSSSaltLengthEqualsHash:
 				req.PssSaltLength = 0
 			case rsa.PSSSaltLengthAuto:
-				req.PssSaltLength = int32(wire.MaxPSSSaltLength(rsaPub, opts.HashFunc()))
+				req.PssSaltLength = int32(keytype.MaxPSSSaltLength(rsaPub, opts.HashFunc()))
 			default:
 				req.PssSaltLength = int32(pss.SaltLength)
 			}

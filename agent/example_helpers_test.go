@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -15,18 +14,17 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"time"
 
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"github.com/hsmagent/hsmagent/agent/server"
-	"github.com/hsmagent/hsmagent/hsm"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
 // exampleEnv is what the examples need around them: an agent holding key
-// "d1-ppr-mtls" (in a throwaway SoftHSM token) with a certificate from a test
-// CA, and that CA for the peers.
+// "d1-ppr-mtls" with a certificate from a test CA, and that CA for the peers.
+// The agent serves the in-memory store, so the examples run anywhere; the
+// same client code works unchanged against an agent on a PKCS#11 token.
 type exampleEnv struct {
 	socket string
 	ca     *x509.Certificate
@@ -41,55 +39,11 @@ func must(err error) {
 	}
 }
 
-// exampleStore is what the examples serve: a SoftHSM token, or outside CI on
-// a machine without SoftHSM (examples cannot skip) a software key.
-type exampleStore interface {
-	server.KeyStore
-	GenerateKey(label string, kt hsm.KeyType, id []byte) (*hsm.Key, error)
-	ImportChain(label string, chain []*x509.Certificate) error
-	Close() error
-}
-
-func newExampleStore(dir string) exampleStore {
-	_, utilErr := exec.LookPath("softhsm2-util")
-	if (hsm.DefaultModulePath() == "" || utilErr != nil) && os.Getenv("CI") == "" {
-		return &softwareStore{}
-	}
-	fx, err := softhsmtest.Create(dir, hsm.DefaultModulePath(), "example")
-	must(err)
-	os.Setenv("SOFTHSM2_CONF", fx.ConfPath)
-	tok, err := hsm.Open(fx.Config())
-	must(err)
-	return tok
-}
-
-// softwareStore holds one software key; it stands in only where SoftHSM is missing.
-type softwareStore struct {
-	key   *ecdsa.PrivateKey
-	label string
-	chain []*x509.Certificate
-}
-
-func (s *softwareStore) GenerateKey(label string, _ hsm.KeyType, _ []byte) (*hsm.Key, error) {
-	s.key, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	s.label = label
-	return &hsm.Key{Label: label, Public: &s.key.PublicKey}, nil
-}
-func (s *softwareStore) ImportChain(_ string, chain []*x509.Certificate) error {
-	s.chain = chain
-	return nil
-}
-func (s *softwareStore) Keys() ([]*hsm.Key, error) {
-	return []*hsm.Key{{Label: s.label, Public: &s.key.PublicKey, Chain: s.chain}}, nil
-}
-func (s *softwareStore) Signer(string) (crypto.Signer, error) { return s.key, nil }
-func (s *softwareStore) Close() error                         { return nil }
-
 func newExampleEnv() *exampleEnv {
 	dir, err := os.MkdirTemp("", "hsa-example")
 	must(err)
-	tok := newExampleStore(dir)
-	key, err := tok.GenerateKey("d1-ppr-mtls", hsm.ECDSAP256, nil)
+	store := server.NewMemoryStore()
+	pub, err := store.Generate("d1-ppr-mtls", keytype.ECDSAP256)
 	must(err)
 
 	env := &exampleEnv{socket: filepath.Join(dir, "agent.sock")}
@@ -102,17 +56,16 @@ func newExampleEnv() *exampleEnv {
 	env.ca, _ = x509.ParseCertificate(der)
 	env.roots = x509.NewCertPool()
 	env.roots.AddCert(env.ca)
-	leaf := env.issue(key.Public, "TLSMA-ECDSA/EXAMPLE001/PPR")
-	must(tok.ImportChain("d1-ppr-mtls", []*x509.Certificate{leaf.Leaf}))
+	leaf := env.issue(pub, "TLSMA-ECDSA/EXAMPLE001/PPR")
+	must(store.SetChain("d1-ppr-mtls", []*x509.Certificate{leaf.Leaf}))
 
-	srv, err := server.New(tok, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	srv, err := server.New(store, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	must(err)
 	l, err := server.Listen(env.socket, 0o600)
 	must(err)
 	go srv.Serve(l)
 	env.close = func() {
 		srv.Shutdown(context.Background())
-		tok.Close()
 		os.RemoveAll(dir)
 	}
 	return env

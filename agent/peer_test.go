@@ -18,8 +18,8 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -82,12 +82,12 @@ func TestPeerCredentialsEnforced(t *testing.T) {
 	}
 	f := newFixture(t)
 	f.agent.Stop()
-	dir := softhsmtest.SocketDir(t)
+	dir := agenttest.SocketDir(t)
 	os.Chmod(dir, 0o755)
 	var audit bytes.Buffer
 	sw := &syncWriter{w: &audit}
 	auditLog := slog.New(slog.NewTextHandler(sw, nil))
-	a := softhsmtest.StartAgentAt(t, filepath.Join(dir, "agent.sock"), 0o666, f.token, server.Options{Audit: auditLog})
+	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, f.store, server.Options{Audit: auditLog})
 
 	self, err := os.Executable()
 	if err != nil {

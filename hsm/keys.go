@@ -2,73 +2,47 @@ package hsm
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
-	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
 
 	"github.com/ThalesGroup/crypto11"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"github.com/miekg/pkcs11"
 )
 
 // KeyType names a key algorithm and size as the CLI and config spell it.
-type KeyType string
+type KeyType = keytype.Type
 
 // Key types that can be generated.
 const (
-	ECDSAP256 KeyType = "ecdsa-p256"
-	ECDSAP384 KeyType = "ecdsa-p384"
-	RSA2048   KeyType = "rsa-2048"
-	RSA3072   KeyType = "rsa-3072"
-	RSA4096   KeyType = "rsa-4096"
+	ECDSAP256 = keytype.ECDSAP256
+	ECDSAP384 = keytype.ECDSAP384
+	RSA2048   = keytype.RSA2048
+	RSA3072   = keytype.RSA3072
+	RSA4096   = keytype.RSA4096
 )
 
 // KeyTypes lists the supported key types, strongest-preferred first.
-var KeyTypes = []KeyType{ECDSAP256, ECDSAP384, RSA2048, RSA3072, RSA4096}
+var KeyTypes = keytype.All
 
 // ParseKeyType checks s against the supported key types.
 func ParseKeyType(s string) (KeyType, error) {
-	kt := KeyType(strings.ToLower(s))
-	if slices.Contains(KeyTypes, kt) {
-		return kt, nil
+	kt, err := keytype.Parse(s)
+	if err != nil {
+		return "", errors.New("hsm: " + strings.TrimPrefix(err.Error(), "keytype: "))
 	}
-	var names []string
-	for _, k := range KeyTypes {
-		names = append(names, string(k))
-	}
-	return "", fmt.Errorf("hsm: unsupported key type %q; use one of %s", s, strings.Join(names, ", "))
+	return kt, nil
 }
 
 // KeyTypeOf names the type of a public key, or "" for one hsmagent does not generate.
-func KeyTypeOf(pub crypto.PublicKey) KeyType {
-	switch k := pub.(type) {
-	case *ecdsa.PublicKey:
-		switch k.Curve {
-		case elliptic.P256():
-			return ECDSAP256
-		case elliptic.P384():
-			return ECDSAP384
-		}
-	case *rsa.PublicKey:
-		switch k.N.BitLen() {
-		case 2048:
-			return RSA2048
-		case 3072:
-			return RSA3072
-		case 4096:
-			return RSA4096
-		}
-	}
-	return ""
-}
+func KeyTypeOf(pub crypto.PublicKey) KeyType { return keytype.Of(pub) }
 
 // Key describes a key pair on the token and the certificates stored with it.
 type Key struct {
@@ -134,14 +108,10 @@ func (t *Token) GenerateKey(label string, kt KeyType, id []byte) (*Key, error) {
 			return err
 		}
 		var signer crypto11.Signer
-		switch kt {
-		case ECDSAP256:
-			signer, err = ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, elliptic.P256())
-		case ECDSAP384:
-			signer, err = ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, elliptic.P384())
-		case RSA2048, RSA3072, RSA4096:
-			bits := map[KeyType]int{RSA2048: 2048, RSA3072: 3072, RSA4096: 4096}[kt]
-			signer, err = ctx.GenerateRSAKeyPairWithAttributes(pub, priv, bits)
+		if kt.IsRSA() {
+			signer, err = ctx.GenerateRSAKeyPairWithAttributes(pub, priv, kt.RSABits())
+		} else {
+			signer, err = ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, kt.Curve())
 		}
 		if err != nil {
 			return fmt.Errorf("hsm: generating %s key %q: %w", kt, label, explain(err))
@@ -175,7 +145,7 @@ func keyTemplates(id []byte, label string, kt KeyType) (pub, priv crypto11.Attri
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
 	}
-	if strings.HasPrefix(string(kt), "rsa-") {
+	if kt.IsRSA() {
 		// crypto11 makes RSA keys decrypt/encrypt by default; ours only sign.
 		pubAttrs = append(pubAttrs,
 			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
@@ -417,5 +387,5 @@ func pssAutoToExplicit(pub crypto.PublicKey, opts crypto.SignerOpts) crypto.Sign
 	if !ok || !isRSA || pss.SaltLength != rsa.PSSSaltLengthAuto {
 		return opts
 	}
-	return &rsa.PSSOptions{Hash: pss.Hash, SaltLength: (rsaPub.N.BitLen()-1+7)/8 - 2 - pss.Hash.Size()}
+	return &rsa.PSSOptions{Hash: pss.Hash, SaltLength: keytype.MaxPSSSaltLength(rsaPub, pss.Hash)}
 }

@@ -1,74 +1,33 @@
 package softhsmtest
 
 import (
-	"context"
-	"io"
-	"log/slog"
 	"os"
-	"path/filepath"
-	"sync"
 	"testing"
-	"time"
 
+	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/hsmagent/hsmagent/hsm/hsmstore"
 )
 
-// SocketDir returns a short-lived directory for sockets: t.TempDir paths can
-// exceed the 108-byte limit of Unix socket addresses.
+// SocketDir returns a short-lived directory for sockets (see agenttest.SocketDir).
 func SocketDir(tb testing.TB) string {
 	tb.Helper()
-	dir, err := os.MkdirTemp("", "hsa")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
+	return agenttest.SocketDir(tb)
 }
 
 // Agent is an agent server running in the test process on a real Unix socket.
-type Agent struct {
-	Socket string
-	Server *server.Server
-	done   chan error
-	once   sync.Once
-}
+type Agent = agenttest.Agent
 
-// StartAgent serves store on a new socket until the test ends. A nil
-// opts.Logger discards logs.
-func StartAgent(tb testing.TB, store server.KeyStore, opts server.Options) *Agent {
+// StartAgent serves the token's keys on a new socket until the test ends. A
+// nil opts.Logger discards logs.
+func StartAgent(tb testing.TB, tok *hsm.Token, opts server.Options) *Agent {
 	tb.Helper()
-	return StartAgentAt(tb, filepath.Join(SocketDir(tb), "agent.sock"), 0o660, store, opts)
+	return agenttest.Start(tb, hsmstore.New(tok), opts)
 }
 
 // StartAgentAt is StartAgent on a given socket path and mode.
-func StartAgentAt(tb testing.TB, path string, mode os.FileMode, store server.KeyStore, opts server.Options) *Agent {
+func StartAgentAt(tb testing.TB, path string, mode os.FileMode, tok *hsm.Token, opts server.Options) *Agent {
 	tb.Helper()
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	}
-	srv, err := server.New(store, opts)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	l, err := server.Listen(path, mode)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	a := &Agent{Socket: path, Server: srv, done: make(chan error, 1)}
-	go func() { a.done <- srv.Serve(l) }()
-	tb.Cleanup(a.Stop)
-	return a
-}
-
-// Stop shuts the agent down and waits for it; calling it twice is harmless.
-func (a *Agent) Stop() {
-	a.once.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		a.Server.Shutdown(ctx)
-		select {
-		case <-a.done:
-		case <-time.After(5 * time.Second):
-		}
-	})
+	return agenttest.StartAt(tb, path, mode, hsmstore.New(tok), opts)
 }

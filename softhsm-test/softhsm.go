@@ -6,7 +6,7 @@
 // and passed to child processes through Token.Env.
 //
 // When SoftHSM is not installed, tests skip with the reason, except under CI
-// (CI=true), where a missing SoftHSM fails the run.
+// (CI=true), where a missing SoftHSM fails the run. With -short they skip.
 package softhsmtest
 
 import (
@@ -35,9 +35,14 @@ type Token struct {
 	PINFile    string // the user PIN, mode 0600
 }
 
-// ModulePath returns SoftHSM's PKCS#11 library, or skips the test (fails it under CI).
+// ModulePath returns SoftHSM's PKCS#11 library, or skips the test (fails it
+// under CI). With -short it always skips: the short run is the fast set that
+// needs no SoftHSM.
 func ModulePath(tb testing.TB) string {
 	tb.Helper()
+	if testing.Short() {
+		tb.Skip("-short: SoftHSM tests skipped")
+	}
 	p := hsm.DefaultModulePath()
 	_, utilErr := exec.LookPath("softhsm2-util")
 	if p != "" && utilErr == nil {

@@ -8,13 +8,14 @@ package d1
 import (
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rsa"
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"regexp"
 	"strings"
+
+	"github.com/hsmagent/hsmagent/agent/keytype"
 )
 
 // Env is a D1 environment code. PreProd and Production are isolated: each has
@@ -46,19 +47,24 @@ const (
 // CNKeyType checks that pub is a key D1 accepts for mTLS, ECDSA P-256 or
 // RSA 4096 (D1-C2), and returns how the CN names its type.
 func CNKeyType(pub crypto.PublicKey) (string, error) {
+	switch keytype.Of(pub) {
+	case keytype.ECDSAP256:
+		return KeyTypeECDSA, nil
+	case keytype.RSA4096:
+		return KeyTypeRSA, nil
+	}
+	return "", fmt.Errorf("d1: %s are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", describeKey(pub))
+}
+
+// describeKey names a key's algorithm and size for an error message.
+func describeKey(pub crypto.PublicKey) string {
 	switch k := pub.(type) {
 	case *ecdsa.PublicKey:
-		if k.Curve == elliptic.P256() {
-			return KeyTypeECDSA, nil
-		}
-		return "", fmt.Errorf("d1: ECDSA keys on %s are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", k.Curve.Params().Name)
+		return "ECDSA keys on " + k.Curve.Params().Name
 	case *rsa.PublicKey:
-		if k.N.BitLen() == 4096 {
-			return KeyTypeRSA, nil
-		}
-		return "", fmt.Errorf("d1: RSA %d-bit keys are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", k.N.BitLen())
+		return fmt.Sprintf("RSA %d-bit keys", k.N.BitLen())
 	}
-	return "", fmt.Errorf("d1: %T keys are not accepted by D1; generate an ecdsa-p256 or rsa-4096 key", pub)
+	return fmt.Sprintf("%T keys", pub)
 }
 
 // DefaultCNTemplate is the CN pattern used unless the Thales Delivery Team

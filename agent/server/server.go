@@ -1,6 +1,6 @@
 // Package server is the agent's side of the socket: it serves signatures made
-// by a KeyStore (the HSM token, or anything else that hands out crypto.Signers)
-// to local processes, after checking each caller's peer credentials against
+// by a KeyStore (the HSM token through hsm/hsmstore, the in-memory
+// MemoryStore, or anything else that hands out crypto.Signers) to local processes, after checking each caller's peer credentials against
 // a Policy, and writes an audit record for every signature.
 package server
 
@@ -23,7 +23,7 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
-	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -32,16 +32,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
-
-// KeyStore is what the agent serves. *hsm.Token satisfies it.
-type KeyStore interface {
-	// Keys lists the key pairs with their certificate chains.
-	Keys() ([]*hsm.Key, error)
-	// Signer returns a signer for the key labelled label.
-	Signer(label string) (crypto.Signer, error)
-}
-
-var _ KeyStore = (*hsm.Token)(nil)
 
 // Options configure a Server. Zero values are usable.
 type Options struct {
@@ -203,7 +193,7 @@ func (s *Server) load(policy *Policy) error {
 	return nil
 }
 
-func keyProto(k *hsm.Key) (*agentpb.Key, error) {
+func keyProto(k Key) (*agentpb.Key, error) {
 	spki, err := x509.MarshalPKIXPublicKey(k.Public)
 	if err != nil {
 		return nil, fmt.Errorf("agent: key %q: encoding public key: %w", k.Label, err)
@@ -317,7 +307,7 @@ func (s *Server) sign(p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, err
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
 	case e.rsaPub != nil && req.Padding == agentpb.Padding_PADDING_PSS:
 		salt := int(req.PssSaltLength)
-		maxSalt := wire.MaxPSSSaltLength(e.rsaPub, hash)
+		maxSalt := keytype.MaxPSSSaltLength(e.rsaPub, hash)
 		switch {
 		case salt == 0:
 			salt = rsa.PSSSaltLengthEqualsHash

@@ -2,22 +2,18 @@ package server_test
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/rsa"
-	"fmt"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/agenttest"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"github.com/hsmagent/hsmagent/agent/server"
-	"github.com/hsmagent/hsmagent/hsm"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -25,39 +21,18 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// memStore is an in-memory KeyStore with software keys, for testing the
-// protocol logic without an HSM. The same requests run against SoftHSM below.
-type memStore struct {
-	mu   sync.Mutex
-	keys map[string]crypto.Signer
-}
-
-func newMemStore(t *testing.T) *memStore {
-	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	rs, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
+// newMemStore is an in-memory store with an ECDSA P-256 key "ec" and an
+// RSA-2048 key "rsa". The contract suite proves that the PKCS#11 store
+// behaves as this one does; the SoftHSM runs of the agent are in softhsm-test.
+func newMemStore(t *testing.T) *server.MemoryStore {
+	t.Helper()
+	m := server.NewMemoryStore()
+	for label, kt := range map[string]keytype.Type{"ec": keytype.ECDSAP256, "rsa": keytype.RSA2048} {
+		if _, err := m.Generate(label, kt); err != nil {
+			t.Fatal(err)
+		}
 	}
-	return &memStore{keys: map[string]crypto.Signer{"ec": ec, "rsa": rs}}
-}
-
-func (m *memStore) Keys() ([]*hsm.Key, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var out []*hsm.Key
-	for label, k := range m.keys {
-		out = append(out, &hsm.Key{Label: label, Public: k.Public(), Type: hsm.KeyTypeOf(k.Public())})
-	}
-	return out, nil
-}
-
-func (m *memStore) Signer(label string) (crypto.Signer, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if k, ok := m.keys[label]; ok {
-		return k, nil
-	}
-	return nil, fmt.Errorf("no key %q", label)
+	return m
 }
 
 func rawClient(t *testing.T, socket string) (agentpb.AgentClient, *grpc.ClientConn) {
@@ -71,14 +46,7 @@ func rawClient(t *testing.T, socket string) (agentpb.AgentClient, *grpc.ClientCo
 }
 
 func stores(t *testing.T) map[string]server.KeyStore {
-	fx := softhsmtest.New(t)
-	tok := fx.Open(t)
-	for label, kt := range map[string]hsm.KeyType{"ec": hsm.ECDSAP256, "rsa": hsm.RSA2048} {
-		if _, err := tok.GenerateKey(label, kt, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return map[string]server.KeyStore{"memory": newMemStore(t), "softhsm": tok}
+	return map[string]server.KeyStore{"memory": newMemStore(t)}
 }
 
 // TestBadRequestsKeepTheAgentServing sends every kind of malformed request;
@@ -86,7 +54,7 @@ func stores(t *testing.T) map[string]server.KeyStore {
 func TestBadRequestsKeepTheAgentServing(t *testing.T) {
 	for name, store := range stores(t) {
 		t.Run(name, func(t *testing.T) {
-			a := softhsmtest.StartAgent(t, store, server.Options{})
+			a := agenttest.Start(t, store, server.Options{})
 			api, conn := rawClient(t, a.Socket)
 			ctx := context.Background()
 			d32 := make([]byte, 32)
@@ -131,7 +99,7 @@ func TestBadRequestsKeepTheAgentServing(t *testing.T) {
 
 func TestListKeysAndWatch(t *testing.T) {
 	store := newMemStore(t)
-	a := softhsmtest.StartAgent(t, store, server.Options{})
+	a := agenttest.Start(t, store, server.Options{})
 	api, _ := rawClient(t, a.Socket)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -152,9 +120,9 @@ func TestListKeysAndWatch(t *testing.T) {
 		t.Fatalf("no-op reload: revision %d, %v", a.Server.Revision(), err)
 	}
 	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	store.mu.Lock()
-	store.keys["new"] = k
-	store.mu.Unlock()
+	if err := store.Add("new", k, nil); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.Server.Reload(nil); err != nil {
 		t.Fatal(err)
 	}
@@ -181,7 +149,7 @@ func TestListKeysAndWatch(t *testing.T) {
 }
 
 func TestListenRefusesLiveSocketAndReplacesStale(t *testing.T) {
-	dir := softhsmtest.SocketDir(t)
+	dir := agenttest.SocketDir(t)
 	path := dir + "/sub/agent.sock"
 	l, err := server.Listen(path, 0o660)
 	if err != nil {
@@ -209,7 +177,7 @@ func TestListenRefusesLiveSocketAndReplacesStale(t *testing.T) {
 // TestSignStream sends a batch mixing good and bad items: each is answered
 // under its own id, and the stream stays usable.
 func TestSignStream(t *testing.T) {
-	a := softhsmtest.StartAgent(t, newMemStore(t), server.Options{})
+	a := agenttest.Start(t, newMemStore(t), server.Options{})
 	api, _ := rawClient(t, a.Socket)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

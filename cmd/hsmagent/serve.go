@@ -14,6 +14,7 @@ import (
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/hsmagent/hsmagent/hsm/hsmstore"
 	"github.com/urfave/cli/v2"
 )
 
@@ -113,7 +114,7 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	defer tok.Close()
-	srv, err := server.New(tok, server.Options{Logger: log, Audit: audit, Policy: policy})
+	srv, err := server.New(hsmstore.New(tok), server.Options{Logger: log, Audit: audit, Policy: policy})
 	if err != nil {
 		return err
 	}

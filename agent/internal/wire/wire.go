@@ -4,11 +4,9 @@ package wire
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rsa"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 )
 
 // MaxMessageSize caps every message on the socket in both directions. The
@@ -45,30 +43,17 @@ func GoHash(h agentpb.Hash) (crypto.Hash, bool) {
 	return 0, false
 }
 
-// Algorithm names a public key's algorithm on the wire.
-func Algorithm(pub crypto.PublicKey) agentpb.Algorithm {
-	switch k := pub.(type) {
-	case *ecdsa.PublicKey:
-		switch k.Curve {
-		case elliptic.P256():
-			return agentpb.Algorithm_ALGORITHM_ECDSA_P256
-		case elliptic.P384():
-			return agentpb.Algorithm_ALGORITHM_ECDSA_P384
-		}
-	case *rsa.PublicKey:
-		switch k.N.BitLen() {
-		case 2048:
-			return agentpb.Algorithm_ALGORITHM_RSA_2048
-		case 3072:
-			return agentpb.Algorithm_ALGORITHM_RSA_3072
-		case 4096:
-			return agentpb.Algorithm_ALGORITHM_RSA_4096
-		}
-	}
-	return agentpb.Algorithm_ALGORITHM_UNSPECIFIED
+// algorithms maps the key types to the wire.
+var algorithms = map[keytype.Type]agentpb.Algorithm{
+	keytype.ECDSAP256: agentpb.Algorithm_ALGORITHM_ECDSA_P256,
+	keytype.ECDSAP384: agentpb.Algorithm_ALGORITHM_ECDSA_P384,
+	keytype.RSA2048:   agentpb.Algorithm_ALGORITHM_RSA_2048,
+	keytype.RSA3072:   agentpb.Algorithm_ALGORITHM_RSA_3072,
+	keytype.RSA4096:   agentpb.Algorithm_ALGORITHM_RSA_4096,
 }
 
-// MaxPSSSaltLength is the largest salt an RSA key of this size can carry with hash h.
-func MaxPSSSaltLength(pub *rsa.PublicKey, h crypto.Hash) int {
-	return (pub.N.BitLen()-1+7)/8 - 2 - h.Size()
+// Algorithm names a public key's algorithm on the wire (UNSPECIFIED for an
+// unsupported key).
+func Algorithm(pub crypto.PublicKey) agentpb.Algorithm {
+	return algorithms[keytype.Of(pub)]
 }

@@ -1,0 +1,34 @@
+package server
+
+import (
+	"crypto"
+	"crypto/x509"
+	"errors"
+)
+
+// KeyStore is what the agent serves: key pairs named by label, each with a
+// crypto.Signer whose private half stays in the store. The contract names no
+// backend: the PKCS#11 token (package hsm/hsmstore) and the in-memory
+// MemoryStore satisfy it, and the suite in agent/server/storetest checks any
+// implementation. Implementations must be safe for concurrent use.
+type KeyStore interface {
+	// Keys lists the key pairs with their certificate chains, in any order.
+	Keys() ([]Key, error)
+	// Signer returns a signer for the key labelled label; an unknown label
+	// gives an error that matches ErrKeyNotFound. The signer's Public is the
+	// key Keys lists under that label. RSA signers accept crypto.Hash (PKCS #1
+	// v1.5) and *rsa.PSSOptions; ECDSA signers return ASN.1 DER signatures.
+	Signer(label string) (crypto.Signer, error)
+}
+
+// Key is a key pair as a KeyStore lists it.
+type Key struct {
+	Label  string
+	ID     []byte // the backend's key id (CKA_ID for a PKCS#11 token); may be empty
+	Public crypto.PublicKey
+	// Chain is the stored certificate chain, leaf first; empty without a certificate.
+	Chain []*x509.Certificate
+}
+
+// ErrKeyNotFound is matched (errors.Is) by a KeyStore's error for an unknown label.
+var ErrKeyNotFound = errors.New("key not found")
