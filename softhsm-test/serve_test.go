@@ -214,7 +214,7 @@ func TestServeRefusesWhatItCannotEnforce(t *testing.T) {
 	dir := t.TempDir()
 	tests := []struct{ name, config, want string }{
 		{"unknown user", "access:\n  - keys: [\"*\"]\n    users: [\"no-such-user-hsmagent\"]\n", `unknown user "no-such-user-hsmagent"`},
-		{"misspelt key", "acess:\n  - keys: [\"*\"]\n", "field acess not found"},
+		{"misspelt key", "acess:\n  - keys: [\"*\"]\n", `line 1: unknown setting "acess"`},
 		{"rule without users", "access:\n  - keys: [\"*\"]\n", "names no users or groups"},
 	}
 	for _, tt := range tests {

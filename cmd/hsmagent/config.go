@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
 
 	"github.com/hsmagent/hsmagent/agent/d1"
 	"github.com/hsmagent/hsmagent/agent/server"
@@ -13,56 +17,82 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// fileConfig is the YAML configuration file shared by serve and the commands
-// that use the agent. Flags and environment variables override it.
-type fileConfig struct {
-	Socket      string        `yaml:"socket"`
-	SocketMode  string        `yaml:"socket_mode"`
-	Module      string        `yaml:"module"`
-	Token       string        `yaml:"token"`
-	TokenSerial string        `yaml:"token_serial"`
-	URI         string        `yaml:"uri"`
-	PINFile     string        `yaml:"pin_file"`
-	LogFormat   string        `yaml:"log_format"`
-	LogLevel    string        `yaml:"log_level"`
-	AuditLog    string        `yaml:"audit_log"`
+// config is hsmagent's one configuration: the YAML file decoded into this
+// struct, then the flags and HSMAGENT_* environment variables the user set
+// merged over it (mergeFlags), in one place. A field's yaml tag is its name
+// in the file and in errors; its flag tag is the command-line flag that
+// overrides it. Adding a setting is a field here and a flag on the command.
+type config struct {
+	Socket      string        `yaml:"socket" flag:"socket"`
+	SocketMode  string        `yaml:"socket_mode" flag:"socket-mode"`
+	Module      string        `yaml:"module" flag:"module"`
+	Token       string        `yaml:"token" flag:"token"`
+	TokenSerial string        `yaml:"token_serial" flag:"token-serial"`
+	URI         string        `yaml:"uri" flag:"uri"`
+	PINFile     string        `yaml:"pin_file" flag:"pin-file"`
+	LogFormat   string        `yaml:"log_format" flag:"log-format"`
+	LogLevel    string        `yaml:"log_level" flag:"log-level"`
+	AuditLog    string        `yaml:"audit_log" flag:"audit-log"`
 	Access      []server.Rule `yaml:"access"`
 	// D1 holds the proxy and token settings per environment: PPR and PRD.
-	D1 map[string]d1Section `yaml:"d1"`
+	D1 map[string]*d1Section `yaml:"d1"`
+
+	path   string              // the file, "" without one
+	lines  map[string]int      // setting path ("d1.PPR.jwt.kid", "access.0") -> line of its key
+	values map[string]valuePos // setting path -> where its value starts and what it is
+}
+
+type valuePos struct {
+	line int
+	kind yaml.Kind
 }
 
 // d1Section configures the commands that talk to one D1 environment.
-// Each field fills the flag of the same name.
 type d1Section struct {
-	Target       string `yaml:"target"`
-	Key          string `yaml:"key"`
-	ServerCA     string `yaml:"server_ca"`
-	MaxConnAge   string `yaml:"max_conn_age"`
-	ClientListen string `yaml:"client_listen"`
-	JWT          struct {
-		Key      string `yaml:"key"`
-		Kid      string `yaml:"kid"`
-		IssuerID string `yaml:"issuer_id"`
-		Issuer   string `yaml:"issuer"`
-		TokenURL string `yaml:"token_url"`
-		Aud      string `yaml:"aud"`
-	} `yaml:"jwt"`
-	Server struct {
-		Listen   string `yaml:"listen"`
-		Backend  string `yaml:"backend"`
-		Key      string `yaml:"key"`
-		ClientCA string `yaml:"client_ca"`
-		// OAuth for D1's calls (D1-S6).
-		OAuthClientID   string `yaml:"oauth_client_id"`
-		OAuthSecretFile string `yaml:"oauth_secret_file"`
-		OAuthKey        string `yaml:"oauth_key"`
-	} `yaml:"server"`
+	Target       string    `yaml:"target" flag:"target"`
+	Key          string    `yaml:"key" flag:"key"`
+	ServerCA     string    `yaml:"server_ca" flag:"server-ca"`
+	MaxConnAge   string    `yaml:"max_conn_age" flag:"max-conn-age"`
+	ClientListen string    `yaml:"client_listen" flag:"listen"`
+	JWT          d1JWT     `yaml:"jwt"`
+	Server       d1Inbound `yaml:"server"`
 }
 
-// loadConfig reads path strictly: an unknown key is an error, so a misspelt
-// access rule is not silently ignored.
-func loadConfig(path string) (*fileConfig, error) {
-	cfg := &fileConfig{}
+type d1JWT struct {
+	Key      string `yaml:"key" flag:"jwt-key"`
+	Kid      string `yaml:"kid" flag:"kid"`
+	IssuerID string `yaml:"issuer_id" flag:"issuer-id"`
+	Issuer   string `yaml:"issuer" flag:"jwt-issuer"`
+	TokenURL string `yaml:"token_url" flag:"token-url"`
+	Aud      string `yaml:"aud" flag:"aud"`
+}
+
+// d1Inbound is the proxy server's part: D1 calling the issuer.
+type d1Inbound struct {
+	Listen   string `yaml:"listen" flag:"listen"`
+	Backend  string `yaml:"backend" flag:"backend"`
+	Key      string `yaml:"key" flag:"key"`
+	ClientCA string `yaml:"client_ca" flag:"client-ca"`
+	// OAuth for D1's calls (D1-S6).
+	OAuthClientID   string `yaml:"oauth_client_id" flag:"oauth-client-id"`
+	OAuthSecretFile string `yaml:"oauth_secret_file" flag:"oauth-secret-file"`
+	OAuthKey        string `yaml:"oauth_key" flag:"oauth-key"`
+}
+
+type d1Role int
+
+const (
+	d1Client d1Role = iota // proxy client, d1 token: target, key, jwt
+	d1Server               // proxy server: the server part
+)
+
+var configFlag = &cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (flags and environment override it)", EnvVars: []string{"HSMAGENT_CONFIG"}}
+
+// loadConfig reads path strictly: an unknown setting is an error, so a
+// misspelt access rule is not silently ignored. Errors name the setting and
+// its line, not Go types.
+func loadConfig(path string) (*config, error) {
+	cfg := &config{path: path, lines: map[string]int{}, values: map[string]valuePos{}}
 	if path == "" {
 		return cfg, nil
 	}
@@ -70,89 +100,247 @@ func loadConfig(path string) (*fileConfig, error) {
 	if err != nil {
 		return nil, usagef("--config: %v", err)
 	}
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("config %q: %s", path, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	cfg.record(&root, "")
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(cfg); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("config %q: %w", path, err)
+		return nil, cfg.decodeError(err)
 	}
 	return cfg, nil
 }
 
-// applyConfig fills flags the user did not set (on the command line or in
-// the environment) from the config file.
-func applyConfig(c *cli.Context, values map[string]string) error {
-	for flag, v := range values {
-		if v == "" || c.IsSet(flag) {
+// record maps each setting's dotted path to its line in the file.
+func (cfg *config) record(n *yaml.Node, prefix string) {
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			cfg.record(c, prefix)
+		}
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			p := join(prefix, n.Content[i].Value)
+			cfg.lines[p] = n.Content[i].Line
+			cfg.values[p] = valuePos{n.Content[i+1].Line, n.Content[i+1].Kind}
+			cfg.record(n.Content[i+1], p)
+		}
+	case yaml.SequenceNode:
+		for i, c := range n.Content {
+			p := join(prefix, strconv.Itoa(i))
+			cfg.lines[p] = c.Line
+			cfg.values[p] = valuePos{c.Line, c.Kind}
+			cfg.record(c, p)
+		}
+	}
+}
+
+func join(prefix, name string) string {
+	if prefix == "" {
+		return name
+	}
+	return prefix + "." + name
+}
+
+var (
+	unknownField = regexp.MustCompile(`^line (\d+): field (\S+) not found in type`)
+	typeMismatch = regexp.MustCompile("^line (\\d+): cannot unmarshal !!(\\w+)(?: `(.*?)`)? into (\\S+)")
+)
+
+// decodeError rewrites the YAML decoder's errors, which name Go types, into
+// errors that name the setting and the line.
+func (cfg *config) decodeError(err error) error {
+	var te *yaml.TypeError
+	if !errors.As(err, &te) {
+		return fmt.Errorf("config %q: %s", cfg.path, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	var msgs []string
+	for _, e := range te.Errors {
+		if m := unknownField.FindStringSubmatch(e); m != nil {
+			msgs = append(msgs, fmt.Sprintf("line %s: unknown setting %q", m[1], m[2]))
 			continue
 		}
-		if err := c.Set(flag, v); err != nil {
-			return fmt.Errorf("config value for %q: %w", flag, err)
+		if m := typeMismatch.FindStringSubmatch(e); m != nil {
+			line, _ := strconv.Atoi(m[1])
+			msgs = append(msgs, fmt.Sprintf("line %d: %s must be %s, not %s", line, cfg.settingAt(line, m[2]), kindOf(m[4]), yamlKind(m[2], m[3])))
+			continue
+		}
+		msgs = append(msgs, e)
+	}
+	return fmt.Errorf("config %q %s", cfg.path, strings.Join(msgs, "; "))
+}
+
+// settingAt names the setting whose value of YAML kind tag (seq, map, str,
+// ...) starts on line: the one the decoder could not fit.
+func (cfg *config) settingAt(line int, tag string) string {
+	want := yaml.ScalarNode
+	switch tag {
+	case "seq":
+		want = yaml.SequenceNode
+	case "map":
+		want = yaml.MappingNode
+	}
+	best := ""
+	for p, v := range cfg.values {
+		if v.line == line && v.kind == want && (best == "" || len(p) < len(best)) {
+			best = p
+		}
+	}
+	if best == "" {
+		return "the value"
+	}
+	return strconv.Quote(best)
+}
+
+func kindOf(goType string) string {
+	switch {
+	case strings.HasPrefix(goType, "[]"):
+		return "a list"
+	case strings.HasPrefix(goType, "map["), strings.HasPrefix(goType, "main."), strings.HasPrefix(goType, "server."), strings.HasPrefix(goType, "*main."):
+		return "a mapping"
+	case goType == "string":
+		return "a string"
+	case goType == "bool":
+		return "true or false"
+	case strings.HasPrefix(goType, "int"), strings.HasPrefix(goType, "uint"):
+		return "a whole number"
+	}
+	return "another kind of value"
+}
+
+func yamlKind(tag, value string) string {
+	switch tag {
+	case "seq":
+		return "a list"
+	case "map":
+		return "a mapping"
+	}
+	if value != "" {
+		return strconv.Quote(value)
+	}
+	return "a " + tag
+}
+
+// lineOf says where a setting is, for errors: " (line N)" or "".
+func (cfg *config) lineOf(setting string) string {
+	if l, ok := cfg.lines[setting]; ok {
+		return fmt.Sprintf(" (%s line %d)", cfg.path, l)
+	}
+	return ""
+}
+
+// mergeFlags is the one place where flags and environment meet the file:
+// a flag the user set (on the command line or through its environment
+// variable) overrides the file; a setting only the file has fills the flag,
+// so every command reads its flags and validates them once. Only the
+// command's own flags take part.
+func (cfg *config) mergeFlags(c *cli.Context) error {
+	return mergeStruct(c, reflect.ValueOf(cfg).Elem(), cfg, "")
+}
+
+func mergeStruct(c *cli.Context, v reflect.Value, cfg *config, prefix string) error {
+	t := v.Type()
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		flag := f.Tag.Get("flag")
+		if flag == "" || !f.IsExported() || f.Type.Kind() != reflect.String || !hasFlag(c, flag) {
+			continue
+		}
+		fv := v.Field(i)
+		setting := join(prefix, name)
+		switch {
+		case c.IsSet(flag):
+			fv.SetString(c.String(flag))
+		case fv.String() != "":
+			if err := c.Set(flag, fv.String()); err != nil {
+				return usagef("config setting %q%s: %q is not valid for --%s: %v", setting, cfg.lineOf(setting), fv.String(), flag, unwrapAll(err))
+			}
 		}
 	}
 	return nil
 }
 
-var configFlag = &cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (flags and environment override it)", EnvVars: []string{"HSMAGENT_CONFIG"}}
+// unwrapAll strips the flag package's wrapping down to the cause.
+func unwrapAll(err error) error {
+	for {
+		next := errors.Unwrap(err)
+		if next == nil {
+			return err
+		}
+		err = next
+	}
+}
 
-// applyD1Config fills the flags of a D1 command from the config file's
-// section for the environment given by --env (or the only section there is).
-// role is "client" (proxy client, d1 token) or "server" (proxy server).
-func applyD1Config(c *cli.Context, role string) error {
-	if c.String("config") == "" {
-		return nil
-	}
-	cfg, err := loadConfig(c.String("config"))
-	if err != nil {
-		return err
-	}
-	if err := applyConfig(c, map[string]string{"socket": cfg.Socket}); err != nil {
-		return err
-	}
+// mergeD1 picks the config's section for the environment given by --env
+// (or the only one there is) and merges it with the command's flags.
+func (cfg *config) mergeD1(c *cli.Context, role d1Role) error {
 	if len(cfg.D1) == 0 {
 		return nil
 	}
-	var env string
-	if c.String("env") != "" {
-		e, err := d1.ParseEnv(c.String("env"))
+	var key string
+	switch {
+	case c.String("env") != "":
+		env, err := d1.ParseEnv(c.String("env"))
 		if err != nil {
 			return usageError{err}
 		}
-		env = string(e)
-	} else if len(cfg.D1) == 1 {
 		for k := range cfg.D1 {
-			env = k
-		}
-	} else {
-		return usagef("the config has several D1 environments: pass --env PPR or --env PRD")
-	}
-	sec, ok := cfg.D1[env]
-	if !ok {
-		for k := range cfg.D1 {
-			if e, err := d1.ParseEnv(k); err == nil && string(e) == env {
-				sec, ok = cfg.D1[k], true
+			if e, err := d1.ParseEnv(k); err == nil && e == env {
+				key = k
 			}
 		}
+		if key == "" {
+			return usagef("config %q has no d1 section for %s", cfg.path, env)
+		}
+	case len(cfg.D1) == 1:
+		for k := range cfg.D1 {
+			key = k
+		}
+	default:
+		return usagef("the config has several D1 environments: pass --env PPR or --env PRD")
 	}
-	if !ok {
-		return usagef("config %q has no d1 section for %s", c.String("config"), env)
+	sec := cfg.D1[key]
+	if sec == nil {
+		return nil
 	}
-	var values map[string]string
-	if role == "client" {
-		values = map[string]string{"env": env, "target": sec.Target, "key": sec.Key, "server-ca": sec.ServerCA,
-			"max-conn-age": sec.MaxConnAge, "listen": sec.ClientListen,
-			"jwt-key": sec.JWT.Key, "kid": sec.JWT.Kid, "issuer-id": sec.JWT.IssuerID, "jwt-issuer": sec.JWT.Issuer,
-			"token-url": sec.JWT.TokenURL, "aud": sec.JWT.Aud}
-	} else {
-		values = map[string]string{"listen": sec.Server.Listen, "backend": sec.Server.Backend, "key": sec.Server.Key, "client-ca": sec.Server.ClientCA,
-			"oauth-client-id": sec.Server.OAuthClientID, "oauth-secret-file": sec.Server.OAuthSecretFile, "oauth-key": sec.Server.OAuthKey}
+	env, err := d1.ParseEnv(key)
+	if err != nil {
+		return usagef("config setting %q%s: %v", "d1."+key, cfg.lineOf("d1."+key), err)
 	}
-	// Only flags the command has: "d1 token" has no --listen or --target.
-	for name := range values {
-		if !hasFlag(c, name) {
-			delete(values, name)
+	if hasFlag(c, "env") && !c.IsSet("env") {
+		if err := c.Set("env", string(env)); err != nil {
+			return err
 		}
 	}
-	return applyConfig(c, values)
+	prefix := "d1." + key
+	if role == d1Server {
+		return mergeStruct(c, reflect.ValueOf(&sec.Server).Elem(), cfg, prefix+".server")
+	}
+	if err := mergeStruct(c, reflect.ValueOf(sec).Elem(), cfg, prefix); err != nil {
+		return err
+	}
+	return mergeStruct(c, reflect.ValueOf(&sec.JWT).Elem(), cfg, prefix+".jwt")
+}
+
+// commandConfig loads --config and merges it with the command's flags; D1
+// commands pass their role to merge their environment's section as well.
+func commandConfig(c *cli.Context, d1role ...d1Role) (*config, error) {
+	cfg, err := loadConfig(c.String("config"))
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.mergeFlags(c); err != nil {
+		return nil, err
+	}
+	for _, r := range d1role {
+		if err := cfg.mergeD1(c, r); err != nil {
+			return nil, err
+		}
+	}
+	return cfg, nil
 }
 
 func hasFlag(c *cli.Context, name string) bool {
@@ -164,4 +352,22 @@ func hasFlag(c *cli.Context, name string) bool {
 		}
 	}
 	return false
+}
+
+var ruleNumber = regexp.MustCompile(`access rule (\d+)`)
+
+// policy builds the access policy from the rules, naming the rule's line
+// in the file when one is refused.
+func (cfg *config) policy() (*server.Policy, error) {
+	p, err := server.NewPolicy(cfg.Access)
+	if err == nil {
+		return p, nil
+	}
+	if m := ruleNumber.FindStringSubmatch(err.Error()); m != nil {
+		n, _ := strconv.Atoi(m[1])
+		if where := cfg.lineOf(fmt.Sprintf("access.%d", n-1)); where != "" {
+			return nil, fmt.Errorf("config setting \"access\"%s: %w", where, err)
+		}
+	}
+	return nil, err
 }

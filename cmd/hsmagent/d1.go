@@ -11,9 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
@@ -125,7 +123,7 @@ func d1Command() *cli.Command {
 }
 
 func d1TokenAction(c *cli.Context) error {
-	if err := applyD1Config(c, "client"); err != nil {
+	if _, err := commandConfig(c, d1Client); err != nil {
 		return err
 	}
 	if c.String("jwt-key") == "" {
@@ -248,7 +246,7 @@ func proxyCommand() *cli.Command {
 }
 
 func proxyClientAction(c *cli.Context) error {
-	if err := applyD1Config(c, "client"); err != nil {
+	if _, err := commandConfig(c, d1Client); err != nil {
 		return err
 	}
 	listen, target := c.String("listen"), c.String("target")
@@ -294,7 +292,7 @@ func proxyClientAction(c *cli.Context) error {
 }
 
 func proxyServerAction(c *cli.Context) error {
-	if err := applyD1Config(c, "server"); err != nil {
+	if _, err := commandConfig(c, d1Server); err != nil {
 		return err
 	}
 	backend, label, caFile := c.String("backend"), c.String("key"), c.String("client-ca")
@@ -376,44 +374,30 @@ func serverOAuth(c *cli.Context, client *agent.Client, log *slog.Logger) (*proxy
 	return o, nil
 }
 
-// runHTTP listens, logs ready with attrs, and serves until SIGTERM/SIGINT,
-// then drains for up to 10 seconds; SIGHUP calls reload.
+// runHTTP serves srv on its address as a daemon: SIGHUP calls reload,
+// SIGTERM/SIGINT drain for up to 10 seconds.
 func runHTTP(srv *http.Server, log *slog.Logger, useTLS bool, reload func(), ready string, attrs ...any) error {
 	ln, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
 		return fmt.Errorf("proxy: %w", err)
 	}
-	signals := make(chan os.Signal, 2)
-	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(signals)
-	errs := make(chan error, 1)
-	go func() {
-		if useTLS {
-			errs <- srv.ServeTLS(ln, "", "")
-		} else {
-			errs <- srv.Serve(ln)
-		}
-	}()
-	log.Info(ready, attrs...)
-	for {
-		select {
-		case err := <-errs:
+	d := daemon{
+		name: "proxy",
+		log:  log,
+		serve: func() error {
+			var err error
+			if useTLS {
+				err = srv.ServeTLS(ln, "", "")
+			} else {
+				err = srv.Serve(ln)
+			}
 			if errors.Is(err, http.ErrServerClosed) {
 				return nil
 			}
-			return fmt.Errorf("proxy: %w", err)
-		case sig := <-signals:
-			if sig == syscall.SIGHUP {
-				if reload != nil {
-					reload()
-				}
-				continue
-			}
-			log.Info("shutting down", "signal", sig.String())
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			err := srv.Shutdown(ctx)
-			cancel()
 			return err
-		}
+		},
+		shutdown: srv.Shutdown,
+		reload:   reload,
 	}
+	return d.run(ready, attrs...)
 }

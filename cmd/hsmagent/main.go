@@ -46,10 +46,6 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
-		CommandNotFound: func(c *cli.Context, name string) {
-			fmt.Fprintf(c.App.ErrWriter, "hsmagent: unknown command %q; run 'hsmagent --help'\n", name)
-			os.Exit(2)
-		},
 		// Errors are printed once, by main, on one line.
 		ExitErrHandler:  func(*cli.Context, error) {},
 		HideHelpCommand: true,
@@ -61,7 +57,15 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	err := newApp(stdout, stderr).Run(args)
+	app := newApp(stdout, stderr)
+	var unknown error
+	app.CommandNotFound = func(_ *cli.Context, name string) {
+		unknown = usagef("unknown command %q; run 'hsmagent --help'", name)
+	}
+	err := app.Run(args)
+	if err == nil {
+		err = unknown
+	}
 	if err == nil {
 		return 0
 	}

@@ -6,10 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/signal"
 	"strconv"
-	"syscall"
-	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/server"
@@ -44,20 +41,6 @@ close the token and exit 0.`,
 	}
 }
 
-// serveSettings are the settings serve reads from flags, environment and config.
-func serveSettings(c *cli.Context) (*fileConfig, error) {
-	cfg, err := loadConfig(c.String("config"))
-	if err != nil {
-		return nil, err
-	}
-	err = applyConfig(c, map[string]string{
-		"socket": cfg.Socket, "socket-mode": cfg.SocketMode, "module": cfg.Module, "token": cfg.Token,
-		"token-serial": cfg.TokenSerial, "uri": cfg.URI, "pin-file": cfg.PINFile,
-		"log-format": cfg.LogFormat, "log-level": cfg.LogLevel, "audit-log": cfg.AuditLog,
-	})
-	return cfg, err
-}
-
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
@@ -74,7 +57,7 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 }
 
 func serveAction(c *cli.Context) error {
-	cfg, err := serveSettings(c)
+	cfg, err := commandConfig(c)
 	if err != nil {
 		return err
 	}
@@ -92,7 +75,7 @@ func serveAction(c *cli.Context) error {
 	if c.String("socket") == "" {
 		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
 	}
-	policy, err := server.NewPolicy(cfg.Access)
+	policy, err := cfg.policy()
 	if err != nil {
 		return err
 	}
@@ -122,31 +105,14 @@ func serveAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(signals)
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	log.Info("agent serving", "socket", c.String("socket"), "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
-
-	for {
-		select {
-		case err := <-served:
-			return fmt.Errorf("agent stopped: %w", err)
-		case sig := <-signals:
-			if sig == syscall.SIGHUP {
-				reload(c, srv, log)
-				continue
-			}
-			log.Info("shutting down", "signal", sig.String())
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			srv.Shutdown(ctx)
-			cancel()
-			<-served
-			log.Info("agent stopped")
-			return nil
-		}
+	d := daemon{
+		name:     "agent",
+		log:      log,
+		serve:    func() error { return srv.Serve(l) },
+		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
+		reload:   func() { reload(c, srv, log) },
 	}
+	return d.run("agent serving", "socket", c.String("socket"), "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
 }
 
 // reload re-reads the config's access rules and the token's chains; on any
@@ -157,7 +123,7 @@ func reload(c *cli.Context, srv *server.Server, log *slog.Logger) {
 		log.Error("reload failed, keeping the previous state", "err", err)
 		return
 	}
-	policy, err := server.NewPolicy(cfg.Access)
+	policy, err := cfg.policy()
 	if err != nil {
 		log.Error("reload failed, keeping the previous state", "err", err)
 		return

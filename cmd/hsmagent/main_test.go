@@ -1,0 +1,157 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runCLI runs the command in process, as main does, with no terminal and a
+// clean HSMAGENT_* environment.
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	for _, kv := range os.Environ() {
+		if name, _, _ := strings.Cut(kv, "="); strings.HasPrefix(name, "HSMAGENT_") {
+			t.Setenv(name, "")
+			os.Unsetenv(name)
+		}
+	}
+	var out, errOut bytes.Buffer
+	code = run(append([]string{"hsmagent"}, args...), &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "agent.yaml")
+	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestUsageErrors: every mistake in how the command is called is one line on
+// stderr, says what to do, and exits 2 (1 for a failure at run time), before
+// any token is opened or agent dialled.
+func TestUsageErrors(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{"unknown flag", []string{"serve", "--frobnicate"}, 2, "frobnicate"},
+		{"serve without socket", []string{"serve", "--token", "t"}, 2, "no socket path"},
+		{"bad socket mode", []string{"serve", "--socket", sock, "--socket-mode", "999"}, 2, `--socket-mode "999" is not an octal file mode`},
+		{"bad log level", []string{"serve", "--socket", sock, "--log-level", "loud"}, 2, `--log-level "loud"`},
+		{"bad log format", []string{"serve", "--socket", sock, "--log-format", "xml"}, 2, `--log-format "xml"`},
+		{"missing config file", []string{"serve", "--config", "/nonexistent/agent.yaml"}, 2, "--config"},
+		{"unsupported key type", []string{"keys", "generate", "--token", "t", "--label", "k", "--type", "ed25519"}, 2, `unsupported key type "ed25519"`},
+		{"generate without label", []string{"keys", "generate", "--token", "t"}, 2, "missing --label"},
+		{"no token", []string{"keys", "list"}, 2, "no token selected"},
+		{"token and serial", []string{"keys", "list", "--token", "a", "--token-serial", "b"}, 2, "not both"},
+		{"PIN in URI", []string{"keys", "list", "--uri", "pkcs11:token=a?pin-value=1234"}, 2, "pin-value"},
+		{"proxy client without target", []string{"proxy", "client", "--listen", "127.0.0.1:0"}, 2, "needs --listen"},
+		{"proxy client on a public address", []string{"proxy", "client", "--listen", "0.0.0.0:8080", "--target", "https://d1.example"}, 2, "loopback"},
+		{"proxy server without backend", []string{"proxy", "server"}, 2, "needs --backend"},
+		{"d1 token without key", []string{"d1", "token"}, 2, "missing --jwt-key"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, _, stderr := runCLI(t, tt.args...)
+			if code != tt.code || !strings.Contains(stderr, tt.want) {
+				t.Fatalf("exit %d, stderr %q; want exit %d and %q", code, stderr, tt.code, tt.want)
+			}
+			if lines := strings.Count(strings.TrimSpace(stderr), "\n"); lines != 0 {
+				t.Errorf("error is %d lines, want one: %q", lines+1, stderr)
+			}
+			if !strings.HasPrefix(stderr, "hsmagent: ") {
+				t.Errorf("error not prefixed with the command name: %q", stderr)
+			}
+		})
+	}
+}
+
+// TestConfigErrorsNameSettingAndLine: a config file's mistakes are reported
+// by the setting's name and line, never by a Go type.
+func TestConfigErrorsNameSettingAndLine(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	tests := []struct {
+		name, config string
+		args         []string
+		want         string
+	}{
+		{"unknown setting", "socket: /run/x.sock\nsockt_mode: \"0600\"\n", []string{"serve"}, `line 2: unknown setting "sockt_mode"`},
+		{"list for a string", "log_level: info\nsocket: [a, b]\n", []string{"serve"}, `line 2: "socket" must be a string, not a list`},
+		{"mapping for a list", "access:\n  keys: web\n", []string{"serve"}, `"access" must be a list, not a mapping`},
+		{"bad value for a flag", "socket: " + sock + "\nlog_level: loud\n", []string{"serve"}, `--log-level "loud"`},
+		{"rule without users", "socket: " + sock + "\naccess:\n  - keys: [web]\n  - keys: [\"*\"]\n    users: [root]\n", []string{"serve"}, `config setting "access" (`},
+		{"bad duration in a d1 section", "d1:\n  PPR:\n    target: https://d1.example\n    max_conn_age: soon\n", []string{"proxy", "client", "--listen", "127.0.0.1:0"}, `"d1.PPR.max_conn_age"`},
+		{"bad d1 environment", "d1:\n  staging:\n    target: https://d1.example\n", []string{"proxy", "client", "--listen", "127.0.0.1:0"}, `"d1.staging"`},
+		{"not YAML", "socket: [unclosed\n", []string{"serve"}, "agent.yaml"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := writeConfig(t, tt.config)
+			code, _, stderr := runCLI(t, append(tt.args, "--config", path)...)
+			if code == 0 || !strings.Contains(stderr, tt.want) {
+				t.Fatalf("exit %d, stderr %q; want %q", code, stderr, tt.want)
+			}
+			for _, goType := range []string{"main.", "server.Rule", "[]string", "!!"} {
+				if strings.Contains(stderr, goType) {
+					t.Errorf("error names a Go or YAML type (%s): %q", goType, stderr)
+				}
+			}
+			if strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+				t.Errorf("error is not one line: %q", stderr)
+			}
+		})
+	}
+	// The rule error names the line of the rule that is wrong (line 3).
+	path := writeConfig(t, "socket: "+sock+"\naccess:\n  - keys: [web]\n")
+	if _, _, stderr := runCLI(t, "serve", "--config", path); !strings.Contains(stderr, "line 3") {
+		t.Errorf("rule error does not name its line: %q", stderr)
+	}
+}
+
+// TestFlagsOverrideConfig: a flag (or its environment variable) wins over
+// the file; the file fills what the flag left unset.
+func TestFlagsOverrideConfig(t *testing.T) {
+	path := writeConfig(t, "socket: /nonexistent-dir/from-file.sock\nsocket_mode: \"999\"\n")
+	_, _, stderr := runCLI(t, "serve", "--config", path, "--socket-mode", "0600", "--log-level", "loud")
+	if !strings.Contains(stderr, `--log-level "loud"`) {
+		t.Fatalf("flag did not override the file: %q", stderr)
+	}
+	_, _, stderr = runCLI(t, "serve", "--config", path)
+	if !strings.Contains(stderr, `--socket-mode "999"`) {
+		t.Errorf("file value did not fill the flag: %q", stderr)
+	}
+	t.Setenv("HSMAGENT_SOCKET_MODE", "0640")
+	code, _, stderr := run2(t, "serve", "--config", path, "--log-level", "loud")
+	if code != 2 || strings.Contains(stderr, "999") {
+		t.Errorf("environment did not override the file: exit %d %q", code, stderr)
+	}
+}
+
+// run2 is runCLI without clearing the environment.
+func run2(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := run(append([]string{"hsmagent"}, args...), &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func TestVersionAndHelp(t *testing.T) {
+	code, stdout, _ := runCLI(t, "--version")
+	if code != 0 || !strings.Contains(stdout, "hsmagent version") {
+		t.Errorf("--version: exit %d %q", code, stdout)
+	}
+	code, stdout, _ = runCLI(t, "serve", "--help")
+	if code != 0 || !strings.Contains(stdout, "--socket") {
+		t.Errorf("serve --help: exit %d %q", code, stdout)
+	}
+}
