@@ -62,21 +62,32 @@ func (t *Token) configure() (*crypto11.Context, error) {
 	if err == nil {
 		return ctx, nil
 	}
-	if strings.Contains(err.Error(), "could not find PKCS#11 token") {
-		return nil, t.tokenNotFound()
+	return nil, t.configureError(err)
+}
+
+// configureError classifies a failure to open the token without reading
+// crypto11's error text: by looking at the module's slots ourselves (a module
+// that does not load or initialise, a token that is not there), then by the
+// PKCS#11 return code.
+func (t *Token) configureError(err error) error {
+	infos, listErr := ListTokens(t.modulePath)
+	if listErr != nil {
+		return fmt.Errorf("hsm: cannot load PKCS#11 module %q%s: %w", t.modulePath, moduleHint(t.modulePath), err)
 	}
-	if strings.Contains(err.Error(), "failed to create module context") {
-		return nil, fmt.Errorf("hsm: cannot load PKCS#11 module %q%s: %w", t.modulePath, moduleHint(t.modulePath), err)
+	var rv pkcs11.Error
+	if errors.As(err, &rv) {
+		return fmt.Errorf("hsm: opening %s: %w", t.cfg.tokenName(), explain(err))
 	}
-	return nil, fmt.Errorf("hsm: opening %s: %w", t.cfg.tokenName(), explain(err))
+	for _, info := range infos {
+		if info.Label == t.cfg.TokenLabel || (t.cfg.TokenSerial != "" && info.Serial == t.cfg.TokenSerial) {
+			return fmt.Errorf("hsm: opening %s: %w", t.cfg.tokenName(), err)
+		}
+	}
+	return t.tokenNotFound(infos)
 }
 
 // tokenNotFound builds the error for a missing token, naming the tokens that exist.
-func (t *Token) tokenNotFound() error {
-	infos, err := ListTokens(t.modulePath)
-	if err != nil {
-		return fmt.Errorf("hsm: %s not found in module %q", t.cfg.tokenName(), t.modulePath)
-	}
+func (t *Token) tokenNotFound(infos []TokenInfo) error {
 	var labels []string
 	for _, info := range infos {
 		if !info.Initialized {
