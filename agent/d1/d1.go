@@ -8,8 +8,10 @@ package d1
 import (
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"regexp"
@@ -211,4 +213,43 @@ func EnvOfLabel(label string) (Env, bool) {
 		return "", false
 	}
 	return found[0], true
+}
+
+// InferEnv decides which D1 environment a command works in: the one given
+// (flag or config) when there is one, else the one the certificate's CN
+// names, else the one the key label names. It is an error when none does.
+func InferEnv(given, certCN, keyLabel string) (Env, error) {
+	if given != "" {
+		return ParseEnv(given)
+	}
+	if e, ok := EnvOfCN(certCN); ok {
+		return e, nil
+	}
+	if e, ok := EnvOfLabel(keyLabel); ok {
+		return e, nil
+	}
+	return "", fmt.Errorf("d1: cannot tell PPR from PRD for key %q: pass --env", keyLabel)
+}
+
+// CheckImportEnv returns a warning when a certificate's CN names one
+// environment and the key label the other (D1-G2), or "".
+func CheckImportEnv(certCN, keyLabel string) string {
+	certEnv, ok := EnvOfCN(certCN)
+	if !ok {
+		return ""
+	}
+	if keyEnv, ok := EnvOfLabel(keyLabel); ok && keyEnv != certEnv {
+		return fmt.Sprintf("certificate CN %q names %s but key %q looks like a %s key; D1 environments must not share credentials (D1-G2)",
+			certCN, certEnv, keyLabel, keyEnv)
+	}
+	return ""
+}
+
+// NewJWTID returns a random JWT id (jti): 16 bytes, hex-encoded.
+func NewJWTID() (string, error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("d1: generating a JWT id: %w", err)
+	}
+	return hex.EncodeToString(b), nil
 }

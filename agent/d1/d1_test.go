@@ -119,3 +119,37 @@ func TestEnvOfCNAndLabel(t *testing.T) {
 		t.Error("ambiguous label matched")
 	}
 }
+
+func TestInferEnv(t *testing.T) {
+	tests := []struct {
+		given, cn, label string
+		want             Env
+		err              string
+	}{
+		{"production", "TLSMA-ECDSA/ABC/PPR", "d1-ppr-mtls", Production, ""},
+		{"", "TLSMA-ECDSA/ABC/PRD", "d1-ppr-mtls", Production, ""},
+		{"", "client", "d1-ppr-mtls", PreProd, ""},
+		{"", "client", "mtls", "", `cannot tell PPR from PRD for key "mtls"`},
+		{"staging", "", "", "", `"staging" is not PPR or PRD`},
+	}
+	for _, tt := range tests {
+		got, err := InferEnv(tt.given, tt.cn, tt.label)
+		if got != tt.want || (tt.err == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.err)) {
+			t.Errorf("InferEnv(%q, %q, %q) = %q, %v; want %q, %q", tt.given, tt.cn, tt.label, got, err, tt.want, tt.err)
+		}
+	}
+	if w := CheckImportEnv("TLSMA-ECDSA/ABC/PRD", "d1-ppr-mtls"); !strings.Contains(w, "D1-G2") {
+		t.Errorf("PRD certificate on a PPR key: warning %q", w)
+	}
+	if w := CheckImportEnv("TLSMA-ECDSA/ABC/PPR", "d1-ppr-mtls"); w != "" {
+		t.Errorf("matching environments warned: %q", w)
+	}
+}
+
+func TestNewJWTIDIsRandomHex(t *testing.T) {
+	a, errA := NewJWTID()
+	b, errB := NewJWTID()
+	if errA != nil || errB != nil || len(a) != 32 || a == b {
+		t.Errorf("NewJWTID: %q %v, %q %v", a, errA, b, errB)
+	}
+}

@@ -5,8 +5,6 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -96,8 +94,8 @@ func (j *JWTBearer) Assertion() (string, error) {
 		iss = j.IssuerID
 	}
 	now := j.now()
-	jti := make([]byte, 16)
-	if _, err := rand.Read(jti); err != nil {
+	jti, err := NewJWTID()
+	if err != nil {
 		return "", err
 	}
 	claims := jwt.Claims{
@@ -105,7 +103,7 @@ func (j *JWTBearer) Assertion() (string, error) {
 		Subject:  j.IssuerID,
 		IssuedAt: jwt.NewNumericDate(now),
 		Expiry:   jwt.NewNumericDate(now.Add(lifetime)),
-		ID:       hex.EncodeToString(jti),
+		ID:       jti,
 	}
 	if j.Audience != "" {
 		claims.Audience = jwt.Audience{j.Audience}

@@ -3,9 +3,7 @@ package proxy
 import (
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/rand"
 	"crypto/subtle"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -118,10 +116,14 @@ func (o *OAuth) token(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	now := o.now()
-	jti := make([]byte, 16)
-	rand.Read(jti)
+	jti, err := d1.NewJWTID()
+	if err != nil {
+		o.Log.Error("issuing an access token failed", "err", err)
+		oauthError(w, http.StatusInternalServerError, "server_error", "could not make a token id")
+		return
+	}
 	claims := jwt.Claims{Issuer: tokenIssuer, Subject: o.ClientID, IssuedAt: jwt.NewNumericDate(now),
-		NotBefore: jwt.NewNumericDate(now), Expiry: jwt.NewNumericDate(now.Add(o.ttl())), ID: hex.EncodeToString(jti)}
+		NotBefore: jwt.NewNumericDate(now), Expiry: jwt.NewNumericDate(now.Add(o.ttl())), ID: jti}
 	tok, err := d1.SignJWT(o.Signer, o.KeyID, claims)
 	if err != nil {
 		o.Log.Error("issuing an access token failed", "err", err)

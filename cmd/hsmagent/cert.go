@@ -99,11 +99,8 @@ func certImport(c *cli.Context) error {
 		warnf(c, "%s", w)
 	}
 	leaf := chain[0]
-	if certEnv, ok := d1.EnvOfCN(leaf.Subject.CommonName); ok {
-		if keyEnv, ok := d1.EnvOfLabel(label); ok && keyEnv != certEnv {
-			warnf(c, "certificate CN %q names %s but key %q looks like a %s key; D1 environments must not share credentials (D1-G2)",
-				leaf.Subject.CommonName, certEnv, label, keyEnv)
-		}
+	if w := d1.CheckImportEnv(leaf.Subject.CommonName, label); w != "" {
+		warnf(c, "%s", w)
 	}
 	if len(key.Chain) > 0 && key.Chain[0].Issuer.String() != leaf.Issuer.String() {
 		warnf(c, "the issuer changes from %q to %q; announce CA changes to Thales in advance (D1-S5)",

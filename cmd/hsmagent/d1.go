@@ -60,17 +60,9 @@ func d1HTTPClient(c *cli.Context, client *agent.Client) (*http.Client, d1.Env, e
 	if err != nil {
 		return nil, "", err
 	}
-	var env d1.Env
-	if s := c.String("env"); s != "" {
-		if env, err = d1.ParseEnv(s); err != nil {
-			return nil, "", usageError{err}
-		}
-	} else if e, ok := d1.EnvOfCN(cert.Leaf.Subject.CommonName); ok {
-		env = e
-	} else if e, ok := d1.EnvOfLabel(label); ok {
-		env = e
-	} else {
-		return nil, "", usagef("cannot tell PPR from PRD for key %q: pass --env", label)
+	env, err := d1.InferEnv(c.String("env"), cert.Leaf.Subject.CommonName, label)
+	if err != nil {
+		return nil, "", usageError{err}
 	}
 	opts := d1.ClientOptions{Env: env, GetClientCertificate: client.GetClientCertificate(label), MaxConnAge: c.Duration("max-conn-age")}
 	if f := c.String("server-ca"); f != "" {
