@@ -41,6 +41,16 @@ type Options struct {
 	Audit *slog.Logger
 	// Policy says who may use which key; nil means only the agent's own user and root.
 	Policy *Policy
+	// MaxInFlight bounds the signatures inside the key store at once: the
+	// HSM's session pool. 0 means DefaultMaxInFlight.
+	MaxInFlight int
+	// MaxWaiting bounds the signatures queued behind them; more are refused
+	// at once with ResourceExhausted. 0 means DefaultMaxWaiting.
+	MaxWaiting int
+	// HSMTimeout bounds each signature inside the key store; past it the
+	// caller gets Unavailable and the agent reports NOT_SERVING until the
+	// operation returns. 0 means DefaultHSMTimeout.
+	HSMTimeout time.Duration
 }
 
 // Server serves the hsmagent.v1 API.
@@ -52,9 +62,7 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 
-	// hsmSlots bounds the signatures in the HSM at once to the CPUs: more
-	// only adds threads that a CPU-bound HSM such as SoftHSM cannot serve.
-	hsmSlots chan struct{}
+	gate *gate // admits signatures into the key store
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -91,8 +99,17 @@ func New(store KeyStore, opts Options) (*Server, error) {
 			return nil, err
 		}
 	}
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}),
-		hsmSlots: make(chan struct{}, runtime.NumCPU())}
+	if opts.MaxInFlight <= 0 {
+		opts.MaxInFlight = DefaultMaxInFlight
+	}
+	if opts.MaxWaiting <= 0 {
+		opts.MaxWaiting = DefaultMaxWaiting
+	}
+	if opts.HSMTimeout <= 0 {
+		opts.HSMTimeout = DefaultHSMTimeout
+	}
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{})}
+	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.HSMTimeout, opts.Logger, s.setServing)
 	if err := s.load(opts.Policy); err != nil {
 		return nil, err
 	}
@@ -107,6 +124,16 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	return s, nil
+}
+
+// setServing reports the agent's health: NOT_SERVING while the HSM is stuck.
+func (s *Server) setServing(serving bool) {
+	st := healthpb.HealthCheckResponse_SERVING
+	if !serving {
+		st = healthpb.HealthCheckResponse_NOT_SERVING
+	}
+	s.health.SetServingStatus("", st)
+	s.health.SetServingStatus(agentpb.Agent_ServiceDesc.ServiceName, st)
 }
 
 // Serve accepts connections on l until Shutdown.
@@ -271,7 +298,7 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
-	sig, code, err := s.sign(p, req)
+	sig, code, err := s.sign(ctx, p, req)
 	s.auditSign(ctx, p, req, code, err, time.Since(start))
 	if err != nil {
 		return nil, status.Error(code, err.Error())
@@ -279,7 +306,7 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	return &agentpb.SignResponse{Signature: sig}, nil
 }
 
-func (s *Server) sign(p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, error) {
+func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, error) {
 	switch {
 	case req.Key == "":
 		return nil, codes.InvalidArgument, errors.New("agent: key label is empty")
@@ -318,9 +345,11 @@ func (s *Server) sign(p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, err
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
-	s.hsmSlots <- struct{}{}
-	sig, err := e.signer.Sign(rand.Reader, req.Digest, opts)
-	<-s.hsmSlots
+	sig, err := s.gate.do(ctx, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) })
+	var ge *gateError
+	if errors.As(err, &ge) {
+		return nil, ge.code, ge
+	}
 	if err != nil {
 		// Details go to the log; the caller learns that the HSM failed.
 		s.log.Error("signing failed", "key", req.Key, "err", err)
@@ -330,9 +359,15 @@ func (s *Server) sign(p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, err
 }
 
 func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, code codes.Code, err error, d time.Duration) {
-	result := "ok"
+	result := resultOK
 	level := slog.LevelInfo
-	if err != nil {
+	var ge *gateError
+	switch {
+	case errors.As(err, &ge):
+		result, level = ge.result, slog.LevelWarn
+	case code == codes.Internal:
+		result, level = resultHSMError, slog.LevelWarn
+	case err != nil:
 		result, level = code.String(), slog.LevelWarn
 	}
 	label := req.Key

@@ -89,7 +89,7 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 						req = &agentpb.SignRequest{}
 					}
 					start := time.Now()
-					sig, code, err := s.sign(p, req)
+					sig, code, err := s.sign(ctx, p, req)
 					s.auditSign(ctx, p, req, code, err, time.Since(start))
 					r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
 					if err != nil {

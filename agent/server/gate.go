@@ -1,0 +1,131 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// Defaults for Options.MaxInFlight, MaxWaiting and HSMTimeout. A network
+// HSM answers in milliseconds and gets its throughput from many sessions at
+// once, so the default admits many operations; a CPU-bound token such as
+// SoftHSM gains nothing past its cores but loses little either.
+const (
+	DefaultMaxInFlight = 32
+	DefaultMaxWaiting  = 1024
+	DefaultHSMTimeout  = 3 * time.Second
+)
+
+// Audit results of a signature that did not complete.
+const (
+	resultOK        = "ok"
+	resultBusy      = "busy"      // refused: too many requests waiting for the HSM
+	resultAbandoned = "abandoned" // the caller went away before the HSM answered
+	resultTimeout   = "timeout"   // the HSM did not answer within the HSM timeout
+	resultDown      = "hsm-down"  // refused at once: an earlier operation is stuck in the HSM
+	resultHSMError  = "hsm-error" // the HSM answered with an error
+)
+
+// gate admits operations into the key store: at most maxInFlight at once
+// (the HSM's sessions), at most maxWaiting queued behind them, none for a
+// caller that has gone, and none while an operation is stuck in the HSM past
+// the timeout. It is the only place that waits for the HSM.
+type gate struct {
+	slots      chan struct{}
+	waiting    atomic.Int64
+	maxWaiting int64
+	timeout    time.Duration
+	stuck      atomic.Int64 // operations past the timeout, still inside the HSM
+	log        *slog.Logger
+	setHealth  func(serving bool)
+}
+
+func newGate(maxInFlight, maxWaiting int, timeout time.Duration, log *slog.Logger, setHealth func(bool)) *gate {
+	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), timeout: timeout, log: log, setHealth: setHealth}
+}
+
+// gateError is a refusal or failure decided by the gate, with its audit result.
+type gateError struct {
+	code   codes.Code
+	result string
+	msg    string
+}
+
+func (e *gateError) Error() string { return e.msg }
+
+type signResult struct {
+	sig []byte
+	err error
+}
+
+// do runs op when the HSM may take it. op's own error is returned as is;
+// the gate's refusals and failures are *gateError.
+func (g *gate) do(ctx context.Context, op func() ([]byte, error)) ([]byte, error) {
+	if n := g.stuck.Load(); n > 0 {
+		return nil, &gateError{codes.Unavailable, resultDown, fmt.Sprintf(
+			"agent: the HSM is not answering (%d operation(s) stuck for more than %v); failing fast until it recovers", n, g.timeout)}
+	}
+	if g.waiting.Add(1) > g.maxWaiting {
+		g.waiting.Add(-1)
+		return nil, &gateError{codes.ResourceExhausted, resultBusy, fmt.Sprintf(
+			"agent: %d signatures are already waiting for the HSM; try again later", g.maxWaiting)}
+	}
+	select {
+	case g.slots <- struct{}{}:
+		g.waiting.Add(-1)
+	case <-ctx.Done():
+		g.waiting.Add(-1)
+		return nil, abandoned(ctx)
+	}
+	if ctx.Err() != nil { // gone while we took the slot: never send it to the HSM
+		<-g.slots
+		return nil, abandoned(ctx)
+	}
+	done := make(chan signResult, 1)
+	go func() {
+		sig, err := op()
+		done <- signResult{sig, err}
+	}()
+	timer := time.NewTimer(g.timeout)
+	defer timer.Stop()
+	select {
+	case r := <-done:
+		<-g.slots
+		return r.sig, r.err
+	case <-ctx.Done():
+		go func() { <-done; <-g.slots }()
+		return nil, abandoned(ctx)
+	case <-timer.C:
+		g.markStuck(done)
+		return nil, &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
+	}
+}
+
+// markStuck counts an operation past the timeout until it returns, turning
+// health to NOT_SERVING on the first and back on the last, with one log line each.
+func (g *gate) markStuck(done <-chan signResult) {
+	if g.stuck.Add(1) == 1 {
+		g.log.Error("the HSM stopped answering: an operation is stuck past the HSM timeout; refusing new signatures until it returns", "hsm_timeout", g.timeout)
+		g.setHealth(false)
+	}
+	go func() {
+		<-done
+		<-g.slots
+		if g.stuck.Add(-1) == 0 {
+			g.log.Info("the HSM answers again")
+			g.setHealth(true)
+		}
+	}()
+}
+
+func abandoned(ctx context.Context) *gateError {
+	code := codes.Canceled
+	if ctx.Err() == context.DeadlineExceeded {
+		code = codes.DeadlineExceeded
+	}
+	return &gateError{code, resultAbandoned, "agent: the caller went away before the HSM signed"}
+}
