@@ -183,7 +183,9 @@ func (c *Client) key(ctx context.Context, label string) (Key, error) {
 // Signer returns a crypto.Signer for the key labelled label. Its public key
 // is fetched now; each Sign is one call to the agent, bounded by the sign
 // timeout. Sign accepts crypto.SHA256/384/512 and, for RSA keys,
-// *rsa.PSSOptions (any salt length mode).
+// *rsa.PSSOptions (rsa.PSSSaltLengthAuto, rsa.PSSSaltLengthEqualsHash or a
+// length the key allows). A digest that is not the hash's size, another hash
+// or a salt length out of range fails in the client, before any call.
 func (c *Client) Signer(ctx context.Context, label string) (crypto.Signer, error) {
 	k, err := c.key(ctx, label)
 	if err != nil {
@@ -224,24 +226,9 @@ func (s *remoteSigner) Public() crypto.PublicKey { return s.public }
 
 // Sign implements crypto.Signer; rand is unused: the HSM makes its own randomness.
 func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	hash, ok := wire.Hash(opts.HashFunc())
-	if !ok {
-		return nil, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", opts.HashFunc())
-	}
-	req := &agentpb.SignRequest{Key: s.label, Digest: digest, Hash: hash}
-	if rsaPub, isRSA := s.public.(*rsa.PublicKey); isRSA {
-		req.Padding = agentpb.Padding_PADDING_PKCS1V15
-		if pss, ok := opts.(*rsa.PSSOptions); ok {
-			req.Padding = agentpb.Padding_PADDING_PSS
-			switch pss.SaltLength {
-			case rsa.PSSSaltLengthEqualsHash:
-				req.PssSaltLength = 0
-			case rsa.PSSSaltLengthAuto:
-				req.PssSaltLength = int32(keytype.MaxPSSSaltLength(rsaPub, opts.HashFunc()))
-			default:
-				req.PssSaltLength = int32(pss.SaltLength)
-			}
-		}
+	req, err := signRequest(s.label, s.public, digest, opts)
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.client.signTimeout)
 	defer cancel()
@@ -256,6 +243,52 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 		return nil, &CallError{Op: fmt.Sprintf("signing with key %q", s.label), Code: codes.Code(resp.Code).String(), Msg: resp.Message}
 	}
 	return resp.Signature, nil
+}
+
+// signRequest builds the request for a signature with the key labelled
+// label, refusing before the call what the agent would refuse anyway and
+// what the wire cannot carry: the PSS salt length is an int32 there, and a
+// larger value would arrive truncated, as another salt length.
+func signRequest(label string, pub crypto.PublicKey, digest []byte, opts crypto.SignerOpts) (*agentpb.SignRequest, error) {
+	if opts == nil {
+		return nil, fmt.Errorf("agent: key %q: no hash given; use SHA-256, SHA-384 or SHA-512", label)
+	}
+	h := opts.HashFunc()
+	hash, ok := wire.Hash(h)
+	if !ok {
+		return nil, fmt.Errorf("agent: key %q: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", label, h)
+	}
+	if len(digest) != h.Size() {
+		return nil, fmt.Errorf("agent: key %q: digest is %d bytes, %v needs %d", label, len(digest), h, h.Size())
+	}
+	req := &agentpb.SignRequest{Key: label, Digest: digest, Hash: hash}
+	rsaPub, isRSA := pub.(*rsa.PublicKey)
+	if !isRSA {
+		return req, nil
+	}
+	req.Padding = agentpb.Padding_PADDING_PKCS1V15
+	pss, ok := opts.(*rsa.PSSOptions)
+	if !ok {
+		return req, nil
+	}
+	req.Padding = agentpb.Padding_PADDING_PSS
+	maxSalt := keytype.MaxPSSSaltLength(rsaPub, h)
+	if maxSalt < 1 {
+		return nil, fmt.Errorf("agent: key %q: a %d-bit RSA key is too small for PSS with %v", label, rsaPub.N.BitLen(), h)
+	}
+	switch salt := pss.SaltLength; {
+	case salt == rsa.PSSSaltLengthEqualsHash && h.Size() <= maxSalt:
+		req.PssSaltLength = 0 // the agent reads 0 as "equal to the hash"
+	case salt == rsa.PSSSaltLengthEqualsHash:
+		return nil, fmt.Errorf("agent: key %q: a PSS salt as long as the hash (%d bytes) is outside 1..%d for this key", label, h.Size(), maxSalt)
+	case salt == rsa.PSSSaltLengthAuto:
+		req.PssSaltLength = int32(maxSalt) // what Go's rsa package picks
+	case salt < 1 || salt > maxSalt:
+		return nil, fmt.Errorf("agent: key %q: PSS salt length %d is outside 1..%d (or use rsa.PSSSaltLengthAuto or rsa.PSSSaltLengthEqualsHash)", label, salt, maxSalt)
+	default:
+		req.PssSaltLength = int32(salt) // fits: at most the key's size in bytes
+	}
+	return req, nil
 }
 
 // callError turns a gRPC status into one line that names the operation.

@@ -3,6 +3,8 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -71,20 +73,73 @@ func (c Config) tokenName() string {
 // file rotated on disk is picked up at the next login.
 type PINSource func() (string, error)
 
-// PINFromFile reads the PIN from the first line of a file.
+// PINFromFile reads the PIN from the first line of a file. A file that group
+// or others may read or write is refused with an *InsecurePINFileError, as
+// ssh refuses such a private key file: anyone who can read it can log in to
+// the token, and anyone who can write it can lock the PIN with wrong tries.
 func PINFromFile(path string) PINSource {
-	return func() (string, error) {
-		b, err := os.ReadFile(path)
+	return func() (string, error) { return readPINFile(path, true) }
+}
+
+// PINFromFileInsecure reads the PIN like PINFromFile but accepts any file
+// mode. It is for an operator who has been told, and overrides the check.
+func PINFromFileInsecure(path string) PINSource {
+	return func() (string, error) { return readPINFile(path, false) }
+}
+
+// InsecurePINFileError is returned for a PIN file open to group or others.
+type InsecurePINFileError struct {
+	Path string
+	Mode fs.FileMode // permission bits
+}
+
+func (e *InsecurePINFileError) Error() string {
+	return fmt.Sprintf("hsm: PIN file %q has mode %04o, open to group or others; run chmod 600 %s", e.Path, uint32(e.Mode), e.Path)
+}
+
+// CheckPINFile returns an *InsecurePINFileError when group or others may
+// read or write the file at path, nil when only its owner may.
+func CheckPINFile(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("hsm: PIN file %q: %w", path, errors.Unwrap(err))
+	}
+	return checkPINFileMode(path, fi)
+}
+
+func checkPINFileMode(path string, fi fs.FileInfo) error {
+	if fi.Mode().Perm()&0o077 != 0 {
+		return &InsecurePINFileError{Path: path, Mode: fi.Mode().Perm()}
+	}
+	return nil
+}
+
+func readPINFile(path string, checkMode bool) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("hsm: reading PIN file %q: %w", path, errors.Unwrap(err))
+	}
+	defer f.Close()
+	if checkMode {
+		// Stat the open file, not the path, so the file checked is the file read.
+		fi, err := f.Stat()
 		if err != nil {
 			return "", fmt.Errorf("hsm: reading PIN file %q: %w", path, errors.Unwrap(err))
 		}
-		pin, _, _ := strings.Cut(string(b), "\n")
-		pin = strings.TrimRight(pin, "\r")
-		if pin == "" {
-			return "", fmt.Errorf("hsm: PIN file %q is empty", path)
+		if err := checkPINFileMode(path, fi); err != nil {
+			return "", err
 		}
-		return pin, nil
 	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return "", fmt.Errorf("hsm: reading PIN file %q: %w", path, errors.Unwrap(err))
+	}
+	pin, _, _ := strings.Cut(string(b), "\n")
+	pin = strings.TrimRight(pin, "\r")
+	if pin == "" {
+		return "", fmt.Errorf("hsm: PIN file %q is empty", path)
+	}
+	return pin, nil
 }
 
 // PINFromEnv reads the PIN from an environment variable.
@@ -109,7 +164,10 @@ func SystemdCredential(name string) (PINSource, bool) {
 	if _, err := os.Stat(path); err != nil {
 		return nil, false
 	}
-	return PINFromFile(path), true
+	// No mode check: systemd keeps credentials in a per-unit directory only
+	// the unit's user can enter, and grants that user read access with an
+	// ACL when it can, which shows in the mode as group bits (0440).
+	return PINFromFileInsecure(path), true
 }
 
 // URI is what an RFC 7512 PKCS#11 URI selects.
@@ -117,6 +175,8 @@ type URI struct {
 	Config
 	// Object is the key label named by the URI's "object" attribute, if any.
 	Object string
+	// PINFile is the path of the URI's "pin-source" attribute, if any; Config.PIN reads it.
+	PINFile string
 }
 
 // ParseURI reads an RFC 7512 PKCS#11 URI such as
@@ -143,7 +203,7 @@ func ParseURI(s string) (URI, error) {
 		if strings.Contains(path, ":") && !strings.HasPrefix(path, "/") {
 			return URI{}, fmt.Errorf("hsm: PKCS#11 URI pin-source %q: only file: sources are supported", src)
 		}
-		out.PIN = PINFromFile(path)
+		out.PINFile, out.PIN = path, PINFromFile(path)
 	}
 	return out, nil
 }

@@ -53,6 +53,9 @@ type Key struct {
 	// Chain is the stored certificate chain, leaf first; empty when no
 	// certificate has been imported.
 	Chain []*x509.Certificate `json:"-"`
+	// Usage is what the private half allows, as read from the token; filled
+	// by GenerateKey and Keys.
+	Usage Usage `json:"usage"`
 }
 
 const chainLabelSep = "/chain/"
@@ -75,9 +78,11 @@ func checkLabel(label string) error {
 
 // GenerateKey creates a key pair inside the token. The private half is
 // sensitive, never extractable, private to the logged-in user and may only
-// sign; this is checked on the token after generation, and a key that the
-// token did not mark CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE is deleted
-// and refused. An empty id gets a random 8-byte CKA_ID.
+// sign (no decrypt, unwrap, derive or sign-recover); the public half may only
+// verify. Both halves are read back after generation, and a key on which the
+// token did not apply all of this (CKA_ALWAYS_SENSITIVE and
+// CKA_NEVER_EXTRACTABLE included) is deleted and refused. An empty id gets a
+// random 8-byte CKA_ID.
 func (t *Token) GenerateKey(label string, kt KeyType, id []byte) (*Key, error) {
 	if err := checkLabel(label); err != nil {
 		return nil, err
@@ -103,7 +108,7 @@ func (t *Token) GenerateKey(label string, kt KeyType, id []byte) (*Key, error) {
 		if other, err := ctx.FindKeyPairs(id, nil); err == nil && len(other) > 0 {
 			return fmt.Errorf("hsm: a key with id %x exists already", id)
 		}
-		pub, priv, err := keyTemplates(id, label, kt)
+		pub, priv, err := keyTemplates(id, label)
 		if err != nil {
 			return err
 		}
@@ -116,79 +121,154 @@ func (t *Token) GenerateKey(label string, kt KeyType, id []byte) (*Key, error) {
 		if err != nil {
 			return fmt.Errorf("hsm: generating %s key %q: %w", kt, label, explain(err))
 		}
-		if err := checkKeyPolicy(ctx, signer); err != nil {
+		usage, err := checkKeyPolicy(ctx, signer)
+		if err != nil {
 			_ = signer.Delete()
 			return fmt.Errorf("hsm: key %q deleted again: %w", label, err)
 		}
-		out = &Key{Label: label, ID: id, Type: kt, Public: signer.Public()}
+		out = &Key{Label: label, ID: id, Type: kt, Public: signer.Public(), Usage: usage}
 		return nil
 	})
 	return out, err
 }
 
-func keyTemplates(id []byte, label string, kt KeyType) (pub, priv crypto11.AttributeSet, err error) {
+func keyTemplates(id []byte, label string) (pub, priv crypto11.AttributeSet, err error) {
 	pub, err = crypto11.NewAttributeSetWithIDAndLabel(id, []byte(label))
 	if err != nil {
 		return nil, nil, fmt.Errorf("hsm: key template: %w", err)
 	}
 	priv = pub.Copy()
-	pubAttrs := []*pkcs11.Attribute{
+	// Every usage is spelled out: tokens differ in their defaults (SoftHSM
+	// lets an ECDSA private key decrypt and unwrap, and any key sign-recover).
+	pub.AddIfNotPresent([]*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
-	}
-	privAttrs := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY_RECOVER, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+	})
+	priv.AddIfNotPresent([]*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-	}
-	if kt.IsRSA() {
-		// crypto11 makes RSA keys decrypt/encrypt by default; ours only sign.
-		pubAttrs = append(pubAttrs,
-			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
-			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false))
-		privAttrs = append(privAttrs,
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
-			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false))
-	}
-	pub.AddIfNotPresent(pubAttrs)
-	priv.AddIfNotPresent(privAttrs)
+	})
 	return pub, priv, nil
 }
 
-// checkKeyPolicy reads the private key's attributes back from the token.
-func checkKeyPolicy(ctx *crypto11.Context, key crypto11.Signer) error {
-	want := map[crypto11.AttributeType]bool{
-		crypto11.CkaSensitive:        true,
-		crypto11.CkaAlwaysSensitive:  true,
-		crypto11.CkaExtractable:      false,
-		crypto11.CkaNeverExtractable: true,
-		crypto11.CkaPrivate:          true,
-		crypto11.CkaSign:             true,
-	}
-	var types []crypto11.AttributeType
-	for a := range want {
-		types = append(types, a)
-	}
-	got, err := ctx.GetAttributes(key, types)
+// keyPolicy is what the private half of a generated key must show when read
+// back; optional attributes may be missing (a token without sign-recover for
+// EC keys need not report it) but must have the value when present.
+var keyPolicy = []policyRule{
+	{attr: crypto11.CkaSensitive, want: true},
+	{attr: crypto11.CkaAlwaysSensitive, want: true},
+	{attr: crypto11.CkaExtractable, want: false},
+	{attr: crypto11.CkaNeverExtractable, want: true},
+	{attr: crypto11.CkaPrivate, want: true},
+	{attr: crypto11.CkaSign, want: true},
+	{attr: crypto11.CkaDecrypt, want: false},
+	{attr: crypto11.CkaUnwrap, want: false},
+	{attr: crypto11.CkaDerive, want: false},
+	{attr: crypto11.CkaSignRecover, want: false, optional: true},
+}
+
+// publicKeyPolicy is checked on the public half: a public key that may
+// encrypt or wrap would let the token accept data for a key meant to sign.
+var publicKeyPolicy = []policyRule{
+	{attr: crypto11.CkaVerify, want: true},
+	{attr: crypto11.CkaEncrypt, want: false},
+	{attr: crypto11.CkaWrap, want: false},
+}
+
+type policyRule struct {
+	attr     crypto11.AttributeType
+	want     bool
+	optional bool
+}
+
+// checkKeyPolicy reads both halves of a new key pair back from the token and
+// returns the private half's usage.
+func checkKeyPolicy(ctx *crypto11.Context, key crypto11.Signer) (Usage, error) {
+	// keyPolicy covers every attribute Usage reports.
+	priv, err := readFlags(ctx, key, false, ruleAttrs(keyPolicy))
 	if err != nil {
-		return fmt.Errorf("reading key attributes back: %w", explain(err))
+		return Usage{}, fmt.Errorf("reading key attributes back: %w", explain(err))
 	}
+	pub, err := readFlags(ctx, key, true, ruleAttrs(publicKeyPolicy))
+	if err != nil {
+		return Usage{}, fmt.Errorf("reading public key attributes back: %w", explain(err))
+	}
+	bad := append(policyViolations("", keyPolicy, priv), policyViolations("public key ", publicKeyPolicy, pub)...)
+	if len(bad) > 0 {
+		return Usage{}, fmt.Errorf("the token did not apply the key policy: %s", strings.Join(bad, ", "))
+	}
+	return usageFrom(priv), nil
+}
+
+func ruleAttrs(rules []policyRule) []crypto11.AttributeType {
+	var out []crypto11.AttributeType
+	for _, r := range rules {
+		out = append(out, r.attr)
+	}
+	return out
+}
+
+// policyViolations lists, sorted, the rules that got does not meet.
+func policyViolations(prefix string, rules []policyRule, got map[crypto11.AttributeType]bool) []string {
 	var bad []string
-	for a, w := range want {
-		attr := got[a]
-		if attr == nil || len(attr.Value) == 0 || (attr.Value[0] != 0) != w {
-			bad = append(bad, fmt.Sprintf("%s should be %t", pkcs11AttrName(a), w))
+	for _, r := range rules {
+		v, ok := got[r.attr]
+		switch {
+		case !ok && !r.optional:
+			bad = append(bad, fmt.Sprintf("%s%s is not reported (should be %t)", prefix, pkcs11AttrName(r.attr), r.want))
+		case ok && v != r.want:
+			bad = append(bad, fmt.Sprintf("%s%s should be %t", prefix, pkcs11AttrName(r.attr), r.want))
 		}
 	}
-	if len(bad) > 0 {
-		sort.Strings(bad)
-		return fmt.Errorf("the token did not apply the key policy: %s", strings.Join(bad, ", "))
+	sort.Strings(bad)
+	return bad
+}
+
+// readFlags reads boolean attributes of a key pair's private (or public)
+// half. An attribute the token does not know is left out of the map rather
+// than failing the whole read.
+func readFlags(ctx *crypto11.Context, key crypto11.Signer, public bool, attrs []crypto11.AttributeType) (map[crypto11.AttributeType]bool, error) {
+	get := ctx.GetAttributes
+	if public {
+		get = ctx.GetPubAttributes
 	}
-	return nil
+	got, err := get(key, attrs)
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)) {
+		// One unknown attribute fails C_GetAttributeValue for all: ask one by one.
+		got, err = crypto11.NewAttributeSet(), nil
+		for _, a := range attrs {
+			one, oneErr := get(key, []crypto11.AttributeType{a})
+			if errors.Is(oneErr, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)) {
+				continue
+			}
+			if oneErr != nil {
+				return nil, oneErr
+			}
+			got.AddIfNotPresent(one.ToSlice())
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[crypto11.AttributeType]bool, len(got))
+	for a, v := range got {
+		if v != nil && len(v.Value) == 1 {
+			out[a] = v.Value[0] != 0
+		}
+	}
+	return out, nil
 }
 
 func pkcs11AttrName(a crypto11.AttributeType) string {
@@ -205,6 +285,20 @@ func pkcs11AttrName(a crypto11.AttributeType) string {
 		return "CKA_PRIVATE"
 	case crypto11.CkaSign:
 		return "CKA_SIGN"
+	case crypto11.CkaSignRecover:
+		return "CKA_SIGN_RECOVER"
+	case crypto11.CkaDecrypt:
+		return "CKA_DECRYPT"
+	case crypto11.CkaUnwrap:
+		return "CKA_UNWRAP"
+	case crypto11.CkaDerive:
+		return "CKA_DERIVE"
+	case crypto11.CkaVerify:
+		return "CKA_VERIFY"
+	case crypto11.CkaEncrypt:
+		return "CKA_ENCRYPT"
+	case crypto11.CkaWrap:
+		return "CKA_WRAP"
 	}
 	return fmt.Sprintf("attribute 0x%x", uint(a))
 }
@@ -229,6 +323,9 @@ func (t *Token) Keys() ([]*Key, error) {
 			}
 			if a := attrs[crypto11.CkaId]; a != nil {
 				k.ID = a.Value
+			}
+			if k.Usage, err = keyUsage(ctx, s); err != nil {
+				return fmt.Errorf("hsm: reading usage of key %q: %w", k.Label, err)
 			}
 			if k.Label != "" {
 				if k.Chain, err = findChain(ctx, k.Label); err != nil {

@@ -176,6 +176,9 @@ func startChildAgent(c *cli.Context) (stop func(), socket string, err error) {
 			args = append(args, "--"+f, v)
 		}
 	}
+	if c.Bool("allow-insecure-pin-file") {
+		args = append(args, "--allow-insecure-pin-file")
+	}
 	cmd := exec.Command(self, args...)
 	cmd.Stderr = c.App.ErrWriter
 	// The audit log of a benchmark is millions of lines: send it nowhere.

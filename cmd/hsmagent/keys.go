@@ -99,10 +99,16 @@ type keyView struct {
 	Issuer      string     `json:"issuer,omitempty"`
 	NotAfter    *time.Time `json:"notAfter,omitempty"`
 	ChainLength int        `json:"chainLength"`
+	// Usage is what the private key allows ("sign" for a key made by
+	// hsmagent); Problems lists what departs from hsmagent's key policy.
+	Usage    string   `json:"usage"`
+	SignOnly bool     `json:"signOnly"`
+	Problems []string `json:"problems,omitempty"`
 }
 
 func keyJSON(k *hsm.Key) keyView {
-	v := keyView{Label: k.Label, ID: hex.EncodeToString(k.ID), Type: string(k.Type), ChainLength: len(k.Chain)}
+	v := keyView{Label: k.Label, ID: hex.EncodeToString(k.ID), Type: string(k.Type), ChainLength: len(k.Chain),
+		Usage: k.Usage.String(), SignOnly: k.Usage.SignOnly(), Problems: k.Usage.Problems()}
 	if v.Type == "" {
 		v.Type = "other"
 	}
@@ -131,7 +137,14 @@ func keysList(c *cli.Context) error {
 	}
 	views := make([]keyView, 0, len(keys))
 	for _, k := range keys {
-		views = append(views, keyJSON(k))
+		v := keyJSON(k)
+		if len(v.Problems) > 0 {
+			// Made by another tool or an older hsmagent: a token cannot
+			// narrow a key's usage for good, so the fix is a new key.
+			warnf(c, "key %q is not a sign-only, non-extractable key (%s); replace it: 'hsmagent keys generate' a new key, get it a certificate, then 'hsmagent keys delete --label %q --yes'",
+				v.Label, strings.Join(v.Problems, ", "), v.Label)
+		}
+		views = append(views, v)
 	}
 	if c.Bool("json") {
 		return writeJSON(c, views)
@@ -141,14 +154,14 @@ func keysList(c *cli.Context) error {
 		return nil
 	}
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LABEL\tTYPE\tID\tCERTIFICATE\tNOT AFTER")
+	fmt.Fprintln(tw, "LABEL\tTYPE\tUSAGE\tID\tCERTIFICATE\tNOT AFTER")
 	for _, v := range views {
 		cert, notAfter := "-", "-"
 		if v.HasCert {
 			cert = v.Subject
 			notAfter = v.NotAfter.Format(time.DateOnly)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", v.Label, v.Type, v.ID, cert, notAfter)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Label, v.Type, v.Usage, v.ID, cert, notAfter)
 	}
 	return tw.Flush()
 }

@@ -21,6 +21,7 @@ func tokenFlags() []cli.Flag {
 		&cli.StringFlag{Name: "token-serial", Usage: "token `SERIAL` (instead of --token)", EnvVars: []string{"HSMAGENT_TOKEN_SERIAL"}},
 		&cli.StringFlag{Name: "uri", Usage: "RFC 7512 PKCS#11 `URI` (token, object, module-path, pin-source)", EnvVars: []string{"HSMAGENT_URI"}},
 		&cli.StringFlag{Name: "pin-file", Usage: "read the user PIN from `FILE` (else $HSMAGENT_PIN, the URI's pin-source, a systemd credential 'hsmagent-pin', or a prompt)", EnvVars: []string{"HSMAGENT_PIN_FILE"}},
+		&cli.BoolFlag{Name: "allow-insecure-pin-file", Usage: "read a PIN file that group or others may read or write (refused otherwise), with a warning", EnvVars: []string{"HSMAGENT_ALLOW_INSECURE_PIN_FILE"}},
 	}
 }
 
@@ -38,6 +39,9 @@ func selectToken(c *cli.Context) (tokenSelection, error) {
 			return sel, usageError{err}
 		}
 		sel.cfg, sel.object = u.Config, u.Object
+		if u.PINFile != "" && c.Bool("allow-insecure-pin-file") {
+			sel.cfg.PIN = insecurePINFile(c, u.PINFile)
+		}
 	}
 	if v := c.String("module"); v != "" {
 		sel.cfg.ModulePath = v
@@ -61,6 +65,9 @@ func selectToken(c *cli.Context) (tokenSelection, error) {
 // pinSource picks the first PIN source the operator configured.
 func pinSource(c *cli.Context, fromURI hsm.PINSource) hsm.PINSource {
 	if f := c.String("pin-file"); f != "" {
+		if c.Bool("allow-insecure-pin-file") {
+			return insecurePINFile(c, f)
+		}
 		return hsm.PINFromFile(f)
 	}
 	if os.Getenv("HSMAGENT_PIN") != "" {
@@ -78,6 +85,17 @@ func pinSource(c *cli.Context, fromURI hsm.PINSource) hsm.PINSource {
 	return func() (string, error) {
 		return "", errors.New("no PIN: pass --pin-file FILE, set HSMAGENT_PIN, add pin-source to the URI, or run on a terminal to be prompted")
 	}
+}
+
+// insecurePINFile reads path whatever its mode, and warns now if the mode
+// would have been refused.
+func insecurePINFile(c *cli.Context, path string) hsm.PINSource {
+	var insecure *hsm.InsecurePINFileError
+	if errors.As(hsm.CheckPINFile(path), &insecure) {
+		warnf(c, "PIN file %q has mode %04o, open to group or others; reading it because of --allow-insecure-pin-file: run chmod 600 %s",
+			path, uint32(insecure.Mode), path)
+	}
+	return hsm.PINFromFileInsecure(path)
 }
 
 // promptPIN asks once and keeps the answer in memory, so a reopen after a
