@@ -33,6 +33,9 @@ type config struct {
 	LogFormat   string        `yaml:"log_format" flag:"log-format"`
 	LogLevel    string        `yaml:"log_level" flag:"log-level"`
 	AuditLog    string        `yaml:"audit_log" flag:"audit-log"`
+	MaxSessions string        `yaml:"max_sessions" flag:"max-sessions"`
+	MaxWaiting  string        `yaml:"max_waiting" flag:"max-waiting"`
+	HSMTimeout  string        `yaml:"hsm_timeout" flag:"hsm-timeout"`
 	Access      []server.Rule `yaml:"access"`
 	// D1 holds the proxy and token settings per environment: PPR and PRD.
 	D1 map[string]*d1Section `yaml:"d1"`

@@ -155,3 +155,21 @@ func TestVersionAndHelp(t *testing.T) {
 		t.Errorf("serve --help: exit %d %q", code, stdout)
 	}
 }
+
+func TestHSMLimitsValidated(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	for _, args := range [][]string{
+		{"--max-sessions", "0"},
+		{"--max-waiting", "-1"},
+		{"--hsm-timeout", "0s"},
+	} {
+		code, _, stderr := runCLI(t, append([]string{"serve", "--socket", sock}, args...)...)
+		if code != 2 || !strings.Contains(stderr, "must be positive") {
+			t.Errorf("%v: exit %d %q", args, code, stderr)
+		}
+	}
+	path := writeConfig(t, "socket: "+sock+"\nhsm_timeout: soon\n")
+	if _, _, stderr := runCLI(t, "serve", "--config", path); !strings.Contains(stderr, `config setting "hsm_timeout"`) || !strings.Contains(stderr, "line 2") {
+		t.Errorf("bad hsm_timeout in the file: %q", stderr)
+	}
+}

@@ -36,6 +36,9 @@ close the token and exit 0.`,
 			&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text", EnvVars: []string{"HSMAGENT_LOG_FORMAT"}},
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
 			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
+			&cli.IntFlag{Name: "max-sessions", Usage: "signatures in the HSM at once: its PKCS#11 session pool", Value: server.DefaultMaxInFlight, EnvVars: []string{"HSMAGENT_MAX_SESSIONS"}},
+			&cli.IntFlag{Name: "max-waiting", Usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", Value: server.DefaultMaxWaiting, EnvVars: []string{"HSMAGENT_MAX_WAITING"}},
+			&cli.DurationFlag{Name: "hsm-timeout", Usage: "deadline of each HSM operation; past it the agent reports NOT_SERVING and fails fast", Value: server.DefaultHSMTimeout, EnvVars: []string{"HSMAGENT_HSM_TIMEOUT"}},
 		),
 		Action: serveAction,
 	}
@@ -88,16 +91,22 @@ func serveAction(c *cli.Context) error {
 		defer f.Close()
 		audit = slog.New(slog.NewJSONHandler(f, nil))
 	}
+	if c.Int("max-sessions") < 1 || c.Int("max-waiting") < 1 || c.Duration("hsm-timeout") <= 0 {
+		return usagef("--max-sessions, --max-waiting and --hsm-timeout must be positive")
+	}
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
 	}
+	// crypto11 keeps one session of its pool for itself, logged in.
+	sel.cfg.MaxSessions = c.Int("max-sessions") + 1
 	tok, err := hsm.Open(sel.cfg)
 	if err != nil {
 		return err
 	}
 	defer tok.Close()
-	srv, err := server.New(hsmstore.New(tok), server.Options{Logger: log, Audit: audit, Policy: policy})
+	srv, err := server.New(hsmstore.New(tok), server.Options{Logger: log, Audit: audit, Policy: policy,
+		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout")})
 	if err != nil {
 		return err
 	}
