@@ -741,6 +741,16 @@ static void open_stats(const char *path)
 
 static void load(void)
 {
+	/*
+	 * Stay loaded once loaded: callers such as crypto11 unload the module
+	 * when they close their last context and load it again when reopening,
+	 * and the controls' state (how much of fail_count is used up, whether
+	 * the token was already seen absent) must survive that within a process.
+	 */
+	Dl_info self;
+	if (dladdr((void *)C_GetFunctionList, &self) != 0 && self.dli_fname != NULL)
+		dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+
 	const char *path = getenv("HSMAGENT_FAULT_MODULE");
 	if (path == NULL || *path == '\0')
 		path = DEFAULT_REAL_MODULE;
