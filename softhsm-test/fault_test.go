@@ -332,6 +332,41 @@ func TestFaultRemoveToken(t *testing.T) {
 	}
 }
 
+// TestFaultInChildProcess drives the hsmagent binary through the module with
+// FaultModule.Env: its calls add to the shared counters, and a fail count
+// applies afresh in each process.
+func TestFaultInChildProcess(t *testing.T) {
+	tok := New(t)
+	fm := NewFaultModule(t, tok)
+	listed := func() (result, bool) {
+		r := tok.hsmagentEnv(t, fm.Env(), "tokens", "--json")
+		return r, r.code == 0 && strings.Contains(r.stdout, `"label": "`+tok.Label+`"`)
+	}
+	if r, ok := listed(); !ok {
+		t.Fatalf("tokens through the fault module: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	if fm.Calls("slots") == 0 || fm.Calls("tokeninfo") == 0 {
+		t.Errorf("the child's calls were not counted: slots %+v, tokeninfo %+v", fm.Stats("slots"), fm.Stats("tokeninfo"))
+	}
+
+	fm.FailNext(pkcs11.CKR_DEVICE_ERROR, 1, "slots")
+	for i := 0; i < 2; i++ {
+		if r, ok := listed(); ok || r.code == 0 || !strings.Contains(r.stderr, "CKR_DEVICE_ERROR") {
+			t.Errorf("child %d with its first C_GetSlotList failing: exit %d\n%s%s", i+1, r.code, r.stdout, r.stderr)
+		}
+	}
+	fm.ClearFail()
+
+	fm.RemoveToken()
+	if r, ok := listed(); ok {
+		t.Errorf("tokens with the token removed: %s", r.stdout)
+	}
+	fm.RestoreToken()
+	if r, ok := listed(); !ok {
+		t.Errorf("tokens after RestoreToken: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	}
+}
+
 // rawLogin opens a session on tok's slot and logs in.
 func rawLogin(t *testing.T, p *pkcs11.Ctx, tok *Token) pkcs11.SessionHandle {
 	t.Helper()
