@@ -299,9 +299,11 @@ static char *trim(char *s)
 static void parse_control(char *text, struct controls *c)
 {
 	int lineno = 0;
-	char *save = NULL;
-	for (char *line = strtok_r(text, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
+	for (char *line = text, *next; line != NULL; line = next) {
 		lineno++;
+		next = strchr(line, '\n');
+		if (next != NULL)
+			*next++ = '\0';
 		char *hash = strchr(line, '#');
 		if (hash != NULL)
 			*hash = '\0';
