@@ -8,13 +8,25 @@ LDFLAGS  := -X main.version=$(VERSION)
 APT_PKGS := softhsm2 opensc openssl curl ca-certificates
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build test test-short demo deps lint generate clean bench
+.PHONY: all build test test-short demo deps lint generate clean bench fault-module
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hsmagent
 	$(GO) build -o bin/ ./softhsm-test/cmd/mtls-get ./softhsm-test/cmd/echo-backend
+	$(MAKE) --no-print-directory fault-module
+
+# fault-module builds the PKCS#11 module that forwards to SoftHSM and injects
+# latency, errors and hangs (softhsm-test/faultmodule/README.md). The PKCS#11
+# headers come from the miekg/pkcs11 module in the Go module cache.
+FAULT_SO := bin/libhsmagent-fault.so
+fault-module: $(FAULT_SO)
+$(FAULT_SO): softhsm-test/faultmodule/fault.c go.sum
+	@mkdir -p bin
+	$(GO) mod download github.com/miekg/pkcs11
+	gcc -shared -fPIC -O2 -Wall -Werror -I "$$($(GO) list -m -f '{{.Dir}}' github.com/miekg/pkcs11)" \
+		-o $@ softhsm-test/faultmodule/fault.c -ldl -lpthread
 
 # deps installs the system packages the tests and the demo use: with apt-get
 # when running as root, otherwise it prints the command to run.
