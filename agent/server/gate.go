@@ -15,7 +15,7 @@ import (
 // once, so the default admits many operations; a CPU-bound token such as
 // SoftHSM gains nothing past its cores but loses little either.
 const (
-	DefaultMaxInFlight = 32
+	DefaultMaxInFlight = 64
 	DefaultMaxWaiting  = 1024
 	DefaultHSMTimeout  = 3 * time.Second
 )
