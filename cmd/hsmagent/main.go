@@ -42,6 +42,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			proxyCommand(),
 			d1Command(),
 			jwtCommand(),
+			completionCommand(),
+			manCommand(),
 		}),
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}
@@ -49,6 +51,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		// Errors are printed once, by main, on one line.
 		ExitErrHandler:  func(*cli.Context, error) {},
 		HideHelpCommand: true,
+		// Candidates for the completion scripts of 'hsmagent completion'.
+		EnableBashCompletion: true,
 	}
 }
 
