@@ -126,6 +126,10 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	return s, nil
 }
 
+// HSMAnswering reports whether no operation is stuck in the HSM past the
+// HSM timeout: what the agent's health and systemd's watchdog follow.
+func (s *Server) HSMAnswering() bool { return s.gate.stuck.Load() == 0 }
+
 // setServing reports the agent's health: NOT_SERVING while the HSM is stuck.
 func (s *Server) setServing(serving bool) {
 	st := healthpb.HealthCheckResponse_SERVING

@@ -21,6 +21,10 @@ type daemon struct {
 	shutdown func(context.Context) error // stops taking work and drains until ctx ends
 	reload   func()                      // nil: SIGHUP only logs
 	drain    time.Duration               // 0: 10 seconds
+	// healthy gates systemd's watchdog pings: while it is false (the HSM is
+	// stuck) the pings stop, so WatchdogSec= restarts an agent that stays so.
+	// nil means always healthy.
+	healthy func() bool
 }
 
 // run serves until a stop signal or a serving error, logging ready with
@@ -32,8 +36,21 @@ func (d daemon) run(ready string, attrs ...any) error {
 	served := make(chan error, 1)
 	go func() { served <- d.serve() }()
 	d.log.Info(ready, attrs...)
+	if err := sdNotify("READY=1"); err != nil {
+		d.log.Warn("cannot tell systemd we are ready", "err", err)
+	}
+	var watchdog <-chan time.Time
+	if every := watchdogInterval(); every > 0 {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		watchdog = t.C
+	}
 	for {
 		select {
+		case <-watchdog:
+			if d.healthy == nil || d.healthy() {
+				_ = sdNotify("WATCHDOG=1")
+			}
 		case err := <-served:
 			if err == nil {
 				return nil
@@ -55,6 +72,7 @@ func (d daemon) run(ready string, attrs ...any) error {
 
 func (d daemon) stop(sig os.Signal, served <-chan error) error {
 	d.log.Info("shutting down", "signal", sig.String())
+	_ = sdNotify("STOPPING=1")
 	drain := d.drain
 	if drain == 0 {
 		drain = 10 * time.Second

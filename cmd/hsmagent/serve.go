@@ -120,6 +120,7 @@ func serveAction(c *cli.Context) error {
 		serve:    func() error { return srv.Serve(l) },
 		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
 		reload:   func() { reload(c, srv, log) },
+		healthy:  srv.HSMAnswering,
 	}
 	return d.run("agent serving", "socket", c.String("socket"), "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
 }
