@@ -5,20 +5,22 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os/user"
-	"strconv"
-	"syscall"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 )
 
 // Peer is the process on the other end of a socket connection, as the
-// kernel reports it (SO_PEERCRED) when the connection is accepted.
+// kernel reports it when the connection is accepted: effective uid and gid
+// and pid from SO_PEERCRED, supplementary groups from SO_PEERGROUPS. All are
+// the caller's credentials at connect(2).
 type Peer struct {
 	UID, GID, PID int
-	// Groups are the peer user's supplementary group ids from the user
-	// database, so group rules also match members whose primary group differs.
+	// Groups are the supplementary group ids the peer's process held. They
+	// come from the kernel, never from the user database: a user listed in
+	// /etc/group who dropped the group (setpriv --clear-groups, a service
+	// without SupplementaryGroups=) does not have it, and one given a group
+	// at run time does.
 	Groups []int
 }
 
@@ -59,27 +61,12 @@ func ReadPeer(conn net.Conn) (Peer, error) {
 	if err != nil {
 		return Peer{}, fmt.Errorf("agent: reading peer credentials: %w", err)
 	}
-	var cred *syscall.Ucred
+	var p Peer
 	var credErr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-	}); err != nil {
+	if err := raw.Control(func(fd uintptr) { p, credErr = peerOf(int(fd)) }); err != nil {
 		return Peer{}, fmt.Errorf("agent: reading peer credentials: %w", err)
 	}
-	if credErr != nil {
-		return Peer{}, fmt.Errorf("agent: reading peer credentials: %w", credErr)
-	}
-	p := Peer{UID: int(cred.Uid), GID: int(cred.Gid), PID: int(cred.Pid)}
-	if u, err := user.LookupId(strconv.Itoa(p.UID)); err == nil {
-		if ids, err := u.GroupIds(); err == nil {
-			for _, id := range ids {
-				if n, err := strconv.Atoi(id); err == nil {
-					p.Groups = append(p.Groups, n)
-				}
-			}
-		}
-	}
-	return p, nil
+	return p, credErr
 }
 
 func peerFrom(ctx context.Context) (Peer, error) {

@@ -1,0 +1,43 @@
+package server_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// helperEnv makes the test binary act as a bare client (see signHelper), so
+// that tests can run it as another user or with other groups under setpriv.
+const helperEnv = "HSMAGENT_SERVER_TEST_HELPER"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) == "sign" {
+		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY")))
+	}
+	os.Exit(m.Run())
+}
+
+// signHelper asks the agent on socket for one signature with key and prints
+// the status code: OK, PermissionDenied, ...
+func signHelper(socket, key string) int {
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	digest := sha256.Sum256([]byte("x"))
+	_, err = agentpb.NewAgentClient(conn).Sign(ctx, &agentpb.SignRequest{Key: key, Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256})
+	fmt.Println(status.Code(err))
+	return 0
+}
