@@ -13,14 +13,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
 // TestReadPeerGroupsFromKernel: the peer's groups are the ones its process
 // holds (SO_PEERGROUPS), the same list getgroups(2) gives the process itself.
 func TestReadPeerGroupsFromKernel(t *testing.T) {
-	path := filepath.Join(softhsmtest.SocketDir(t), "agent.sock")
+	path := filepath.Join(agenttest.SocketDir(t), "agent.sock")
 	l, err := server.Listen(path, 0o600)
 	if err != nil {
 		t.Fatal(err)
@@ -74,11 +74,11 @@ func TestGroupRulesUseKernelGroups(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := softhsmtest.SocketDir(t)
+	dir := agenttest.SocketDir(t)
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	a := softhsmtest.StartAgentAt(t, filepath.Join(dir, "agent.sock"), 0o666, newMemStore(t), server.Options{Policy: policy})
+	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, newMemStore(t), server.Options{Policy: policy})
 	bin := copyTestBinary(t, dir)
 
 	many := []string{}
