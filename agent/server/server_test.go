@@ -159,8 +159,13 @@ func TestListenRefusesLiveSocketAndReplacesStale(t *testing.T) {
 		t.Errorf("second listener: %v", err)
 	}
 	// A socket file whose listener died without removing it.
-	l.(*net.UnixListener).SetUnlinkOnClose(false)
 	l.Close()
+	dead, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead.(*net.UnixListener).SetUnlinkOnClose(false)
+	dead.Close()
 	l2, err := server.Listen(path, 0o600)
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)

@@ -3,46 +3,292 @@ package server
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 )
 
+// safeDirHint ends the errors about an unsafe socket directory.
+const safeDirHint = "use a directory only the agent's user can write, such as /run/hsmagent"
+
+// maxSocketPath is the size of sun_path on Linux.
+const maxSocketPath = 108
+
 // Listen creates the agent's Unix socket at path with the given file mode.
-// A missing parent directory is created with mode 0750. A socket file left by
-// an agent that died is replaced; one with a live listener is refused. The
-// socket file is removed when the listener is closed.
+//
+// The socket's directory decides who can replace the socket, and so who can
+// impersonate the agent to its clients: it must belong to the agent's user
+// or root and be writable by nobody else, and so must every directory above
+// it unless it has the sticky bit (as /tmp does). Symbolic links in path are
+// resolved and the directory they lead to is the one checked and used. A
+// missing directory is created with mode 0750.
+//
+// An existing socket is replaced only when connecting to it is refused
+// (ECONNREFUSED), which proves that nothing listens; any other answer (a full
+// accept queue gives EAGAIN) may come from a live agent and is refused.
+//
+// Closing the listener removes the socket file only if it is still the one
+// this listener created.
 func Listen(path string, mode os.FileMode) (net.Listener, error) {
 	if path == "" {
 		return nil, errors.New("agent: no socket path; pass --socket or set HSMAGENT_SOCKET")
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("agent: creating socket directory: %w", err)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("agent: %q exists and is not a socket; remove it or choose another path", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("agent: another agent is listening on %q", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("agent: removing stale socket: %w", err)
-		}
-	}
-	// Create the socket with the final mode so that no wider window exists.
-	old := syscall.Umask(int(0o777 &^ mode.Perm()))
-	l, err := net.Listen("unix", path)
-	syscall.Umask(old)
+	dir, err := socketDir(filepath.Dir(path))
 	if err != nil {
-		return nil, fmt.Errorf("agent: listening on %q: %w", path, err)
+		return nil, err
 	}
-	if err := os.Chmod(path, mode.Perm()); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("agent: setting mode of %q: %w", path, err)
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return nil, fmt.Errorf("agent: opening socket directory %q: %w", dir, err)
 	}
+	defer root.Close()
+	b := &binder{root: root, dir: dir, name: filepath.Base(path)}
+	l, err := b.listen(mode.Perm())
+	if err != nil {
+		return nil, err
+	}
+	l.addr = &net.UnixAddr{Name: path, Net: "unix"}
 	return l, nil
+}
+
+// socketDir creates dir if missing and returns its real path once it and the
+// directories above it are safe (see Listen).
+func socketDir(dir string) (string, error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return "", fmt.Errorf("agent: creating socket directory: %w", err)
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return "", fmt.Errorf("agent: resolving socket directory %q: %w", dir, err)
+	}
+	if real, err = filepath.Abs(real); err != nil {
+		return "", fmt.Errorf("agent: resolving socket directory %q: %w", dir, err)
+	}
+	if err := checkDir(real, fmt.Sprintf("socket directory %q", real), false); err != nil {
+		return "", err
+	}
+	for d := real; d != filepath.Dir(d); {
+		d = filepath.Dir(d)
+		if err := checkDir(d, fmt.Sprintf("%q, above the socket directory,", d), true); err != nil {
+			return "", err
+		}
+	}
+	return real, nil
+}
+
+// checkDir refuses a directory that another user could write; name is how
+// errors call it. Above the socket directory (above), the sticky bit makes
+// write access by others harmless: they can add entries but not rename or
+// delete ours. In the socket directory itself it does not: they could take
+// the socket's name while the agent is stopped.
+func checkDir(dir, name string, above bool) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("agent: checking socket directory: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || !fi.IsDir() {
+		return fmt.Errorf("agent: %s is not a directory", name)
+	}
+	euid := os.Geteuid()
+	if owner := int(st.Uid); owner != 0 && owner != euid {
+		return fmt.Errorf("agent: %s is owned by uid %d (not the agent's uid %d or root); %s", name, owner, euid, safeDirHint)
+	}
+	shared := fi.Mode()&os.ModeSticky != 0
+	if above && shared {
+		return nil
+	}
+	perm := uint32(st.Mode) & 0o7777
+	var who, chmod string
+	switch {
+	case perm&0o002 != 0:
+		who, chmod = "writable by others", "o-w"
+	case perm&0o020 != 0:
+		// Group members could replace the socket just as well. Clients get
+		// access through the socket's mode and group instead (a setgid
+		// directory gives the socket the directory's group).
+		who, chmod = "writable by its group", "g-w"
+	default:
+		return nil
+	}
+	without, victim := "", "the socket"
+	if above {
+		without, victim = " without the sticky bit", "the socket directory"
+	}
+	fix := fmt.Sprintf("chmod %s %q or ", chmod, dir)
+	if shared {
+		fix = "" // a shared directory such as /tmp: taking away write access is not the fix
+	}
+	return fmt.Errorf("agent: %s is %s (mode %04o)%s: they could replace %s; %s%s", name, who, perm, without, victim, fix, safeDirHint)
+}
+
+// binder makes one socket in a checked directory, held open as root.
+type binder struct {
+	root *os.Root
+	dir  string // real path of root
+	name string // the socket's name in dir
+	priv string // a private directory in dir, relative to it
+}
+
+// listen binds the socket in a private directory, gives it its mode there and
+// then links it into place. The mode is set by path, but in a directory only
+// this process can write, so nobody can swap the file for a symlink in
+// between; and unlike a umask around bind, this does not change the mode of
+// files that other goroutines create meanwhile (the umask is process-wide).
+// The link fails if anything has taken the name: an existing socket is never
+// overwritten, only removed when proven stale.
+func (b *binder) listen(mode os.FileMode) (*socketListener, error) {
+	priv, err := os.MkdirTemp(b.dir, ".h")
+	if err != nil {
+		return nil, fmt.Errorf("agent: creating a private directory in %q: %w", b.dir, err)
+	}
+	b.priv = filepath.Base(priv)
+	defer b.root.RemoveAll(b.priv)
+	if err := b.clearStale(); err != nil {
+		return nil, err
+	}
+	tmp := filepath.Join(b.priv, "s")
+	ul, err := b.bind(filepath.Join(b.dir, tmp))
+	if err != nil {
+		return nil, err
+	}
+	created, err := b.place(tmp, mode)
+	if err != nil {
+		ul.Close()
+		return nil, err
+	}
+	return &socketListener{UnixListener: ul, path: filepath.Join(b.dir, b.name), created: created}, nil
+}
+
+func (b *binder) bind(path string) (*net.UnixListener, error) {
+	final := filepath.Join(b.dir, b.name)
+	switch {
+	case len(final) > maxSocketPath: // clients could not connect
+		return nil, fmt.Errorf("agent: socket path %q is %d bytes; Unix socket paths are at most %d; use a shorter path", final, len(final), maxSocketPath)
+	case len(path) > maxSocketPath:
+		return nil, fmt.Errorf("agent: socket path %q is too long: it is bound as %q first, %d bytes, and Unix socket paths are at most %d; use a shorter directory",
+			final, path, len(path), maxSocketPath)
+	}
+	ul, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("agent: listening on %q: %w", final, err)
+	}
+	// The listener's own unlink would remove the temporary name, or worse;
+	// socketListener.Close removes the socket it created, checked by inode.
+	ul.SetUnlinkOnClose(false)
+	return ul, nil
+}
+
+// place sets the mode of the socket at tmp and links it to its name.
+func (b *binder) place(tmp string, mode os.FileMode) (os.FileInfo, error) {
+	final := filepath.Join(b.dir, b.name)
+	if err := b.root.Chmod(tmp, mode); err != nil {
+		return nil, fmt.Errorf("agent: setting mode of %q: %w", final, err)
+	}
+	created, err := b.root.Lstat(tmp)
+	if err != nil {
+		return nil, fmt.Errorf("agent: checking new socket %q: %w", final, err)
+	}
+	if err := b.root.Link(tmp, b.name); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("agent: %q appeared while this agent was starting; another agent may be starting too", final)
+		}
+		return nil, fmt.Errorf("agent: putting socket in place at %q: %w", final, err)
+	}
+	return created, nil
+}
+
+// clearStale removes a socket left by an agent that died, and refuses
+// anything else at the socket's name.
+func (b *binder) clearStale() error {
+	final := filepath.Join(b.dir, b.name)
+	fi, err := b.root.Lstat(b.name)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("agent: checking %q: %w", final, err)
+	case fi.Mode()&os.ModeSocket == 0:
+		return fmt.Errorf("agent: %q exists and is not a socket; remove it or choose another path", final)
+	}
+	if err := probeDead(final); err != nil {
+		return err
+	}
+	return b.removeStale(fi)
+}
+
+// probeDead returns nil only if connecting to the socket at path is refused,
+// which means that no process listens on it.
+func probeDead(path string) error {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("agent: another agent is listening on %q", path)
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return nil
+	}
+	var cause error = err
+	var se *os.SyscallError
+	if errors.As(err, &se) {
+		cause = se // "connect: ...", without the path again
+	}
+	return fmt.Errorf("agent: %q may belong to a running agent (test connection: %w); stop that agent first, or remove the socket if it is dead", path, cause)
+}
+
+// removeStale removes the dead socket probed as probed. It is first moved
+// into the private directory and compared there, so that a socket another
+// agent put in its place after the probe is put back instead of deleted.
+func (b *binder) removeStale(probed os.FileInfo) error {
+	final := filepath.Join(b.dir, b.name)
+	moved := filepath.Join(b.priv, "stale")
+	if err := b.root.Rename(b.name, moved); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // someone else removed it meanwhile
+		}
+		return fmt.Errorf("agent: removing stale socket %q: %w", final, err)
+	}
+	if fi, err := b.root.Lstat(moved); err == nil && os.SameFile(fi, probed) {
+		return nil // deleted with the private directory
+	}
+	if err := b.root.Link(moved, b.name); err != nil {
+		return fmt.Errorf("agent: %q changed while this agent checked it, and putting it back failed: %w", final, err)
+	}
+	return fmt.Errorf("agent: %q changed while this agent checked whether it was stale; another agent may be starting", final)
+}
+
+// socketListener is the agent's listener: Close removes the socket file
+// only if it is still the one this listener created.
+type socketListener struct {
+	*net.UnixListener
+	path    string      // where the socket was put, symbolic links resolved
+	addr    net.Addr    // the path Listen was given
+	created os.FileInfo // the socket file as created, for os.SameFile
+	once    sync.Once
+	err     error
+}
+
+// Addr returns the path given to Listen (the socket was bound under a
+// temporary name, which the kernel would report).
+func (l *socketListener) Addr() net.Addr { return l.addr }
+
+// Close removes the socket file, unless another agent has since put its own
+// there, and closes the listener. The file is removed first: while this
+// listener still listens, no other agent can judge it stale and replace it
+// between the check and the removal.
+func (l *socketListener) Close() error {
+	l.once.Do(func() {
+		var removeErr error
+		if fi, err := os.Lstat(l.path); err == nil && os.SameFile(fi, l.created) {
+			if err := os.Remove(l.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				removeErr = fmt.Errorf("agent: removing socket %q: %w", l.path, err)
+			}
+		}
+		l.err = errors.Join(removeErr, l.UnixListener.Close())
+	})
+	return l.err
 }
