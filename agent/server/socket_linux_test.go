@@ -10,15 +10,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
 // TestListenKeepsBusyAgent: an agent whose accept queue is full answers a
 // test connection with EAGAIN, not ECONNREFUSED. It is alive: a second Listen
 // must refuse instead of deleting its socket.
 func TestListenKeepsBusyAgent(t *testing.T) {
-	path := filepath.Join(softhsmtest.SocketDir(t), "agent.sock")
+	path := filepath.Join(agenttest.SocketDir(t), "agent.sock")
 	busy, err := server.Listen(path, 0o600) // never accepts
 	if err != nil {
 		t.Fatal(err)

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
 // TestListenNeverChmodsThroughSymlink is the race from the security review:
@@ -20,9 +20,9 @@ import (
 // goroutine replaces every socket it sees while Listen runs again and again;
 // the private file's mode must never change.
 func TestListenNeverChmodsThroughSymlink(t *testing.T) {
-	dir := softhsmtest.SocketDir(t)
+	dir := agenttest.SocketDir(t)
 	path := filepath.Join(dir, "agent.sock")
-	target := filepath.Join(softhsmtest.SocketDir(t), "secret")
+	target := filepath.Join(agenttest.SocketDir(t), "secret")
 	if err := os.WriteFile(target, []byte("private"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -119,7 +119,7 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 			if tt.root && !root {
 				t.Skip("needs root to give a directory to uid 65534")
 			}
-			dir := tt.set(t, softhsmtest.SocketDir(t))
+			dir := tt.set(t, agenttest.SocketDir(t))
 			path := filepath.Join(dir, "agent.sock")
 			l, err := server.Listen(path, 0o660)
 			if tt.accept {
@@ -165,7 +165,7 @@ func mkdir(t *testing.T, base, name string, mode os.FileMode, uid int) string {
 // over by another agent, closing the first listener must not delete the new
 // socket (the "running agent nobody can reach").
 func TestCloseLeavesAnotherAgentsSocket(t *testing.T) {
-	path := filepath.Join(softhsmtest.SocketDir(t), "agent.sock")
+	path := filepath.Join(agenttest.SocketDir(t), "agent.sock")
 	first, err := server.Listen(path, 0o600)
 	if err != nil {
 		t.Fatal(err)
