@@ -48,7 +48,8 @@ func newGate(maxInFlight, maxWaiting int, timeout time.Duration, log *slog.Logge
 	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), timeout: timeout, log: log, setHealth: setHealth}
 }
 
-// gateError is a refusal or failure decided by the gate, with its audit result.
+// gateError is a refusal or failure decided by the agent (the gate, or the
+// access check) with the result its audit record keeps.
 type gateError struct {
 	code   codes.Code
 	result string

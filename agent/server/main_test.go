@@ -19,15 +19,18 @@ import (
 const helperEnv = "HSMAGENT_SERVER_TEST_HELPER"
 
 func TestMain(m *testing.M) {
-	if os.Getenv(helperEnv) == "sign" {
-		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY")))
+	switch os.Getenv(helperEnv) {
+	case "sign":
+		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), false))
+	case "sign-message":
+		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), true))
 	}
 	os.Exit(m.Run())
 }
 
 // signHelper asks the agent on socket for one signature with key and prints
-// the status code: OK, PermissionDenied, ...
-func signHelper(socket, key string) int {
+// the status code: OK, PermissionDenied, ... (and the message, if asked).
+func signHelper(socket, key string, withMessage bool) int {
 	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		fmt.Println(err)
@@ -38,6 +41,10 @@ func signHelper(socket, key string) int {
 	defer cancel()
 	digest := sha256.Sum256([]byte("x"))
 	_, err = agentpb.NewAgentClient(conn).Sign(ctx, &agentpb.SignRequest{Key: key, Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256})
+	if withMessage {
+		fmt.Println(status.Code(err), status.Convert(err).Message())
+		return 0
+	}
 	fmt.Println(status.Code(err))
 	return 0
 }

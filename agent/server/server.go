@@ -319,11 +319,18 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 	}
 	st := s.state.Load()
 	e := st.keys[req.Key]
+	if !st.policy.Allowed(p, req.Key) {
+		// One answer whether the key exists or not, so that a caller learns
+		// nothing of the keys it may not use; the audit keeps the real reason.
+		result := codes.PermissionDenied.String()
+		if e == nil {
+			result = codes.NotFound.String()
+		}
+		return nil, codes.PermissionDenied, &gateError{codes.PermissionDenied, result,
+			fmt.Sprintf("agent: key %q not found or not allowed for uid %d", req.Key, p.UID)}
+	}
 	if e == nil {
 		return nil, codes.NotFound, fmt.Errorf("agent: key %q not found", req.Key)
-	}
-	if !st.policy.Allowed(p, req.Key) {
-		return nil, codes.PermissionDenied, fmt.Errorf("agent: uid %d may not use key %q", p.UID, req.Key)
 	}
 	hash, ok := wire.GoHash(req.Hash)
 	if !ok {

@@ -1,0 +1,61 @@
+package server_test
+
+import (
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hsmagent/hsmagent/agent/agenttest"
+	"github.com/hsmagent/hsmagent/agent/server"
+)
+
+// TestNoExistenceOracle: a caller without rules on a key gets the same
+// answer whether the key exists or not; the audit keeps the real reason.
+func TestNoExistenceOracle(t *testing.T) {
+	if os.Getuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("this test must run as root in CI to run a client as another user")
+		}
+		t.Skip("needs root to run a client as another user")
+	}
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Skip("setpriv (util-linux) is not installed")
+	}
+	policy, err := server.NewPolicy([]server.Rule{{Keys: []string{"rsa"}, Users: []string{"65534"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := agenttest.SocketDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	audit := &auditBuffer{}
+	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, newMemStore(t),
+		server.Options{Policy: policy, Audit: slog.New(slog.NewTextHandler(audit, nil))})
+	bin := copyTestBinary(t, dir)
+	ask := func(key string) string {
+		cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, "-test.run=^$")
+		cmd.Env = append(os.Environ(), helperEnv+"=sign-message", "HSMAGENT_TEST_SOCKET="+a.Socket, "HSMAGENT_TEST_KEY="+key)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("client: %v %s", err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	existing, missing := ask("ec"), ask("no-such-key")
+	if !strings.HasPrefix(existing, "PermissionDenied ") || !strings.HasPrefix(missing, "PermissionDenied ") {
+		t.Fatalf("answers: %q and %q; want PermissionDenied for both", existing, missing)
+	}
+	if strings.ReplaceAll(existing, `"ec"`, "K") != strings.ReplaceAll(missing, `"no-such-key"`, "K") {
+		t.Errorf("the answers differ beyond the label: %q and %q", existing, missing)
+	}
+	if audit.count("key=ec hash=HASH_SHA256 result=PermissionDenied") != 1 || audit.count("key=no-such-key hash=HASH_SHA256 result=NotFound") != 1 {
+		t.Errorf("audit does not keep the real reasons:\n%s", audit.buf.String())
+	}
+	if got := ask("rsa"); got != "OK" {
+		t.Errorf("allowed key: %q", got)
+	}
+}
