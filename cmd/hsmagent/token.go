@@ -62,29 +62,17 @@ func selectToken(c *cli.Context) (tokenSelection, error) {
 	return sel, nil
 }
 
-// pinSource picks the first PIN source the operator configured.
+// pinSource picks the PIN source in hsm's order (hsm.PINChoice), warning
+// when an insecure PIN file is read because the operator allowed it.
 func pinSource(c *cli.Context, fromURI hsm.PINSource) hsm.PINSource {
-	if f := c.String("pin-file"); f != "" {
-		if c.Bool("allow-insecure-pin-file") {
-			return insecurePINFile(c, f)
-		}
-		return hsm.PINFromFile(f)
-	}
-	if os.Getenv("HSMAGENT_PIN") != "" {
-		return hsm.PINFromEnv("HSMAGENT_PIN")
-	}
-	if fromURI != nil {
-		return fromURI
-	}
-	if src, ok := hsm.SystemdCredential("hsmagent-pin"); ok {
-		return src
+	choice := hsm.PINChoice{File: c.String("pin-file"), AllowInsecureFile: c.Bool("allow-insecure-pin-file"), FromURI: fromURI}
+	if choice.File != "" && choice.AllowInsecureFile {
+		return insecurePINFile(c, choice.File)
 	}
 	if term.IsTerminal(int(os.Stdin.Fd())) {
-		return promptPIN(c.App.ErrWriter)
+		choice.Prompt = promptPIN(c.App.ErrWriter)
 	}
-	return func() (string, error) {
-		return "", errors.New("no PIN: pass --pin-file FILE, set HSMAGENT_PIN, add pin-source to the URI, or run on a terminal to be prompted")
-	}
+	return choice.Source()
 }
 
 // insecurePINFile reads path whatever its mode, and warns now if the mode
