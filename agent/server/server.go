@@ -51,6 +51,8 @@ type Options struct {
 	// caller gets Unavailable and the agent reports NOT_SERVING until the
 	// operation returns. 0 means DefaultHSMTimeout.
 	HSMTimeout time.Duration
+	// Version is sent to clients in the VersionHeader of ListKeys; empty sends none.
+	Version string
 }
 
 // Server serves the hsmagent.v1 API.
@@ -62,7 +64,8 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 
-	gate *gate // admits signatures into the key store
+	gate    *gate // admits signatures into the key store
+	version string
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -108,7 +111,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	if opts.HSMTimeout <= 0 {
 		opts.HSMTimeout = DefaultHSMTimeout
 	}
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{})}
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), version: opts.Version}
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.HSMTimeout, opts.Logger, s.setServing)
 	if err := s.load(opts.Policy); err != nil {
 		return nil, err
@@ -258,6 +261,7 @@ func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*age
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
+	s.sendVersion(ctx)
 	return s.state.Load().visibleTo(p), nil
 }
 

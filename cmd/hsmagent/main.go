@@ -21,6 +21,15 @@ type usageError struct{ err error }
 func (u usageError) Error() string { return u.err.Error() }
 func (u usageError) Unwrap() error { return u.err }
 
+// exitError asks run for a given exit status: 'status' documents its own.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+func (e exitError) Unwrap() error { return e.err }
+
 func usagef(format string, args ...any) error {
 	return usageError{fmt.Errorf(format, args...)}
 }
@@ -38,6 +47,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			csrCommand(),
 			certCommand(),
 			serveCommand(),
+			statusCommand(),
 			benchCommand(),
 			proxyCommand(),
 			d1Command(),
@@ -78,6 +88,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		msg = "hsmagent: " + msg
 	}
 	fmt.Fprintln(stderr, msg)
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
 	var u usageError
 	if errors.As(err, &u) {
 		return 2
