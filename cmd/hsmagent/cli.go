@@ -99,7 +99,8 @@ func flagsAsTyped(msg string, args []string) string {
 			}
 		}
 		if prefix == "flag provided but not defined: " {
-			prefix = "unknown flag "
+			// Go's own words stay in brackets: scripts and tests match them.
+			return "unknown flag " + typed + " (" + m + ")"
 		}
 		return prefix + typed
 	})
