@@ -41,6 +41,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -59,6 +60,7 @@ type Client struct {
 	stopWatch context.CancelFunc
 	certs     atomic.Pointer[certCache]
 	streams   streams
+	version   atomic.Pointer[string] // the agent's version, from the last ListKeys
 }
 
 // An Option configures Dial.
@@ -134,10 +136,12 @@ type Key struct {
 
 // Keys lists the keys this process may use.
 func (c *Client) Keys(ctx context.Context) ([]Key, error) {
-	resp, err := c.api.ListKeys(ctx, &agentpb.ListKeysRequest{})
+	var md metadata.MD
+	resp, err := c.api.ListKeys(ctx, &agentpb.ListKeysRequest{}, grpc.Header(&md))
 	if err != nil {
 		return nil, callError("listing keys", err)
 	}
+	c.noteVersion(md)
 	keys := make([]Key, 0, len(resp.Keys))
 	for _, pk := range resp.Keys {
 		k, err := keyFromProto(pk)

@@ -51,6 +51,10 @@ type Options struct {
 	// caller gets Unavailable and the agent reports NOT_SERVING until the
 	// operation returns. 0 means DefaultHSMTimeout.
 	HSMTimeout time.Duration
+	// Now is the clock of the certificate expiry warnings; nil means time.Now.
+	Now func() time.Time
+	// Version is sent to clients in the VersionHeader of ListKeys; empty sends none.
+	Version string
 }
 
 // Server serves the hsmagent.v1 API.
@@ -62,7 +66,9 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 
-	gate *gate // admits signatures into the key store
+	gate    *gate // admits signatures into the key store
+	version string
+	expiry  *expiryWatch // warns in the log before certificates expire
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -108,8 +114,9 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	if opts.HSMTimeout <= 0 {
 		opts.HSMTimeout = DefaultHSMTimeout
 	}
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{})}
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), version: opts.Version}
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.HSMTimeout, opts.Logger, s.setServing)
+	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
 	if err := s.load(opts.Policy); err != nil {
 		return nil, err
 	}
@@ -142,6 +149,7 @@ func (s *Server) setServing(serving bool) {
 
 // Serve accepts connections on l until Shutdown.
 func (s *Server) Serve(l net.Listener) error {
+	go s.watchExpiry()
 	err := s.grpc.Serve(l)
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
@@ -221,6 +229,7 @@ func (s *Server) load(policy *Policy) error {
 	if old != nil {
 		close(old.changed)
 	}
+	s.keysLoaded(next)
 	return nil
 }
 
@@ -258,6 +267,7 @@ func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*age
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
+	s.sendVersion(ctx)
 	return s.state.Load().visibleTo(p), nil
 }
 

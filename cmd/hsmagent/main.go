@@ -21,6 +21,15 @@ type usageError struct{ err error }
 func (u usageError) Error() string { return u.err.Error() }
 func (u usageError) Unwrap() error { return u.err }
 
+// exitError asks run for a given exit status: 'status' documents its own.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e exitError) Error() string { return e.err.Error() }
+func (e exitError) Unwrap() error { return e.err }
+
 func usagef(format string, args ...any) error {
 	return usageError{fmt.Errorf(format, args...)}
 }
@@ -32,19 +41,20 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Version:   version,
 		Writer:    stdout,
 		ErrWriter: stderr,
-		Commands: withUsageErrors([]*cli.Command{
+		Commands: withUsageErrors(withExamples([]*cli.Command{
 			tokensCommand(),
 			keysCommand(),
 			csrCommand(),
 			certCommand(),
 			serveCommand(),
+			statusCommand(),
 			benchCommand(),
 			proxyCommand(),
 			d1Command(),
 			jwtCommand(),
 			completionCommand(),
 			manCommand(),
-		}),
+		}, "")),
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return usageError{err}
 		},
@@ -63,10 +73,10 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	app := newApp(stdout, stderr)
 	var unknown error
-	app.CommandNotFound = func(_ *cli.Context, name string) {
-		unknown = usagef("unknown command %q; run 'hsmagent --help'", name)
+	app.CommandNotFound = func(c *cli.Context, name string) {
+		unknown = unknownCommand(c, name)
 	}
-	err := app.Run(args)
+	err := app.Run(helpArgs(args))
 	if err == nil {
 		err = unknown
 	}
@@ -74,22 +84,43 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	msg := strings.ReplaceAll(err.Error(), "\n", " ")
+	var u usageError
+	if errors.As(err, &u) {
+		msg = flagsAsTyped(msg, args)
+	}
 	if !strings.HasPrefix(msg, "hsmagent:") {
 		msg = "hsmagent: " + msg
 	}
 	fmt.Fprintln(stderr, msg)
-	var u usageError
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
 	if errors.As(err, &u) {
 		return 2
 	}
 	return 1
 }
 
-// withUsageErrors wraps every command's OnUsageError so flag errors exit 2.
+// withUsageErrors wraps every command's OnUsageError so flag errors exit 2,
+// and checks every command line before the command runs (checkCommandLine).
 func withUsageErrors(cmds []*cli.Command) []*cli.Command {
 	for _, c := range cmds {
 		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
+		c.Before = chainBefore(checkCommandLine, c.Before)
 		withUsageErrors(c.Subcommands)
 	}
 	return cmds
+}
+
+func chainBefore(first, then cli.BeforeFunc) cli.BeforeFunc {
+	if then == nil {
+		return first
+	}
+	return func(c *cli.Context) error {
+		if err := first(c); err != nil {
+			return err
+		}
+		return then(c)
+	}
 }

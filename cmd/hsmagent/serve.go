@@ -106,7 +106,8 @@ func serveAction(c *cli.Context) error {
 	}
 	defer tok.Close()
 	srv, err := server.New(hsmstore.New(tok), server.Options{Logger: log, Audit: audit, Policy: policy,
-		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout")})
+		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
+		Version: version})
 	if err != nil {
 		return err
 	}

@@ -43,6 +43,13 @@ func selectToken(c *cli.Context) (tokenSelection, error) {
 			sel.cfg.PIN = insecurePINFile(c, u.PINFile)
 		}
 	}
+	// A flag that names another token than the URI is a mistake, not an override.
+	if v := c.String("token"); v != "" && sel.cfg.TokenLabel != "" && v != sel.cfg.TokenLabel {
+		return sel, usagef("--token %q and --uri (token=%q) name different tokens; give one", v, sel.cfg.TokenLabel)
+	}
+	if v := c.String("token-serial"); v != "" && sel.cfg.TokenSerial != "" && v != sel.cfg.TokenSerial {
+		return sel, usagef("--token-serial %q and --uri (serial=%q) name different tokens; give one", v, sel.cfg.TokenSerial)
+	}
 	if v := c.String("module"); v != "" {
 		sel.cfg.ModulePath = v
 	}
@@ -114,10 +121,10 @@ func promptPIN(w io.Writer) hsm.PINSource {
 // keyLabel reads the key label from flag name, or from the URI's object.
 func keyLabel(c *cli.Context, flag string, sel tokenSelection) (string, error) {
 	if v := c.String(flag); v != "" {
-		return v, nil
+		return v, checkLabel(flag, v)
 	}
 	if sel.object != "" {
-		return sel.object, nil
+		return sel.object, checkLabel("uri", sel.object)
 	}
 	return "", usagef("missing --%s LABEL (see 'hsmagent keys list')", flag)
 }
