@@ -185,7 +185,7 @@ func TestCLIErrors(t *testing.T) {
 		{"malformed PEM", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", garbage), 1, "holds no PEM certificate"},
 		{"private key in PEM", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", keyFile), 1, "holds a private key"},
 		{"no certificate yet", fx.args([]string{"cert", "export"}, "--key", "d1-ppr"), 1, "no certificate stored"},
-		{"unknown flag", fx.args([]string{"keys", "list"}, "--bogus"), 2, "flag provided but not defined: -bogus"},
+		{"unknown flag", fx.args([]string{"keys", "list"}, "--bogus"), 2, "unknown flag --bogus"},
 		{"pin-value in URI", []string{"keys", "list", "--uri", "pkcs11:token=" + fx.Label + "?pin-value=" + fx.PIN}, 2, "pin-value"},
 	}
 	for _, tt := range tests {

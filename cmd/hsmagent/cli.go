@@ -99,8 +99,7 @@ func flagsAsTyped(msg string, args []string) string {
 			}
 		}
 		if prefix == "flag provided but not defined: " {
-			// Go's own words stay in brackets: scripts and tests match them.
-			return "unknown flag " + typed + " (" + m + ")"
+			return "unknown flag " + typed
 		}
 		return prefix + typed
 	})
