@@ -6,7 +6,7 @@ GO       ?= go
 BIN      := bin/hsmagent
 VERSION  := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X main.version=$(VERSION)
-APT_PKGS := softhsm2 opensc openssl curl ca-certificates
+APT_PKGS := softhsm2 opensc openssl curl ca-certificates prometheus
 export PATH := $(PATH):/usr/local/go/bin
 
 .PHONY: all build build-agent docs install deb test test-short demo deps lint generate clean bench fault-module
@@ -119,6 +119,7 @@ deps:
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \

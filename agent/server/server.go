@@ -55,6 +55,8 @@ type Options struct {
 	Now func() time.Time
 	// Version is sent to clients in the VersionHeader of ListKeys; empty sends none.
 	Version string
+	// Observer is told of signatures, reloads and HSM health, for metrics; nil: nobody.
+	Observer Observer
 }
 
 // Server serves the hsmagent.v1 API.
@@ -66,7 +68,8 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 
-	gate    *gate // admits signatures into the key store
+	gate     *gate // admits signatures into the key store
+	observer Observer
 	version string
 	expiry  *expiryWatch // warns in the log before certificates expire
 
@@ -114,7 +117,11 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	if opts.HSMTimeout <= 0 {
 		opts.HSMTimeout = DefaultHSMTimeout
 	}
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), version: opts.Version}
+	if opts.Observer == nil {
+		opts.Observer = nopObserver{}
+	}
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), version: opts.Version,
+		observer: opts.Observer}
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.HSMTimeout, opts.Logger, s.setServing)
 	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
 	if err := s.load(opts.Policy); err != nil {
@@ -145,6 +152,7 @@ func (s *Server) setServing(serving bool) {
 	}
 	s.health.SetServingStatus("", st)
 	s.health.SetServingStatus(agentpb.Agent_ServiceDesc.ServiceName, st)
+	s.observer.HSMServing(serving)
 }
 
 // Serve accepts connections on l until Shutdown.
@@ -230,6 +238,7 @@ func (s *Server) load(policy *Policy) error {
 		close(old.changed)
 	}
 	s.keysLoaded(next)
+	s.observer.KeysLoaded(keys)
 	return nil
 }
 
@@ -395,6 +404,11 @@ func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest
 	if len(label) > maxLabel {
 		label = label[:maxLabel]
 	}
+	known := ""
+	if s.state.Load().keys[req.Key] != nil {
+		known = req.Key
+	}
+	s.observer.Signed(known, result, d)
 	s.audit.LogAttrs(ctx, level, "sign",
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.String("key", label), slog.String("hash", req.Hash.String()),

@@ -23,20 +23,21 @@ import (
 // in the file and in errors; its flag tag is the command-line flag that
 // overrides it. Adding a setting is a field here and a flag on the command.
 type config struct {
-	Socket      string        `yaml:"socket" flag:"socket"`
-	SocketMode  string        `yaml:"socket_mode" flag:"socket-mode"`
-	Module      string        `yaml:"module" flag:"module"`
-	Token       string        `yaml:"token" flag:"token"`
-	TokenSerial string        `yaml:"token_serial" flag:"token-serial"`
-	URI         string        `yaml:"uri" flag:"uri"`
-	PINFile     string        `yaml:"pin_file" flag:"pin-file"`
-	LogFormat   string        `yaml:"log_format" flag:"log-format"`
-	LogLevel    string        `yaml:"log_level" flag:"log-level"`
-	AuditLog    string        `yaml:"audit_log" flag:"audit-log"`
-	MaxSessions string        `yaml:"max_sessions" flag:"max-sessions"`
-	MaxWaiting  string        `yaml:"max_waiting" flag:"max-waiting"`
-	HSMTimeout  string        `yaml:"hsm_timeout" flag:"hsm-timeout"`
-	Access      []server.Rule `yaml:"access"`
+	Socket        string        `yaml:"socket" flag:"socket"`
+	SocketMode    string        `yaml:"socket_mode" flag:"socket-mode"`
+	Module        string        `yaml:"module" flag:"module"`
+	Token         string        `yaml:"token" flag:"token"`
+	TokenSerial   string        `yaml:"token_serial" flag:"token-serial"`
+	URI           string        `yaml:"uri" flag:"uri"`
+	PINFile       string        `yaml:"pin_file" flag:"pin-file"`
+	LogFormat     string        `yaml:"log_format" flag:"log-format"`
+	LogLevel      string        `yaml:"log_level" flag:"log-level"`
+	AuditLog      string        `yaml:"audit_log" flag:"audit-log"`
+	MetricsListen string        `yaml:"metrics_listen" flag:"metrics-listen"`
+	MaxSessions   string        `yaml:"max_sessions" flag:"max-sessions"`
+	MaxWaiting    string        `yaml:"max_waiting" flag:"max-waiting"`
+	HSMTimeout    string        `yaml:"hsm_timeout" flag:"hsm-timeout"`
+	Access        []server.Rule `yaml:"access"`
 	// D1 holds the proxy and token settings per environment: PPR and PRD.
 	D1 map[string]*d1Section `yaml:"d1"`
 

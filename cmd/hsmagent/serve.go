@@ -9,6 +9,7 @@ import (
 	"strconv"
 
 	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/metrics"
 	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/hsmagent/hsmagent/hsm/hsmstore"
@@ -36,6 +37,7 @@ close the token and exit 0.`,
 			&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text", EnvVars: []string{"HSMAGENT_LOG_FORMAT"}},
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
 			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics at /metrics on loopback `ADDR` (127.0.0.1:9464) or a Unix socket path (default: off)", EnvVars: []string{"HSMAGENT_METRICS_LISTEN"}},
 			&cli.IntFlag{Name: "max-sessions", Usage: "signatures in the HSM at once: its PKCS#11 session pool", Value: server.DefaultMaxInFlight, EnvVars: []string{"HSMAGENT_MAX_SESSIONS"}},
 			&cli.IntFlag{Name: "max-waiting", Usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", Value: server.DefaultMaxWaiting, EnvVars: []string{"HSMAGENT_MAX_WAITING"}},
 			&cli.DurationFlag{Name: "hsm-timeout", Usage: "deadline of each HSM operation; past it the agent reports NOT_SERVING and fails fast", Value: server.DefaultHSMTimeout, EnvVars: []string{"HSMAGENT_HSM_TIMEOUT"}},
@@ -105,9 +107,16 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	defer tok.Close()
-	srv, err := server.New(hsmstore.New(tok), server.Options{Logger: log, Audit: audit, Policy: policy,
+	var srv *server.Server
+	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
 		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
-		Version: version})
+		Version: version}
+	stopMetrics, err := startMetrics(c.String("metrics-listen"), &opts, func() (int, int) { return srv.HSMLoad() }, log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	srv, err = server.New(hsmstore.New(tok), opts)
 	if err != nil {
 		return err
 	}
@@ -144,4 +153,25 @@ func reload(c *cli.Context, srv *server.Server, log *slog.Logger) {
 		return
 	}
 	log.Info("reloaded", "revision", srv.Revision())
+}
+
+// startMetrics opens the metrics listener when addr is set and makes the
+// server's observer the Prometheus one; the returned func closes it.
+func startMetrics(addr string, opts *server.Options, load func() (int, int), log *slog.Logger) (func(), error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	l, err := metrics.Listen(addr)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	m := metrics.NewAgent(load)
+	opts.Observer = m
+	go func() {
+		if err := metrics.Serve(l, m.Handler()); err != nil {
+			log.Error("metrics listener stopped", "err", err)
+		}
+	}()
+	log.Info("metrics served", "listen", addr, "path", "/metrics")
+	return func() { l.Close() }, nil
 }

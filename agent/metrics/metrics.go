@@ -1,0 +1,167 @@
+// Package metrics exposes the agent's work to Prometheus: signatures by key
+// and result, signing latency, refusals by reason, the HSM's load and
+// health, and the expiry of each key's certificate. Labels are bounded: keys
+// are the agent's own labels (a caller's unknown label counts as "other"),
+// never uids, pids or request ids.
+package metrics
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Agent is a server.Observer that keeps Prometheus metrics.
+type Agent struct {
+	registry   *prometheus.Registry
+	signatures *prometheus.CounterVec
+	latency    *prometheus.HistogramVec
+	refusals   *prometheus.CounterVec
+	expiry     *prometheus.GaugeVec
+	keys       prometheus.Gauge
+	serving    prometheus.Gauge
+	reloads    prometheus.Counter
+
+	mu     sync.Mutex
+	labels map[string]bool
+}
+
+var _ server.Observer = (*Agent)(nil)
+
+// NewAgent registers the agent's metrics (and the Go runtime's) in a new
+// registry. load reports the signatures in the HSM and waiting for it
+// (server.Server.HSMLoad); nil leaves those gauges out.
+func NewAgent(load func() (inFlight, waiting int)) *Agent {
+	m := &Agent{
+		registry: prometheus.NewRegistry(),
+		signatures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmagent_signatures_total", Help: "Sign requests by key and audit result (ok, busy, abandoned, timeout, hsm-down, hsm-error, or the refusal's code).",
+		}, []string{"key", "result"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "hsmagent_sign_duration_seconds", Help: "Time from a sign request's arrival to its answer, successful signatures only.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"key"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmagent_sign_failures_total", Help: "Sign requests that did not get a signature, by reason (the audit result).",
+		}, []string{"reason"}),
+		expiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "hsmagent_certificate_expiry_timestamp_seconds", Help: "Not-after of the leaf certificate stored with each key, as a Unix time.",
+		}, []string{"key"}),
+		keys:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_keys", Help: "Keys the agent serves."}),
+		serving: prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_hsm_serving", Help: "1 while the HSM answers within the HSM timeout, 0 while an operation is stuck."}),
+		reloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "hsmagent_key_loads_total", Help: "Times the keys and chains were read from the key store (start and reloads)."}),
+		labels:  map[string]bool{},
+	}
+	m.serving.Set(1)
+	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.reloads,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if load != nil {
+		m.registry.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hsmagent_hsm_in_flight", Help: "Signatures inside the HSM now."},
+				func() float64 { n, _ := load(); return float64(n) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "hsmagent_hsm_waiting", Help: "Signatures waiting for an HSM session now."},
+				func() float64 { _, n := load(); return float64(n) }))
+	}
+	return m
+}
+
+// Signed implements server.Observer.
+func (m *Agent) Signed(key, result string, d time.Duration) {
+	if key == "" {
+		key = "other"
+	}
+	m.signatures.WithLabelValues(key, result).Inc()
+	if result == "ok" {
+		m.latency.WithLabelValues(key).Observe(d.Seconds())
+		return
+	}
+	m.refusals.WithLabelValues(result).Inc()
+}
+
+// KeysLoaded implements server.Observer: the expiry gauges follow the keys,
+// and a key that is gone takes its series with it.
+func (m *Agent) KeysLoaded(keys []server.Key) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.reloads.Inc()
+	m.keys.Set(float64(len(keys)))
+	now := map[string]bool{}
+	for _, k := range keys {
+		if k.Label == "" || len(k.Chain) == 0 {
+			continue
+		}
+		now[k.Label] = true
+		m.expiry.WithLabelValues(k.Label).Set(float64(k.Chain[0].NotAfter.Unix()))
+	}
+	for label := range m.labels {
+		if !now[label] {
+			m.expiry.DeleteLabelValues(label)
+		}
+	}
+	m.labels = now
+}
+
+// HSMServing implements server.Observer.
+func (m *Agent) HSMServing(serving bool) {
+	if serving {
+		m.serving.Set(1)
+	} else {
+		m.serving.Set(0)
+	}
+}
+
+// Handler serves the metrics in the Prometheus text format.
+func (m *Agent) Handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
+}
+
+// Listen opens the metrics listener: a loopback TCP address (127.0.0.1:9464,
+// [::1]:9464, localhost:9464) or the path of a Unix socket (anything with a
+// "/"), created 0660. Other addresses are refused: the metrics name keys.
+func Listen(addr string) (net.Listener, error) {
+	if strings.Contains(addr, "/") {
+		_ = os.Remove(addr) // a socket left by an earlier run; Listen refuses anything else
+		l, err := net.Listen("unix", addr)
+		if err != nil {
+			return nil, fmt.Errorf("metrics: listening on %q: %w", addr, err)
+		}
+		if err := os.Chmod(addr, 0o660); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("metrics: %w", err)
+		}
+		return l, nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %q is neither host:port nor a socket path: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return nil, fmt.Errorf("metrics: %q is not a loopback address; use 127.0.0.1:PORT or a socket path (put a proxy in front to publish it)", addr)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: listening on %q: %w", addr, err)
+	}
+	return l, nil
+}
+
+// Serve serves h on l until l is closed.
+func Serve(l net.Listener, h http.Handler) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", h)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	if err := srv.Serve(l); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

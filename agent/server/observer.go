@@ -1,0 +1,28 @@
+package server
+
+import "time"
+
+// Observer is told what the agent does, for metrics (package agent/metrics
+// has the Prometheus one). Its methods are called on the request path and
+// must not block.
+type Observer interface {
+	// Signed is called once per sign request with its audit result; key is
+	// the label when the agent has such a key and "" otherwise, so that a
+	// caller's made-up labels never reach a metric.
+	Signed(key, result string, d time.Duration)
+	// KeysLoaded is called with the keys served, at start and after every reload.
+	KeysLoaded(keys []Key)
+	// HSMServing is called when the HSM stops answering and when it is back.
+	HSMServing(serving bool)
+}
+
+type nopObserver struct{}
+
+func (nopObserver) Signed(string, string, time.Duration) {}
+func (nopObserver) KeysLoaded([]Key)                     {}
+func (nopObserver) HSMServing(bool)                      {}
+
+// HSMLoad reports the signatures inside the key store now and those waiting for it.
+func (s *Server) HSMLoad() (inFlight, waiting int) {
+	return len(s.gate.slots), int(s.gate.waiting.Load())
+}
