@@ -365,7 +365,7 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 		if backendDown(err) {
 			// The key store logs the outage once; a line per request would flood.
 			s.log.Debug("signing failed: the HSM is unavailable", "key", req.Key, "err", err)
-			return nil, codes.Unavailable, &gateError{codes.Unavailable, resultDown, "agent: " + err.Error()}
+			return nil, codes.Unavailable, &gateError{codes.Unavailable, resultDown, err.Error()}
 		}
 		// Details go to the log, at most a line a second; the caller learns that the HSM failed.
 		if n, ok := s.gate.failures.allow(); ok {
