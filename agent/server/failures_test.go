@@ -45,7 +45,9 @@ func (s *failingSigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte
 // downError is a backend-down error as the KeyStore contract describes it.
 type downError struct{}
 
-func (downError) Error() string     { return `hsm: token "t" is unavailable (the token is not present); retrying in 1s` }
+func (downError) Error() string {
+	return `hsm: token "t" is unavailable (the token is not present); retrying in 1s`
+}
 func (downError) Unavailable() bool { return true }
 
 // TestBackendDown: a signer error that implements Unavailable() bool is
