@@ -77,7 +77,11 @@ func Open(cfg Config) (*Token, error) {
 }
 
 func (t *Token) configure() (*crypto11.Context, error) {
-	ctx, err := t.configureRaw()
+	pin, err := t.cfg.PIN()
+	if err != nil {
+		return nil, err
+	}
+	ctx, err := t.configureWith(pin)
 	if err != nil {
 		return nil, t.configureError(err)
 	}
@@ -92,6 +96,10 @@ func (t *Token) configureRaw() (*crypto11.Context, error) {
 	if err != nil {
 		return nil, err
 	}
+	return t.configureWith(pin)
+}
+
+func (t *Token) configureWith(pin string) (*crypto11.Context, error) {
 	return crypto11.Configure(&crypto11.Config{
 		Path:        t.modulePath,
 		TokenLabel:  t.cfg.TokenLabel,
