@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	pkcs11uri "github.com/stefanberger/go-pkcs11uri"
 )
@@ -25,6 +27,34 @@ type Config struct {
 	PIN PINSource
 	// MaxSessions caps the PKCS#11 sessions kept open; 0 means crypto11's default.
 	MaxSessions int
+	// Logger receives one line when the token becomes unavailable and one
+	// when it is back; nil logs nothing.
+	Logger *slog.Logger
+	// ReopenMin and ReopenMax bound the delay between reopen attempts while
+	// the token is unavailable (doubling from min to max, with jitter);
+	// zero means DefaultReopenMin and DefaultReopenMax.
+	ReopenMin, ReopenMax time.Duration
+}
+
+// Defaults for Config.ReopenMin and ReopenMax: quick to notice a token that
+// is back, and at most one attempt every ten seconds during a long outage.
+const (
+	DefaultReopenMin = 100 * time.Millisecond
+	DefaultReopenMax = 10 * time.Second
+)
+
+func (c Config) reopenMin() time.Duration {
+	if c.ReopenMin > 0 {
+		return c.ReopenMin
+	}
+	return DefaultReopenMin
+}
+
+func (c Config) reopenMax() time.Duration {
+	if c.ReopenMax > 0 {
+		return max(c.ReopenMax, c.reopenMin())
+	}
+	return max(DefaultReopenMax, c.reopenMin())
 }
 
 // softHSMPaths are where Debian, Ubuntu, Fedora, Alpine and Homebrew install SoftHSM.

@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -28,9 +29,66 @@ func (e *KeyNotFoundError) Is(target error) bool { return target == ErrKeyNotFou
 // ErrCertificateNotFound is returned (wrapped) when a key has no certificate stored.
 var ErrCertificateNotFound = errors.New("no certificate stored")
 
+// ErrUnavailable is matched (errors.Is) by the *UnavailableError of an
+// operation refused while the token cannot be reopened.
+var ErrUnavailable = errors.New("hsm: token unavailable")
+
+// UnavailableError is returned at once, without calling the module, while
+// the token is unavailable: an operation found its session lost and the
+// token could not be opened again. A goroutine keeps reopening it.
+type UnavailableError struct {
+	Token   string        // as in messages: `token "X"` or `token with serial "N"`
+	Cause   error         // the error that started the outage
+	Since   time.Time     // when the outage started
+	RetryIn time.Duration // until the next reopen attempt; <= 0 while one runs
+}
+
+func (e *UnavailableError) Error() string {
+	retry := "retrying now"
+	if e.RetryIn > 0 {
+		retry = "retrying in " + e.RetryIn.Round(10*time.Millisecond).String()
+	}
+	return fmt.Sprintf("hsm: %s is unavailable (%s); %s", e.Token, causeWords(e.Cause), retry)
+}
+
+func (e *UnavailableError) Unwrap() error        { return e.Cause }
+func (e *UnavailableError) Is(target error) bool { return target == ErrUnavailable }
+
+// Unavailable reports true: the contract of agent/server's KeyStore for an
+// error that means the backend is down, not that this request was bad.
+func (e *UnavailableError) Unavailable() bool { return true }
+
+// causeWords is the operator's words for a cause: the explanation of its PKCS#11
+// code when it has one, its text otherwise.
+func causeWords(err error) string {
+	var ex *explained
+	if errors.As(err, &ex) {
+		return ex.hint
+	}
+	if err == nil {
+		return "unknown cause"
+	}
+	return err.Error()
+}
+
+// explained is a PKCS#11 error with the words explain found for it.
+type explained struct {
+	hint string
+	err  error
+}
+
+func (e *explained) Error() string { return e.hint + ": " + e.err.Error() }
+func (e *explained) Unwrap() error { return e.err }
+
 // explain turns a PKCS#11 return code into words an operator can act on.
 // The original error stays wrapped so callers can still test for the code.
+// An error explained already is returned as it is, so that layers which
+// each explain do not repeat the words.
 func explain(err error) error {
+	var ex *explained
+	if errors.As(err, &ex) {
+		return err
+	}
 	var rv pkcs11.Error
 	if !errors.As(err, &rv) {
 		return err
@@ -76,7 +134,7 @@ func explain(err error) error {
 	default:
 		return err
 	}
-	return fmt.Errorf("%s: %w", hint, err)
+	return &explained{hint: hint, err: err}
 }
 
 // isSessionLost reports whether err means the token must be reopened and logged in

@@ -26,7 +26,7 @@ const (
 	resultBusy      = "busy"      // refused: too many requests waiting for the HSM
 	resultAbandoned = "abandoned" // the caller went away before the HSM answered
 	resultTimeout   = "timeout"   // the HSM did not answer within the HSM timeout
-	resultDown      = "hsm-down"  // refused at once: an earlier operation is stuck in the HSM
+	resultDown      = "hsm-down"  // refused at once: an operation is stuck in the HSM, or the key store says its backend is down
 	resultHSMError  = "hsm-error" // the HSM answered with an error
 )
 
@@ -42,10 +42,12 @@ type gate struct {
 	stuck      atomic.Int64 // operations past the timeout, still inside the HSM
 	log        *slog.Logger
 	setHealth  func(serving bool)
+	failures   sampler // "signing failed" lines: HSM errors other than the gate's
 }
 
 func newGate(maxInFlight, maxWaiting int, timeout time.Duration, log *slog.Logger, setHealth func(bool)) *gate {
-	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), timeout: timeout, log: log, setHealth: setHealth}
+	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), timeout: timeout, log: log, setHealth: setHealth,
+		failures: sampler{interval: time.Second}}
 }
 
 // gateError is a refusal or failure decided by the agent (the gate, or the

@@ -18,6 +18,14 @@ type KeyStore interface {
 	// gives an error that matches ErrKeyNotFound. The signer's Public is the
 	// key Keys lists under that label. RSA signers accept crypto.Hash (PKCS #1
 	// v1.5) and *rsa.PSSOptions; ECDSA signers return ASN.1 DER signatures.
+	//
+	// A Sign error that implements Unavailable() bool returning true (found
+	// with errors.As) means the backend is down, not that the request failed:
+	// the agent answers Unavailable with the error's text, audits the request
+	// as hsm-down and logs it at debug level only, trusting the store to log
+	// the outage itself (package hsm logs its start and end once each). Any
+	// other Sign error is answered Internal, audited hsm-error, and logged at
+	// most once a second.
 	Signer(label string) (crypto.Signer, error)
 }
 

@@ -381,8 +381,15 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 		return nil, ge.code, ge
 	}
 	if err != nil {
-		// Details go to the log; the caller learns that the HSM failed.
-		s.log.Error("signing failed", "key", req.Key, "err", err)
+		if backendDown(err) {
+			// The key store logs the outage once; a line per request would flood.
+			s.log.Debug("signing failed: the HSM is unavailable", "key", req.Key, "err", err)
+			return nil, codes.Unavailable, &gateError{codes.Unavailable, resultDown, err.Error()}
+		}
+		// Details go to the log, at most a line a second; the caller learns that the HSM failed.
+		if n, ok := s.gate.failures.allow(); ok {
+			s.log.Error("signing failed", "key", req.Key, "err", err, "similar_failures_not_logged", n)
+		}
 		return nil, codes.Internal, fmt.Errorf("agent: the HSM failed to sign with key %q; see the agent's log", req.Key)
 	}
 	return sig, codes.OK, nil

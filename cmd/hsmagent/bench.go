@@ -29,26 +29,56 @@ func benchCommand() *cli.Command {
 		Description: `Opens the token in this process and connects to the agent (--socket), or starts
 its own agent as a child process on a temporary socket. Runs, on the same key: signatures
 in-process, signatures through the agent, TLS 1.3 handshakes with the key in-process and
-through the agent, and samples the agent's resident memory during the agent phases.`,
+through the agent, and samples the agent's resident memory during the agent phases.
+With --concurrency 1,8,32 the four phases run at each concurrency in turn, in one run.`,
 		Flags: append(tokenFlags(),
 			&cli.StringFlag{Name: "key", Usage: "key `LABEL`"},
 			&cli.StringFlag{Name: "socket", Usage: "agent socket `PATH` (default: start a child agent)"},
 			&cli.DurationFlag{Name: "duration", Usage: "length of each phase", Value: 5 * time.Second},
-			&cli.IntFlag{Name: "concurrency", Usage: "concurrent callers", Value: 8},
+			&cli.StringFlag{Name: "concurrency", Usage: "concurrent callers: `N` or a list N,N,... measured one after the other", Value: "8"},
 			jsonFlag,
 		),
 		Action: benchAction,
 	}
 }
 
+// benchReport is the JSON of a run. Results lists every phase at every
+// concurrency, in run order (each with its concurrency); Runs gives the
+// ratios per concurrency. SignRatio and TLSRatio repeat the ratios of the
+// first concurrency, for readers of the single-concurrency report.
 type benchReport struct {
 	Key         string         `json:"key"`
 	KeyType     string         `json:"keyType"`
 	Machine     string         `json:"machine"`
 	Results     []bench.Result `json:"results"`
+	Runs        []benchRun     `json:"runs"`
 	SignRatio   float64        `json:"signRatio"`
 	TLSRatio    float64        `json:"tlsRatio"`
 	AgentMaxRSS int64          `json:"agentMaxRssBytes"`
+}
+
+// benchRun compares the agent with in-process at one concurrency.
+type benchRun struct {
+	Concurrency int     `json:"concurrency"`
+	SignRatio   float64 `json:"signRatio"` // agent op/s over in-process op/s
+	TLSRatio    float64 `json:"tlsRatio"`
+	// SignP50Added and SignP99Added are the agent's latency minus in-process latency.
+	SignP50Added time.Duration `json:"signP50Added"`
+	SignP99Added time.Duration `json:"signP99Added"`
+	AgentMaxRSS  int64         `json:"agentMaxRssBytes"`
+}
+
+// parseConcurrency reads "8" or "1,8,32".
+func parseConcurrency(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, usagef("--concurrency %q: want a number of callers of at least 1, or a comma-separated list of them", s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 func benchAction(c *cli.Context) error {
@@ -60,9 +90,13 @@ func benchAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	n, d := c.Int("concurrency"), c.Duration("duration")
-	if n < 1 || d <= 0 {
-		return usagef("--concurrency must be at least 1 and --duration positive")
+	levels, err := parseConcurrency(c.String("concurrency"))
+	if err != nil {
+		return err
+	}
+	d := c.Duration("duration")
+	if d <= 0 {
+		return usagef("--duration must be positive")
 	}
 	tok, err := hsm.Open(sel.cfg)
 	if err != nil {
@@ -102,47 +136,54 @@ func benchAction(c *cli.Context) error {
 
 	report := benchReport{Key: label, KeyType: string(hsm.KeyTypeOf(local.Public())),
 		Machine: fmt.Sprintf("%s/%s, %d CPUs", runtime.GOOS, runtime.GOARCH, runtime.NumCPU())}
-	infof(c, "benchmarking key %q (%s), %d callers, %s per phase", label, report.KeyType, n, d)
+	infof(c, "benchmarking key %q (%s), %s callers, %s per phase", label, report.KeyType, c.String("concurrency"), d)
 	add := func(r bench.Result) bench.Result {
 		report.Results = append(report.Results, r)
 		if r.Errors > 0 {
-			warnf(c, "%s: %d errors, first: %s", r.Name, r.Errors, r.FirstError)
+			warnf(c, "%s (%d callers): %d errors, first: %s", r.Name, r.Concurrency, r.Errors, r.FirstError)
 		}
 		return r
 	}
-	rss := &rssSampler{pid: agentPID}
-	signLocal := add(bench.Signatures(ctx, "sign in-process", local, n, d))
-	stopRSS := rss.start()
-	signAgent := add(bench.Signatures(ctx, "sign via agent", remote, n, d))
-	stopRSS()
-	tlsLocal, err := bench.Handshakes(ctx, "TLS 1.3 handshake in-process", local, n, d)
-	if err != nil {
-		return err
+	for _, n := range levels {
+		rss := &rssSampler{pid: agentPID}
+		signLocal := add(bench.Signatures(ctx, "sign in-process", local, n, d))
+		stopRSS := rss.start()
+		signAgent := add(bench.Signatures(ctx, "sign via agent", remote, n, d))
+		stopRSS()
+		tlsLocal, err := bench.Handshakes(ctx, "TLS 1.3 handshake in-process", local, n, d)
+		if err != nil {
+			return err
+		}
+		add(tlsLocal)
+		stopRSS = rss.start()
+		tlsAgent, err := bench.Handshakes(ctx, "TLS 1.3 handshake via agent", remote, n, d)
+		stopRSS()
+		if err != nil {
+			return err
+		}
+		add(tlsAgent)
+		report.Runs = append(report.Runs, benchRun{Concurrency: n,
+			SignRatio: ratio(signAgent.PerSecond, signLocal.PerSecond), TLSRatio: ratio(tlsAgent.PerSecond, tlsLocal.PerSecond),
+			SignP50Added: signAgent.P50 - signLocal.P50, SignP99Added: signAgent.P99 - signLocal.P99,
+			AgentMaxRSS: rss.max()})
+		report.AgentMaxRSS = max(report.AgentMaxRSS, rss.max())
 	}
-	add(tlsLocal)
-	stopRSS = rss.start()
-	tlsAgent, err := bench.Handshakes(ctx, "TLS 1.3 handshake via agent", remote, n, d)
-	stopRSS()
-	if err != nil {
-		return err
-	}
-	add(tlsAgent)
-	report.SignRatio = ratio(signAgent.PerSecond, signLocal.PerSecond)
-	report.TLSRatio = ratio(tlsAgent.PerSecond, tlsLocal.PerSecond)
-	report.AgentMaxRSS = rss.max()
+	report.SignRatio, report.TLSRatio = report.Runs[0].SignRatio, report.Runs[0].TLSRatio
 
 	if c.Bool("json") {
 		return writeJSON(c, report)
 	}
 	w := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(w, "%s\top/s\tp50\tp99\terrors\t\n", "")
+	fmt.Fprintf(w, "%s\tcallers\top/s\tp50\tp99\terrors\t\n", "")
 	for _, r := range report.Results {
-		fmt.Fprintf(w, "%s\t%.0f\t%s\t%s\t%d\t\n", r.Name, r.PerSecond, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.Errors)
+		fmt.Fprintf(w, "%s\t%d\t%.0f\t%s\t%s\t%d\t\n", r.Name, r.Concurrency, r.PerSecond, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.Errors)
 	}
 	w.Flush()
-	fmt.Fprintf(c.App.Writer, "\nagent/in-process: signatures %.2fx (target >= 0.85), TLS 1.3 handshakes %.2fx (target >= 0.90)\n",
-		report.SignRatio, report.TLSRatio)
-	fmt.Fprintf(c.App.Writer, "agent peak RSS during load: %.1f MiB (target < 40)\n", float64(report.AgentMaxRSS)/(1<<20))
+	fmt.Fprintln(c.App.Writer)
+	for _, r := range report.Runs {
+		fmt.Fprintf(c.App.Writer, "%d callers: agent/in-process signatures %.2fx (target >= 0.85), TLS 1.3 handshakes %.2fx (target >= 0.90); the agent adds %s to p50, %s to p99; agent peak RSS %.1f MiB (target < 40)\n",
+			r.Concurrency, r.SignRatio, r.TLSRatio, r.SignP50Added.Round(time.Microsecond), r.SignP99Added.Round(time.Microsecond), float64(r.AgentMaxRSS)/(1<<20))
+	}
 	fmt.Fprintf(c.App.Writer, "machine: %s\n", report.Machine)
 	return nil
 }

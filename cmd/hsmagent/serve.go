@@ -102,6 +102,7 @@ func serveAction(c *cli.Context) error {
 	}
 	// crypto11 keeps one session of its pool for itself, logged in.
 	sel.cfg.MaxSessions = c.Int("max-sessions") + 1
+	sel.cfg.Logger = log
 	tok, err := hsm.Open(sel.cfg)
 	if err != nil {
 		return err
