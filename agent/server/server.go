@@ -64,6 +64,8 @@ type Server struct {
 
 	gate *gate // admits signatures into the key store
 
+	keyChanges keyChanges // reloads after a key was replaced in the store (keychange.go)
+
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
 	stopping chan struct{} // closed by Shutdown: ends watch streams
@@ -360,6 +362,10 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 	var ge *gateError
 	if errors.As(err, &ge) {
 		return nil, ge.code, ge
+	}
+	if isKeyChanged(err) {
+		ke := s.keyChanged(req.Key, e, err)
+		return nil, ke.code, ke
 	}
 	if err != nil {
 		// Details go to the log; the caller learns that the HSM failed.
