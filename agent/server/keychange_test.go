@@ -32,13 +32,24 @@ func (s relabelingStore) Signer(label string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &relabelingSigner{store: s.MemoryStore, label: label, public: inner.Public()}, nil
+	return &relabelingSigner{store: s.MemoryStore, label: label, public: inner.Public(), id: memID(s.MemoryStore, label)}, nil
+}
+
+func memID(m *server.MemoryStore, label string) string {
+	keys, _ := m.Keys()
+	for _, k := range keys {
+		if k.Label == label {
+			return string(k.ID)
+		}
+	}
+	return ""
 }
 
 type relabelingSigner struct {
 	store  *server.MemoryStore
 	label  string
 	public crypto.PublicKey
+	id     string
 }
 
 func (s *relabelingSigner) Public() crypto.PublicKey { return s.public }
@@ -48,7 +59,7 @@ func (s *relabelingSigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]b
 	if err != nil {
 		return nil, err
 	}
-	if !cur.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(s.public) {
+	if !cur.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(s.public) || memID(s.store, s.label) != s.id {
 		return nil, keyChangedErr(s.label)
 	}
 	return cur.Sign(r, d, o)
@@ -156,4 +167,33 @@ func containsAll(s string, subs ...string) bool {
 		}
 	}
 	return true
+}
+
+// TestSameKeyNewIDServedAfterReload: the same key pair stored again under a
+// new id is another object; the old signer refuses it, and the reload must
+// replace that signer even though the public key did not change.
+func TestSameKeyNewIDServedAfterReload(t *testing.T) {
+	mem := newMemStore(t)
+	a := agenttest.Start(t, relabelingStore{mem}, server.Options{})
+	api, _ := rawClient(t, a.Socket)
+	ctx := context.Background()
+	digest := sha256.Sum256([]byte("x"))
+	req := &agentpb.SignRequest{Key: "ec", Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256}
+	key, err := mem.Signer("ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mem.Delete("ec"); err != nil {
+		t.Fatal(err)
+	}
+	if err := mem.Add("ec", key, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := api.Sign(ctx, req); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("sign after the id changed: %v, want FailedPrecondition", err)
+	}
+	waitFor(t, func() bool {
+		_, err := api.Sign(ctx, req)
+		return err == nil
+	})
 }

@@ -198,9 +198,10 @@ func (s *Server) load(policy *Policy) error {
 		if rp, ok := k.Public.(*rsa.PublicKey); ok {
 			e.rsaPub = rp
 		}
-		// Keep the signer of an unchanged key: it holds a warm handle.
+		// Keep the signer of an unchanged key: it holds a warm handle. A new
+		// id is another key object, which the old signer refuses (KeyChangedError).
 		if old != nil {
-			if prev := old.keys[k.Label]; prev != nil && bytes.Equal(prev.proto.PublicKey, pk.PublicKey) {
+			if prev := old.keys[k.Label]; prev != nil && bytes.Equal(prev.proto.PublicKey, pk.PublicKey) && bytes.Equal(prev.proto.Id, pk.Id) {
 				e.signer = prev.signer
 			}
 		}
