@@ -9,7 +9,7 @@ LDFLAGS  := -X main.version=$(VERSION)
 APT_PKGS := softhsm2 opensc openssl curl ca-certificates prometheus
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build build-agent docs install deb test test-short demo deps lint generate clean bench fault-module
+.PHONY: all build build-agent docs install deb test test-short fuzz demo deps lint generate clean bench fault-module
 
 # Install locations (make install PREFIX=/usr DESTDIR=/tmp/root ...).
 PREFIX         ?= /usr/local
@@ -132,6 +132,19 @@ deps:
 
 test: deps
 	$(GO) test -race -count=1 ./...
+
+# fuzz runs every fuzz target for FUZZTIME each (go test runs their seed
+# corpora in 'make test' already); new failing inputs land in testdata/fuzz.
+# Minimising is capped: the request-path targets make RPCs, and go's default
+# of 60 s per new input would take most of the run.
+FUZZTIME ?= 30s
+FUZZ_TARGETS := ./agent/server:FuzzSign ./agent/server:FuzzSignStream ./agent/server:FuzzPolicy \
+	./cmd/hsmagent:FuzzLoadConfig ./hsm:FuzzParseSubject ./hsm:FuzzParseCertificatesPEM
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "== $${t#*:} ($${t%%:*}, $(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s "$${t%%:*}"; \
+	done
 
 test-short:
 	$(GO) test -short -count=1 ./...

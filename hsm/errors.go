@@ -26,6 +26,28 @@ func (e *KeyNotFoundError) Error() string {
 
 func (e *KeyNotFoundError) Is(target error) bool { return target == ErrKeyNotFound }
 
+// ErrKeyChanged is matched (errors.Is) by the error of a signer whose label
+// now names another key pair than the one it was made for.
+var ErrKeyChanged = errors.New("hsm: key changed")
+
+// KeyChangedError refuses a signature because the key under the signer's
+// label was replaced (deleted and generated again) on the token: signing with
+// the new key would not match the public key the signer advertises.
+type KeyChangedError struct {
+	Label, Token string
+	What         string // "public key differs" or "CKA_ID differs"
+}
+
+func (e *KeyChangedError) Error() string {
+	return fmt.Sprintf("hsm: the key labelled %q was replaced on token %q (%s); reload the agent (SIGHUP) to serve the new key", e.Label, e.Token, e.What)
+}
+
+func (e *KeyChangedError) Is(target error) bool { return target == ErrKeyChanged }
+
+// KeyChanged marks the error for the agent (server.KeyStore's contract),
+// which does not import this package.
+func (e *KeyChangedError) KeyChanged() bool { return true }
+
 // ErrCertificateNotFound is returned (wrapped) when a key has no certificate stored.
 var ErrCertificateNotFound = errors.New("no certificate stored")
 

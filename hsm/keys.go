@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
@@ -420,11 +421,11 @@ func (t *Token) DeleteKey(label string) error {
 func (t *Token) Signer(label string) (crypto.Signer, error) {
 	s := &signer{token: t, label: label}
 	err := t.do(func(ctx *crypto11.Context, gen uint64) error {
-		k, _, err := t.findKeyPair(ctx, label)
+		k, id, err := t.findKeyPair(ctx, label)
 		if err != nil {
 			return err
 		}
-		s.public = k.Public()
+		s.public, s.id = k.Public(), id
 		s.cached.Store(&cachedKey{key: k, generation: gen})
 		return nil
 	})
@@ -437,7 +438,8 @@ func (t *Token) Signer(label string) (crypto.Signer, error) {
 type signer struct {
 	token  *Token
 	label  string
-	public crypto.PublicKey
+	public crypto.PublicKey // what the signer was made for, and advertises
+	id     []byte           // CKA_ID of that key
 	cached atomic.Pointer[cachedKey]
 }
 
@@ -456,8 +458,13 @@ func (s *signer) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 		c := s.cached.Load()
 		if c.generation != gen {
 			// Handles from before a reopen are meaningless to the new session.
-			k, _, err := s.token.findKeyPair(ctx, s.label)
+			k, id, err := s.token.findKeyPair(ctx, s.label)
 			if err != nil {
+				return err
+			}
+			// The label may now name another key (deleted and generated
+			// again): signing with it would not match what we advertise.
+			if err := s.sameKey(k.Public(), id); err != nil {
 				return err
 			}
 			c = &cachedKey{key: k, generation: gen}
@@ -474,6 +481,19 @@ func (s *signer) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 		return nil, fmt.Errorf("hsm: signing with key %q: %w", s.label, explain(err))
 	}
 	return sig, nil
+}
+
+// sameKey checks a key found again under the signer's label against the one
+// the signer was made for.
+func (s *signer) sameKey(pub crypto.PublicKey, id []byte) error {
+	eq, ok := s.public.(interface{ Equal(crypto.PublicKey) bool })
+	switch {
+	case !ok || !eq.Equal(pub):
+		return &KeyChangedError{Label: s.label, Token: s.token.Label(), What: "public key differs"}
+	case !bytes.Equal(s.id, id):
+		return &KeyChangedError{Label: s.label, Token: s.token.Label(), What: "CKA_ID differs"}
+	}
+	return nil
 }
 
 // pssAutoToExplicit replaces rsa.PSSSaltLengthAuto, which crypto11 refuses,

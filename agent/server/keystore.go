@@ -26,7 +26,23 @@ type KeyStore interface {
 	// the outage itself (package hsm logs its start and end once each). Any
 	// other Sign error is answered Internal, audited hsm-error, and logged at
 	// most once a second.
+	//
+	// A signer signs only with the key its Public names. When the label comes
+	// to name another key pair (deleted and generated again while the agent
+	// runs), a signer obtained before either keeps signing with its own key
+	// (the MemoryStore's, which holds the key itself) or refuses with an error
+	// that implements KeyChangedError (the PKCS#11 token's, which finds keys
+	// by label); it never signs with the new key. On such an error the agent
+	// refuses the request and reloads its keys.
 	Signer(label string) (crypto.Signer, error)
+}
+
+// KeyChangedError is the signer error that means the key under its label was
+// replaced in the store: KeyChanged returns true. It is an interface so that
+// a backend (package hsm) need not import the agent, nor the agent the backend.
+type KeyChangedError interface {
+	error
+	KeyChanged() bool
 }
 
 // Key is a key pair as a KeyStore lists it.

@@ -70,8 +70,10 @@ type Server struct {
 
 	gate     *gate // admits signatures into the key store
 	observer Observer
-	version string
-	expiry  *expiryWatch // warns in the log before certificates expire
+	version  string
+	expiry   *expiryWatch // warns in the log before certificates expire
+
+	keyChanges keyChanges // reloads after a key was replaced in the store (keychange.go)
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -212,9 +214,10 @@ func (s *Server) load(policy *Policy) error {
 		if rp, ok := k.Public.(*rsa.PublicKey); ok {
 			e.rsaPub = rp
 		}
-		// Keep the signer of an unchanged key: it holds a warm handle.
+		// Keep the signer of an unchanged key: it holds a warm handle. A new
+		// id is another key object, which the old signer refuses (KeyChangedError).
 		if old != nil {
-			if prev := old.keys[k.Label]; prev != nil && bytes.Equal(prev.proto.PublicKey, pk.PublicKey) {
+			if prev := old.keys[k.Label]; prev != nil && bytes.Equal(prev.proto.PublicKey, pk.PublicKey) && bytes.Equal(prev.proto.Id, pk.Id) {
 				e.signer = prev.signer
 			}
 		}
@@ -379,6 +382,10 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 	var ge *gateError
 	if errors.As(err, &ge) {
 		return nil, ge.code, ge
+	}
+	if isKeyChanged(err) {
+		ke := s.keyChanged(req.Key, e, err)
+		return nil, ke.code, ke
 	}
 	if err != nil {
 		if backendDown(err) {

@@ -148,9 +148,13 @@ func join(prefix, name string) string {
 	return prefix + "." + name
 }
 
+// The decoder's messages end with a Go type (which has no spaces), after a
+// setting name or value that may hold anything, newlines and backquotes included.
 var (
-	unknownField = regexp.MustCompile(`^line (\d+): field (\S+) not found in type`)
-	typeMismatch = regexp.MustCompile("^line (\\d+): cannot unmarshal !!(\\w+)(?: `(.*?)`)? into (\\S+)")
+	unknownField = regexp.MustCompile(`(?s)^line (\d+): field (.*) not found in type \S+$`)
+	fieldTwice   = regexp.MustCompile(`(?s)^line (\d+): field (.*) already set in type \S+$`)
+	typeMismatch = regexp.MustCompile("(?s)^line (\\d+): cannot unmarshal !!?([^ ]*?)(?: `(.*)`)? into (\\S+)$")
+	goTypeSuffix = regexp.MustCompile(`(?s) (?:into|in type) \S+$`)
 )
 
 // decodeError rewrites the YAML decoder's errors, which name Go types, into
@@ -166,12 +170,17 @@ func (cfg *config) decodeError(err error) error {
 			msgs = append(msgs, fmt.Sprintf("line %s: unknown setting %q", m[1], m[2]))
 			continue
 		}
+		if m := fieldTwice.FindStringSubmatch(e); m != nil {
+			msgs = append(msgs, fmt.Sprintf("line %s: setting %q given twice", m[1], m[2]))
+			continue
+		}
 		if m := typeMismatch.FindStringSubmatch(e); m != nil {
 			line, _ := strconv.Atoi(m[1])
 			msgs = append(msgs, fmt.Sprintf("line %d: %s must be %s, not %s", line, cfg.settingAt(line, m[2]), kindOf(m[4]), yamlKind(m[2], m[3])))
 			continue
 		}
-		msgs = append(msgs, e)
+		// Anything else still names no Go type and stays on one line.
+		msgs = append(msgs, strings.ReplaceAll(goTypeSuffix.ReplaceAllString(e, ""), "\n", `\n`))
 	}
 	return fmt.Errorf("config %q %s", cfg.path, strings.Join(msgs, "; "))
 }

@@ -45,6 +45,7 @@ func Run(t *testing.T, newStore func(t *testing.T) Store) {
 	t.Run("Chains", func(t *testing.T) { testChains(t, newStore(t)) })
 	t.Run("Delete", func(t *testing.T) { testDelete(t, newStore(t)) })
 	t.Run("ConcurrentSigners", func(t *testing.T) { testConcurrent(t, newStore(t)) })
+	t.Run("ReplacedKeyNeverSignsForOldSigner", func(t *testing.T) { testReplaced(t, newStore(t)) })
 }
 
 // types are the key types the suite generates: RSA 3072/4096 add only
@@ -296,6 +297,51 @@ func testConcurrent(t *testing.T, s Store) {
 	close(errs)
 	for err := range errs {
 		t.Errorf("concurrent signature: %v", err)
+	}
+}
+
+// testReplaced deletes a key and generates another under the same label: a
+// signer obtained before may keep signing with its own key or refuse with a
+// server.KeyChangedError, but never sign with the new key.
+func testReplaced(t *testing.T, s Store) {
+	oldPub := generate(t, s, "swap", keytype.ECDSAP256)
+	signer, err := s.Signer("swap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := digestFor(crypto.SHA256)
+	if _, err := signer.Sign(rand.Reader, digest, crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete("swap"); err != nil {
+		t.Fatal(err)
+	}
+	newPub := generate(t, s, "swap", keytype.ECDSAP256)
+	for i := range 2 {
+		sig, err := signer.Sign(rand.Reader, digest, crypto.SHA256)
+		var kc server.KeyChangedError
+		switch {
+		case err == nil && verify(newPub, digest, sig, crypto.SHA256) == nil:
+			t.Fatalf("sign %d: the old signer signed with the new key", i)
+		case err == nil && verify(oldPub, digest, sig, crypto.SHA256) != nil:
+			t.Fatalf("sign %d: the old signer's signature verifies with neither key", i)
+		case err != nil && (!errors.As(err, &kc) || !kc.KeyChanged()):
+			t.Fatalf("sign %d: %v; want a signature by the old key or a KeyChangedError", i, err)
+		}
+	}
+	fresh, err := s.Signer("swap")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !equalPublic(fresh.Public(), newPub) {
+		t.Error("a new signer does not serve the new key")
+	}
+	sig, err := fresh.Sign(rand.Reader, digest, crypto.SHA256)
+	if err == nil {
+		err = verify(newPub, digest, sig, crypto.SHA256)
+	}
+	if err != nil {
+		t.Errorf("new signer: %v", err)
 	}
 }
 
