@@ -38,6 +38,9 @@ func (peerCredentials) ClientHandshake(_ context.Context, _ string, conn net.Con
 }
 
 func (peerCredentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	if pc, ok := conn.(*peerConn); ok { // read at accept
+		return conn, pc.peer, nil
+	}
 	p, err := ReadPeer(conn)
 	if err != nil {
 		return nil, nil, err

@@ -45,7 +45,20 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 
 	results := make(chan *agentpb.SignStreamResult, maxInFlightPerStream+maxBatch)
 	inFlight := 0
-	flush := func(first *agentpb.SignStreamResult) error {
+	// Sends run one at a time beside the loop, so that a client that stops
+	// reading (its flow-control window closed) is noticed: after
+	// stallAfter without a send completing, the stream ends and what it held
+	// is freed. Send blocks once gRPC holds 64 KiB for the stream.
+	sent := make(chan error, 1)
+	sending := false
+	var stall *time.Timer
+	var stalled <-chan time.Time
+	defer func() {
+		if stall != nil {
+			stall.Stop()
+		}
+	}()
+	send := func(first *agentpb.SignStreamResult) {
 		batch := []*agentpb.SignStreamResult{first}
 	more:
 		for len(batch) < maxBatch {
@@ -57,12 +70,19 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 			}
 		}
 		inFlight -= len(batch)
-		return stream.Send(&agentpb.SignStreamResponse{Results: batch})
+		sending = true
+		if stall == nil {
+			stall = time.NewTimer(s.stallAfter)
+			stalled = stall.C
+		} else {
+			stall.Reset(s.stallAfter)
+		}
+		go func() { sent <- stream.Send(&agentpb.SignStreamResponse{Results: batch}) }()
 	}
 	draining := false
 	stopping := s.stopping
 	for {
-		if draining && inFlight == 0 {
+		if draining && inFlight == 0 && !sending {
 			if s.isStopping() {
 				return status.Error(codes.Unavailable, "agent: shutting down")
 			}
@@ -71,6 +91,10 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		var in <-chan *agentpb.SignStreamRequest
 		if !draining && inFlight < maxInFlightPerStream {
 			in = requests
+		}
+		var out <-chan *agentpb.SignStreamResult
+		if !sending {
+			out = results
 		}
 		select {
 		case msg, ok := <-in:
@@ -98,10 +122,17 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 					results <- r // room for every item in flight: never blocks
 				}(it.Id, it.Request)
 			}
-		case r := <-results:
-			if err := flush(r); err != nil {
+		case r := <-out:
+			send(r)
+		case err := <-sent:
+			sending = false
+			stall.Stop()
+			if err != nil {
 				return err
 			}
+		case <-stalled:
+			s.limits.hit("stream send timeout", p.UID, int(s.stallAfter.Seconds()))
+			return status.Errorf(codes.ResourceExhausted, "agent: the client read no results for %v; ending the stream", s.stallAfter)
 		case <-stopping:
 			draining, stopping = true, nil
 		case <-ctx.Done():
