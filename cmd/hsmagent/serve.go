@@ -29,7 +29,7 @@ Every signature writes an audit record.
 Signals: SIGHUP reloads certificate chains and the config's access rules (a failed reload
 keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
 close the token and exit 0.`,
-		Flags: append(tokenFlags(),
+		Flags: append(append(tokenFlags(), limitFlags()...),
 			configFlag,
 			socketFlag,
 			&cli.StringFlag{Name: "socket-mode", Usage: "socket file `MODE` (octal)", Value: "0660", EnvVars: []string{"HSMAGENT_SOCKET_MODE"}},
@@ -94,6 +94,11 @@ func serveAction(c *cli.Context) error {
 	if c.Int("max-sessions") < 1 || c.Int("max-waiting") < 1 || c.Duration("hsm-timeout") <= 0 {
 		return usagef("--max-sessions, --max-waiting and --hsm-timeout must be positive")
 	}
+	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
+		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout")}
+	if err := limitOptions(c, &opts); err != nil {
+		return err
+	}
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
@@ -105,8 +110,7 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	defer tok.Close()
-	srv, err := server.New(hsmstore.New(tok), server.Options{Logger: log, Audit: audit, Policy: policy,
-		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout")})
+	srv, err := server.New(hsmstore.New(tok), opts)
 	if err != nil {
 		return err
 	}
