@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,23 +32,49 @@ const (
 )
 
 // gate admits operations into the key store: at most maxInFlight at once
-// (the HSM's sessions), at most maxWaiting queued behind them, none for a
-// caller that has gone, and none while an operation is stuck in the HSM past
-// the timeout. It is the only place that waits for the HSM.
+// (the HSM's sessions), at most maxWaiting queued behind them, at most
+// perUID of one uid waiting or in flight (so that one caller cannot fill the
+// queue and starve the others), none for a caller that has gone, and none
+// while an operation is stuck in the HSM past the timeout. It is the only
+// place that waits for the HSM.
 type gate struct {
 	slots      chan struct{}
 	waiting    atomic.Int64
 	maxWaiting int64
+	perUID     int
 	timeout    time.Duration
 	stuck      atomic.Int64 // operations past the timeout, still inside the HSM
 	log        *slog.Logger
+	limits     *limitLog
 	setHealth  func(serving bool)
 	failures   sampler // "signing failed" lines: HSM errors other than the gate's
+
+	mu    sync.Mutex
+	byUID map[int]int // operations waiting or in the HSM, per uid
 }
 
-func newGate(maxInFlight, maxWaiting int, timeout time.Duration, log *slog.Logger, setHealth func(bool)) *gate {
-	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), timeout: timeout, log: log, setHealth: setHealth,
-		failures: sampler{interval: time.Second}}
+func newGate(maxInFlight, maxWaiting, perUID int, timeout time.Duration, log *slog.Logger, limits *limitLog, setHealth func(bool)) *gate {
+	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), perUID: perUID, timeout: timeout,
+		log: log, limits: limits, setHealth: setHealth, byUID: make(map[int]int), failures: sampler{interval: time.Second}}
+}
+
+// enter counts an operation of uid unless uid has its share already.
+func (g *gate) enter(uid int) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.byUID[uid] >= g.perUID {
+		return false
+	}
+	g.byUID[uid]++
+	return true
+}
+
+func (g *gate) leave(uid int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.byUID[uid]--; g.byUID[uid] <= 0 {
+		delete(g.byUID, uid)
+	}
 }
 
 // gateError is a refusal or failure decided by the agent (the gate, or the
@@ -65,15 +92,25 @@ type signResult struct {
 	err error
 }
 
-// do runs op when the HSM may take it. op's own error is returned as is;
-// the gate's refusals and failures are *gateError.
-func (g *gate) do(ctx context.Context, op func() ([]byte, error)) ([]byte, error) {
+// do runs op for uid when the HSM may take it. op's own error is returned
+// as is; the gate's refusals and failures are *gateError.
+func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]byte, error) {
 	if n := g.stuck.Load(); n > 0 {
 		return nil, &gateError{codes.Unavailable, resultDown, fmt.Sprintf(
 			"agent: the HSM is not answering (%d operation(s) stuck for more than %v); failing fast until it recovers", n, g.timeout)}
 	}
+	if !g.enter(uid) {
+		g.limits.hit("signatures per uid", uid, g.perUID)
+		return nil, &gateError{codes.ResourceExhausted, resultCallerBusy, fmt.Sprintf(
+			"agent: uid %d already has %d signatures waiting for the HSM or in it; try again later", uid, g.perUID)}
+	}
+	// The uid's place is given back with the HSM slot: an operation its
+	// caller abandoned still occupies the HSM until it returns.
+	free := func() { <-g.slots; g.leave(uid) }
 	if g.waiting.Add(1) > g.maxWaiting {
 		g.waiting.Add(-1)
+		g.leave(uid)
+		g.limits.hit("signatures waiting", -1, int(g.maxWaiting))
 		return nil, &gateError{codes.ResourceExhausted, resultBusy, fmt.Sprintf(
 			"agent: %d signatures are already waiting for the HSM; try again later", g.maxWaiting)}
 	}
@@ -82,10 +119,11 @@ func (g *gate) do(ctx context.Context, op func() ([]byte, error)) ([]byte, error
 		g.waiting.Add(-1)
 	case <-ctx.Done():
 		g.waiting.Add(-1)
+		g.leave(uid)
 		return nil, abandoned(ctx)
 	}
 	if ctx.Err() != nil { // gone while we took the slot: never send it to the HSM
-		<-g.slots
+		free()
 		return nil, abandoned(ctx)
 	}
 	done := make(chan signResult, 1)
@@ -97,27 +135,27 @@ func (g *gate) do(ctx context.Context, op func() ([]byte, error)) ([]byte, error
 	defer timer.Stop()
 	select {
 	case r := <-done:
-		<-g.slots
+		free()
 		return r.sig, r.err
 	case <-ctx.Done():
-		go func() { <-done; <-g.slots }()
+		go func() { <-done; free() }()
 		return nil, abandoned(ctx)
 	case <-timer.C:
-		g.markStuck(done)
+		g.markStuck(done, free)
 		return nil, &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
 	}
 }
 
 // markStuck counts an operation past the timeout until it returns, turning
 // health to NOT_SERVING on the first and back on the last, with one log line each.
-func (g *gate) markStuck(done <-chan signResult) {
+func (g *gate) markStuck(done <-chan signResult, free func()) {
 	if g.stuck.Add(1) == 1 {
 		g.log.Error("the HSM stopped answering: an operation is stuck past the HSM timeout; refusing new signatures until it returns", "hsm_timeout", g.timeout)
 		g.setHealth(false)
 	}
 	go func() {
 		<-done
-		<-g.slots
+		free()
 		if g.stuck.Add(-1) == 0 {
 			g.log.Info("the HSM answers again")
 			g.setHealth(true)

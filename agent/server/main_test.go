@@ -4,7 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -24,6 +27,9 @@ func TestMain(m *testing.M) {
 		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), false))
 	case "sign-message":
 		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), true))
+	case "hold":
+		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_CONNS"))
+		os.Exit(holdHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
 	}
 	os.Exit(m.Run())
 }
@@ -46,5 +52,30 @@ func signHelper(socket, key string, withMessage bool) int {
 		return 0
 	}
 	fmt.Println(status.Code(err))
+	return 0
+}
+
+// holdHelper opens n connections to the agent and holds them, without a
+// byte sent, until its standard input closes or 20 seconds have passed. It
+// prints "dialled N" once it has tried them all.
+func holdHelper(socket string, n int) int {
+	var conns []net.Conn
+	for range n {
+		c, err := net.Dial("unix", socket)
+		if err != nil {
+			continue // refused or the accept queue is full: a flood's lot
+		}
+		conns = append(conns, c)
+	}
+	fmt.Println("dialled", len(conns))
+	done := make(chan struct{})
+	go func() { io.Copy(io.Discard, os.Stdin); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+	}
+	for _, c := range conns {
+		c.Close()
+	}
 	return 0
 }

@@ -38,6 +38,9 @@ func (peerCredentials) ClientHandshake(_ context.Context, _ string, conn net.Con
 }
 
 func (peerCredentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	if pc, ok := conn.(*peerConn); ok { // read at accept
+		return conn, connAuth{pc.peer, pc}, nil
+	}
 	p, err := ReadPeer(conn)
 	if err != nil {
 		return nil, nil, err
@@ -69,14 +72,32 @@ func ReadPeer(conn net.Conn) (Peer, error) {
 	return p, credErr
 }
 
+// connAuth is the AuthInfo of a connection admitted by limitListener: the
+// peer, and the connection, for closing it when the peer stalls.
+type connAuth struct {
+	Peer
+	conn *peerConn
+}
+
 func peerFrom(ctx context.Context) (Peer, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
 		return Peer{}, errors.New("agent: no peer in context")
 	}
-	cred, ok := p.AuthInfo.(Peer)
-	if !ok {
-		return Peer{}, errors.New("agent: connection has no peer credentials")
+	switch cred := p.AuthInfo.(type) {
+	case Peer:
+		return cred, nil
+	case connAuth:
+		return cred.Peer, nil
 	}
-	return cred, nil
+	return Peer{}, errors.New("agent: connection has no peer credentials")
+}
+
+// closeConn closes the connection of the call with ctx, if it can.
+func closeConn(ctx context.Context) {
+	if p, ok := peer.FromContext(ctx); ok {
+		if a, ok := p.AuthInfo.(connAuth); ok {
+			a.conn.Close()
+		}
+	}
 }

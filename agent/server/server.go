@@ -57,6 +57,41 @@ type Options struct {
 	Version string
 	// Observer is told of signatures, reloads and HSM health, for metrics; nil: nobody.
 	Observer Observer
+
+	// The limits below keep any user who can connect to the socket from
+	// denying the agent to the others. Each is logged once when first hit
+	// and once when it has cleared.
+
+	// MaxConnections bounds the open connections of all callers; more are
+	// closed at accept. The last eighth is kept for root and the agent's own
+	// user. It is lowered to fit the open-file limit. 0 means
+	// DefaultMaxConnections.
+	MaxConnections int
+	// MaxConnectionsPerUID bounds the open connections of one uid other
+	// than root and the agent's own. 0 means DefaultMaxConnectionsPerUID.
+	MaxConnectionsPerUID int
+	// MaxStreamsPerConnection bounds the calls open at once on one
+	// connection (HTTP/2 concurrent streams); a client queues the others.
+	// 0 means DefaultMaxStreamsPerConnection.
+	MaxStreamsPerConnection int
+	// IdleTimeout closes a connection that has had no call open for this
+	// long. 0 means DefaultIdleTimeout.
+	IdleTimeout time.Duration
+	// StreamSendTimeout ends a SignStream whose client has read nothing for
+	// this long while results wait for it, so that a client that never reads
+	// holds the stream's memory only that long. 0 means
+	// DefaultStreamSendTimeout.
+	StreamSendTimeout time.Duration
+	// MaxSignaturesPerUID bounds the signatures of one uid waiting for the
+	// HSM or in it; more are refused at once with ResourceExhausted, so one
+	// caller cannot fill the queue ahead of the others. 0 means
+	// DefaultMaxSignaturesPerUID.
+	MaxSignaturesPerUID int
+	// AuditRefusalBurst is how many refusals of one uid are audited one
+	// record each before the rest are counted: then one more record a second,
+	// and a "refusals suppressed" record with the count per reason every
+	// second. 0 means DefaultAuditRefusalBurst.
+	AuditRefusalBurst int
 }
 
 // Server serves the hsmagent.v1 API.
@@ -68,12 +103,16 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 
-	gate     *gate // admits signatures into the key store
 	observer Observer
 	version  string
 	expiry   *expiryWatch // warns in the log before certificates expire
 
-	keyChanges keyChanges // reloads after a key was replaced in the store (keychange.go)
+	keyChanges keyChanges    // reloads after a key was replaced in the store (keychange.go)
+	gate       *gate         // admits signatures into the key store
+	conns      *connLimits   // admits connections
+	limits     *limitLog     // logs each limit once when hit and once when cleared
+	refusals   *refusalAudit // bounds the audit records of refusals
+	stallAfter time.Duration // StreamSendTimeout
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -122,9 +161,20 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	if opts.Observer == nil {
 		opts.Observer = nopObserver{}
 	}
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), version: opts.Version,
-		observer: opts.Observer}
-	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.HSMTimeout, opts.Logger, s.setServing)
+	orDefault(&opts.MaxConnections, DefaultMaxConnections)
+	orDefault(&opts.MaxConnectionsPerUID, DefaultMaxConnectionsPerUID)
+	orDefault(&opts.MaxStreamsPerConnection, DefaultMaxStreamsPerConnection)
+	orDefault(&opts.IdleTimeout, DefaultIdleTimeout)
+	orDefault(&opts.StreamSendTimeout, DefaultStreamSendTimeout)
+	orDefault(&opts.MaxSignaturesPerUID, DefaultMaxSignaturesPerUID)
+	orDefault(&opts.AuditRefusalBurst, DefaultAuditRefusalBurst)
+	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
+	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
+		version: opts.Version, observer: opts.Observer}
+	s.limits = newLimitLog(opts.Logger)
+	s.refusals = newRefusalAudit(opts.Audit, opts.AuditRefusalBurst)
+	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
+	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setServing)
 	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
 	if err := s.load(opts.Policy); err != nil {
 		return nil, err
@@ -135,11 +185,32 @@ func New(store KeyStore, opts Options) (*Server, error) {
 		grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))),
 		grpc.MaxSendMsgSize(wire.MaxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: opts.IdleTimeout}),
+		grpc.MaxConcurrentStreams(uint32(opts.MaxStreamsPerConnection)),
+		grpc.ConnectionTimeout(handshakeTimeout),
+		// Small messages on a local socket: the smallest windows gRPC allows
+		// (64 KiB, and no growth by bandwidth probing) and small buffers
+		// bound what each connection and stream can make the agent hold.
+		grpc.StaticStreamWindowSize(64<<10),
+		grpc.StaticConnWindowSize(64<<10),
+		grpc.ReadBufferSize(connBuffer),
+		grpc.WriteBufferSize(connBuffer),
+		grpc.SharedWriteBuffer(true),
 	)
 	agentpb.RegisterAgentServer(s.grpc, s)
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	return s, nil
+}
+
+// connBuffer is the read and write buffer of each connection: requests are
+// at most wire.MaxRequestSize, and most are far smaller.
+const connBuffer = 8 << 10
+
+func orDefault[T int | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
+	}
 }
 
 // HSMAnswering reports whether no operation is stuck in the HSM past the
@@ -160,7 +231,7 @@ func (s *Server) setServing(serving bool) {
 // Serve accepts connections on l until Shutdown.
 func (s *Server) Serve(l net.Listener) error {
 	go s.watchExpiry()
-	err := s.grpc.Serve(l)
+	err := s.grpc.Serve(&limitListener{Listener: l, s: s})
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
 	}
@@ -179,6 +250,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 	case <-ctx.Done():
 		s.grpc.Stop()
 	}
+	s.refusals.stop()
 }
 
 // Reload reads the keys and chains again and installs policy (nil keeps the
@@ -378,7 +450,7 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
-	sig, err := s.gate.do(ctx, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) })
+	sig, err := s.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) })
 	var ge *gateError
 	if errors.As(err, &ge) {
 		return nil, ge.code, ge
@@ -414,15 +486,20 @@ func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest
 	case err != nil:
 		result, level = code.String(), slog.LevelWarn
 	}
-	label := req.Key
-	if len(label) > maxLabel {
-		label = label[:maxLabel]
-	}
 	known := ""
 	if s.state.Load().keys[req.Key] != nil {
 		known = req.Key
 	}
-	s.observer.Signed(known, result, d)
+	s.observer.Signed(known, result, d) // every request counts, audited or not
+	// Refusals cost the caller nothing, so their records are rationed per
+	// uid; signatures and HSM failures are bounded by the HSM itself.
+	if err != nil && result != resultHSMError && result != resultTimeout && !s.refusals.allow(p.UID, "sign", result) {
+		return
+	}
+	label := req.Key
+	if len(label) > maxLabel {
+		label = label[:maxLabel]
+	}
 	s.audit.LogAttrs(ctx, level, "sign",
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.String("key", label), slog.String("hash", req.Hash.String()),

@@ -6,14 +6,20 @@ import (
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // maxInFlightPerStream bounds the signatures one stream may have pending:
 // beyond it the stream stops reading and the client waits.
-const maxInFlightPerStream = 256
+const maxInFlightPerStream = 64
 
 // maxBatch bounds the items of one SignStream message in either direction.
 const maxBatch = 64
+
+// maxResponseBytes bounds a response message: gRPC holds up to 64 KiB of
+// them for a client that does not read, in pooled buffers whose sizes jump
+// from 16 to 32 KiB, so a larger message would waste half its buffer.
+const maxResponseBytes = 16<<10 - 64
 
 // SignStream implements agentpb.AgentServer. Each item is signed in its own
 // goroutine; results that complete while a message is being sent go out
@@ -45,24 +51,50 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 
 	results := make(chan *agentpb.SignStreamResult, maxInFlightPerStream+maxBatch)
 	inFlight := 0
-	flush := func(first *agentpb.SignStreamResult) error {
+	// Sends run one at a time beside the loop, so that a client that stops
+	// reading (its flow-control window closed) is noticed: after stallAfter
+	// without a send completing, its connection is closed and what it held
+	// is freed. Send blocks once gRPC holds 64 KiB for the stream.
+	sent := make(chan error, 1)
+	sending := false
+	var stall *time.Timer
+	var stalled <-chan time.Time
+	defer func() {
+		if stall != nil {
+			stall.Stop()
+		}
+	}()
+	var carry *agentpb.SignStreamResult // taken for a batch it did not fit in
+	send := func(first *agentpb.SignStreamResult) {
 		batch := []*agentpb.SignStreamResult{first}
+		size := proto.Size(first)
 	more:
 		for len(batch) < maxBatch {
 			select {
 			case r := <-results:
+				if size += proto.Size(r) + 3; size > maxResponseBytes { // 3: the field's tag and length
+					carry = r
+					break more
+				}
 				batch = append(batch, r)
 			default:
 				break more
 			}
 		}
 		inFlight -= len(batch)
-		return stream.Send(&agentpb.SignStreamResponse{Results: batch})
+		sending = true
+		if stall == nil {
+			stall = time.NewTimer(s.stallAfter)
+			stalled = stall.C
+		} else {
+			stall.Reset(s.stallAfter)
+		}
+		go func() { sent <- stream.Send(&agentpb.SignStreamResponse{Results: batch}) }()
 	}
 	draining := false
 	stopping := s.stopping
 	for {
-		if draining && inFlight == 0 {
+		if draining && inFlight == 0 && !sending {
 			if s.isStopping() {
 				return status.Error(codes.Unavailable, "agent: shutting down")
 			}
@@ -71,6 +103,16 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		var in <-chan *agentpb.SignStreamRequest
 		if !draining && inFlight < maxInFlightPerStream {
 			in = requests
+		}
+		var out <-chan *agentpb.SignStreamResult
+		if !sending {
+			if carry != nil {
+				r := carry
+				carry = nil
+				send(r)
+				continue
+			}
+			out = results
 		}
 		select {
 		case msg, ok := <-in:
@@ -98,10 +140,20 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 					results <- r // room for every item in flight: never blocks
 				}(it.Id, it.Request)
 			}
-		case r := <-results:
-			if err := flush(r); err != nil {
+		case r := <-out:
+			send(r)
+		case err := <-sent:
+			sending = false
+			stall.Stop()
+			if err != nil {
 				return err
 			}
+		case <-stalled:
+			s.limits.hit("stream send timeout", p.UID, int(s.stallAfter.Seconds()))
+			// gRPC queues the stream's end behind the data the client does
+			// not read, so only closing the connection frees what it holds.
+			closeConn(ctx)
+			return status.Errorf(codes.ResourceExhausted, "agent: the client read no results for %v; ending the stream", s.stallAfter)
 		case <-stopping:
 			draining, stopping = true, nil
 		case <-ctx.Done():

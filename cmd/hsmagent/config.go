@@ -41,6 +41,15 @@ type config struct {
 	// D1 holds the proxy and token settings per environment: PPR and PRD.
 	D1 map[string]*d1Section `yaml:"d1"`
 
+	// Limits per caller: see limitFlags.
+	MaxConnections          string `yaml:"max_connections" flag:"max-connections"`
+	MaxConnectionsPerUID    string `yaml:"max_connections_per_uid" flag:"max-connections-per-uid"`
+	MaxStreamsPerConnection string `yaml:"max_streams_per_connection" flag:"max-streams-per-connection"`
+	IdleTimeout             string `yaml:"idle_timeout" flag:"idle-timeout"`
+	StreamSendTimeout       string `yaml:"stream_send_timeout" flag:"stream-send-timeout"`
+	MaxSignaturesPerUID     string `yaml:"max_signatures_per_uid" flag:"max-signatures-per-uid"`
+	AuditRefusalBurst       string `yaml:"audit_refusal_burst" flag:"audit-refusal-burst"`
+
 	path   string              // the file, "" without one
 	lines  map[string]int      // setting path ("d1.PPR.jwt.kid", "access.0") -> line of its key
 	values map[string]valuePos // setting path -> where its value starts and what it is

@@ -30,7 +30,7 @@ Every signature writes an audit record.
 Signals: SIGHUP reloads certificate chains and the config's access rules (a failed reload
 keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
 close the token and exit 0.`,
-		Flags: append(tokenFlags(),
+		Flags: append(append(tokenFlags(), limitFlags()...),
 			configFlag,
 			socketFlag,
 			&cli.StringFlag{Name: "socket-mode", Usage: "socket file `MODE` (octal)", Value: "0660", EnvVars: []string{"HSMAGENT_SOCKET_MODE"}},
@@ -96,6 +96,12 @@ func serveAction(c *cli.Context) error {
 	if c.Int("max-sessions") < 1 || c.Int("max-waiting") < 1 || c.Duration("hsm-timeout") <= 0 {
 		return usagef("--max-sessions, --max-waiting and --hsm-timeout must be positive")
 	}
+	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
+		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
+		Version: version}
+	if err := limitOptions(c, &opts); err != nil {
+		return err
+	}
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
@@ -109,9 +115,6 @@ func serveAction(c *cli.Context) error {
 	}
 	defer tok.Close()
 	var srv *server.Server
-	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
-		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
-		Version: version}
 	stopMetrics, err := startMetrics(c.String("metrics-listen"), &opts, func() (int, int) { return srv.HSMLoad() }, log)
 	if err != nil {
 		return err

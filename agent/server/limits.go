@@ -1,0 +1,315 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Defaults of the limits that keep one local user from denying the agent to
+// the others (see Options).
+const (
+	DefaultMaxConnections          = 1024
+	DefaultMaxConnectionsPerUID    = 64
+	DefaultMaxStreamsPerConnection = 16
+	DefaultIdleTimeout             = 5 * time.Minute
+	DefaultStreamSendTimeout       = 30 * time.Second
+	DefaultMaxSignaturesPerUID     = 256
+	DefaultAuditRefusalBurst       = 32
+)
+
+// Audit results of refusals decided by the limits.
+const (
+	resultCallerBusy    = "caller-busy"              // refused: this uid has its share of signatures waiting or in flight
+	resultTooManyConns  = "too-many-connections"     // refused at accept: the agent holds its maximum of connections
+	resultTooManyForUID = "too-many-connections-uid" // refused at accept: this uid holds its maximum of connections
+)
+
+const (
+	// handshakeTimeout bounds the time from accept to the client's HTTP/2
+	// preface: a local client sends it at once, a held-open socket does not.
+	handshakeTimeout = 10 * time.Second
+	// limitQuiet is how long a limit must go without refusing before the
+	// log says it has cleared; shorter would log twice per refusal when a
+	// flood hovers at the limit.
+	limitQuiet = 10 * time.Second
+	// refusalRefill is how often a uid earns one more full refusal record
+	// once its burst is spent; summaryInterval is how often the refusals
+	// counted meanwhile are written as summaries.
+	refusalRefill   = time.Second
+	summaryInterval = time.Second
+	// fdReserve is kept free of connections for the HSM module, the audit
+	// log and the listener.
+	fdReserve = 64
+)
+
+// limitLog writes one line when a limit is first hit and one when it has
+// gone limitQuiet without refusing, with the count refused meanwhile: never
+// a line per refused request.
+type limitLog struct {
+	log   *slog.Logger
+	mu    sync.Mutex
+	hits  map[limitKey]*limitHit
+	timer *time.Timer
+}
+
+type limitKey struct {
+	name string
+	uid  int // -1: the limit for all callers together
+}
+
+type limitHit struct {
+	last    time.Time
+	refused int64
+}
+
+func newLimitLog(log *slog.Logger) *limitLog {
+	return &limitLog{log: log, hits: make(map[limitKey]*limitHit)}
+}
+
+// hit records a refusal by the limit name (for uid, or -1) set at max.
+func (l *limitLog) hit(name string, uid, max int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := limitKey{name, uid}
+	h := l.hits[k]
+	if h == nil {
+		h = &limitHit{}
+		l.hits[k] = h
+		l.log.Warn("limit reached: refusing more until it clears", limitAttrs(k, slog.Int("max", max))...)
+		if l.timer == nil {
+			l.timer = time.AfterFunc(limitQuiet, l.sweep)
+		}
+	}
+	h.last = time.Now()
+	h.refused++
+}
+
+func (l *limitLog) sweep() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, h := range l.hits {
+		if time.Since(h.last) >= limitQuiet {
+			l.log.Info("limit cleared", limitAttrs(k, slog.Int64("refused", h.refused))...)
+			delete(l.hits, k)
+		}
+	}
+	l.timer = nil
+	if len(l.hits) > 0 {
+		l.timer = time.AfterFunc(limitQuiet, l.sweep)
+	}
+}
+
+func limitAttrs(k limitKey, a slog.Attr) []any {
+	attrs := []any{"limit", k.name}
+	if k.uid >= 0 {
+		attrs = append(attrs, "uid", k.uid)
+	}
+	return append(attrs, a)
+}
+
+// refusalAudit bounds the audit records of refusals per uid: a burst of full
+// records, then one more per refusalRefill; the refusals beyond are counted
+// per (uid, event, reason) and written as one "refusals suppressed" record
+// per summaryInterval. A refused request costs a map update, not a write.
+type refusalAudit struct {
+	audit *slog.Logger
+	burst int
+	mu    sync.Mutex
+	uids  map[int]*refusals
+	timer *time.Timer
+}
+
+type refusals struct {
+	tokens     *rate.Limiter
+	suppressed map[refusalKey]int64
+}
+
+type refusalKey struct{ event, reason string }
+
+func newRefusalAudit(audit *slog.Logger, burst int) *refusalAudit {
+	return &refusalAudit{audit: audit, burst: burst, uids: make(map[int]*refusals)}
+}
+
+// allow reports whether a refusal of uid's event for reason gets its own
+// record; if not, it is counted for the next summary.
+func (a *refusalAudit) allow(uid int, event, reason string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r := a.uids[uid]
+	if r == nil {
+		r = &refusals{tokens: rate.NewLimiter(rate.Every(refusalRefill), a.burst), suppressed: make(map[refusalKey]int64)}
+		a.uids[uid] = r
+	}
+	if a.timer == nil { // also forgets idle uids, so the map stays small
+		a.timer = time.AfterFunc(summaryInterval, a.flush)
+	}
+	if r.tokens.Allow() {
+		return true
+	}
+	r.suppressed[refusalKey{event, reason}]++
+	return false
+}
+
+// flush writes the summaries and forgets the uids whose burst is whole again.
+func (a *refusalAudit) flush() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := time.Now()
+	for uid, r := range a.uids {
+		for k, n := range r.suppressed {
+			a.audit.LogAttrs(context.Background(), slog.LevelWarn, "refusals suppressed",
+				slog.Int("uid", uid), slog.String("event", k.event), slog.String("reason", k.reason),
+				slog.Int64("count", n))
+		}
+		clear(r.suppressed)
+		if r.tokens.TokensAt(now) >= float64(a.burst) {
+			delete(a.uids, uid)
+		}
+	}
+	a.timer = nil
+	if len(a.uids) > 0 {
+		a.timer = time.AfterFunc(summaryInterval, a.flush)
+	}
+}
+
+// stop writes what is counted: on shutdown no refusal goes unrecorded.
+func (a *refusalAudit) stop() {
+	a.mu.Lock()
+	if a.timer != nil {
+		a.timer.Stop()
+	}
+	a.mu.Unlock()
+	a.flush()
+	a.mu.Lock()
+	if a.timer != nil {
+		a.timer.Stop()
+		a.timer = nil
+	}
+	a.mu.Unlock()
+}
+
+// connLimits counts the open connections, in total and per uid.
+// Root and the agent's own user are exempt from the per-uid limit, and the
+// last eighth of the total is kept for them, so that their signatures keep
+// working while other users hold every connection they may.
+type connLimits struct {
+	max, perUID, reserve int
+	self                 int
+	mu                   sync.Mutex
+	total                int
+	byUID                map[int]int
+}
+
+func newConnLimits(max, perUID int) *connLimits {
+	return &connLimits{max: max, perUID: perUID, reserve: max / 8, self: os.Geteuid(), byUID: make(map[int]int)}
+}
+
+func (c *connLimits) exempt(uid int) bool { return uid == 0 || uid == c.self }
+
+// admit counts a connection of uid, or returns the reason it is refused.
+func (c *connLimits) admit(uid int) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.exempt(uid) && c.total >= c.max:
+		return resultTooManyConns
+	case !c.exempt(uid) && c.total >= c.max-c.reserve:
+		return resultTooManyConns
+	case !c.exempt(uid) && c.byUID[uid] >= c.perUID:
+		return resultTooManyForUID
+	}
+	c.total++
+	c.byUID[uid]++
+	return ""
+}
+
+func (c *connLimits) release(uid int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.total--
+	if c.byUID[uid]--; c.byUID[uid] <= 0 {
+		delete(c.byUID, uid)
+	}
+}
+
+// limitListener reads each connection's peer credentials at accept and
+// closes, before gRPC spends anything on it, a connection over the limits.
+type limitListener struct {
+	net.Listener
+	s *Server
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			return c, nil // the handshake refuses it with the reason
+		}
+		p, err := ReadPeer(uc)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		if reason := l.s.conns.admit(p.UID); reason != "" {
+			c.Close()
+			l.s.refuseConn(p, reason)
+			continue
+		}
+		return &peerConn{UnixConn: uc, peer: p, release: func() { l.s.conns.release(p.UID) }}, nil
+	}
+}
+
+// peerConn is an admitted connection: it carries the credentials read at
+// accept and gives its place back when closed.
+type peerConn struct {
+	*net.UnixConn
+	peer    Peer
+	once    sync.Once
+	release func()
+}
+
+func (c *peerConn) Close() error {
+	c.once.Do(c.release)
+	return c.UnixConn.Close()
+}
+
+func (s *Server) refuseConn(p Peer, reason string) {
+	if reason == resultTooManyConns {
+		s.limits.hit("connections", -1, s.conns.max)
+	} else {
+		s.limits.hit("connections per uid", p.UID, s.conns.perUID)
+	}
+	if s.refusals.allow(p.UID, "connect", reason) {
+		s.audit.LogAttrs(context.Background(), slog.LevelWarn, "connect",
+			slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("result", reason))
+	}
+}
+
+// fdLimit clamps max connections below the open-file limit (which the Go
+// runtime has raised from its soft to its hard value at start), leaving
+// fdReserve descriptors for everything else.
+func fdLimit(want int, log *slog.Logger) int {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<30 {
+		return want
+	}
+	if room := int(rl.Cur) - fdReserve; room < want {
+		room = max(room, 1)
+		log.Warn(fmt.Sprintf("the open-file limit (RLIMIT_NOFILE %d) is below max connections plus %d; lowering max connections", rl.Cur, fdReserve),
+			"max_connections", room)
+		return room
+	}
+	return want
+}
