@@ -98,94 +98,91 @@ func benchAction(c *cli.Context) error {
 	if d <= 0 {
 		return usagef("--duration must be positive")
 	}
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return err
-	}
-	defer tok.Close()
-	local, err := tok.Signer(label)
-	if err != nil {
-		return err
-	}
-
-	socket := c.String("socket")
-	if socket == "" {
-		stop, path, err := startChildAgent(c)
+	return withToken(sel, func(tok *hsm.Token) error {
+		local, err := tok.Signer(label)
 		if err != nil {
 			return err
 		}
-		defer stop()
-		socket = path
-	}
-	ctx := c.Context
-	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	client, err := agent.Dial(dialCtx, socket)
-	cancel()
-	if err != nil {
-		return err
-	}
-	defer client.Close()
-	remote, err := client.Signer(ctx, label)
-	if err != nil {
-		return err
-	}
-	agentPID, err := socketPeerPID(socket)
-	if err != nil {
-		return err
-	}
 
-	report := benchReport{Key: label, KeyType: string(hsm.KeyTypeOf(local.Public())),
-		Machine: fmt.Sprintf("%s/%s, %d CPUs", runtime.GOOS, runtime.GOARCH, runtime.NumCPU())}
-	infof(c, "benchmarking key %q (%s), %s callers, %s per phase", label, report.KeyType, c.String("concurrency"), d)
-	add := func(r bench.Result) bench.Result {
-		report.Results = append(report.Results, r)
-		if r.Errors > 0 {
-			warnf(c, "%s (%d callers): %d errors, first: %s", r.Name, r.Concurrency, r.Errors, r.FirstError)
+		socket := c.String("socket")
+		if socket == "" {
+			stop, path, err := startChildAgent(c)
+			if err != nil {
+				return err
+			}
+			defer stop()
+			socket = path
 		}
-		return r
-	}
-	for _, n := range levels {
-		rss := &rssSampler{pid: agentPID}
-		signLocal := add(bench.Signatures(ctx, "sign in-process", local, n, d))
-		stopRSS := rss.start()
-		signAgent := add(bench.Signatures(ctx, "sign via agent", remote, n, d))
-		stopRSS()
-		tlsLocal, err := bench.Handshakes(ctx, "TLS 1.3 handshake in-process", local, n, d)
+		ctx := c.Context
+		dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		client, err := agent.Dial(dialCtx, socket)
+		cancel()
 		if err != nil {
 			return err
 		}
-		add(tlsLocal)
-		stopRSS = rss.start()
-		tlsAgent, err := bench.Handshakes(ctx, "TLS 1.3 handshake via agent", remote, n, d)
-		stopRSS()
+		defer client.Close()
+		remote, err := client.Signer(ctx, label)
 		if err != nil {
 			return err
 		}
-		add(tlsAgent)
-		report.Runs = append(report.Runs, benchRun{Concurrency: n,
-			SignRatio: ratio(signAgent.PerSecond, signLocal.PerSecond), TLSRatio: ratio(tlsAgent.PerSecond, tlsLocal.PerSecond),
-			SignP50Added: signAgent.P50 - signLocal.P50, SignP99Added: signAgent.P99 - signLocal.P99,
-			AgentMaxRSS: rss.max()})
-		report.AgentMaxRSS = max(report.AgentMaxRSS, rss.max())
-	}
-	report.SignRatio, report.TLSRatio = report.Runs[0].SignRatio, report.Runs[0].TLSRatio
+		agentPID, err := socketPeerPID(socket)
+		if err != nil {
+			return err
+		}
 
-	if c.Bool("json") {
-		return writeJSON(c, report)
-	}
-	w := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(w, "%s\tcallers\top/s\tp50\tp99\terrors\t\n", "")
-	for _, r := range report.Results {
-		fmt.Fprintf(w, "%s\t%d\t%.0f\t%s\t%s\t%d\t\n", r.Name, r.Concurrency, r.PerSecond, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.Errors)
-	}
-	w.Flush()
-	fmt.Fprintln(c.App.Writer)
-	for _, r := range report.Runs {
-		fmt.Fprintf(c.App.Writer, "%d callers: agent/in-process signatures %.2fx (target >= 0.85), TLS 1.3 handshakes %.2fx (target >= 0.90); the agent adds %s to p50, %s to p99; agent peak RSS %.1f MiB (target < 40)\n",
-			r.Concurrency, r.SignRatio, r.TLSRatio, r.SignP50Added.Round(time.Microsecond), r.SignP99Added.Round(time.Microsecond), float64(r.AgentMaxRSS)/(1<<20))
-	}
-	fmt.Fprintf(c.App.Writer, "machine: %s\n", report.Machine)
-	return nil
+		report := benchReport{Key: label, KeyType: string(hsm.KeyTypeOf(local.Public())),
+			Machine: fmt.Sprintf("%s/%s, %d CPUs", runtime.GOOS, runtime.GOARCH, runtime.NumCPU())}
+		infof(c, "benchmarking key %q (%s), %s callers, %s per phase", label, report.KeyType, c.String("concurrency"), d)
+		add := func(r bench.Result) bench.Result {
+			report.Results = append(report.Results, r)
+			if r.Errors > 0 {
+				warnf(c, "%s (%d callers): %d errors, first: %s", r.Name, r.Concurrency, r.Errors, r.FirstError)
+			}
+			return r
+		}
+		for _, n := range levels {
+			rss := &rssSampler{pid: agentPID}
+			signLocal := add(bench.Signatures(ctx, "sign in-process", local, n, d))
+			stopRSS := rss.start()
+			signAgent := add(bench.Signatures(ctx, "sign via agent", remote, n, d))
+			stopRSS()
+			tlsLocal, err := bench.Handshakes(ctx, "TLS 1.3 handshake in-process", local, n, d)
+			if err != nil {
+				return err
+			}
+			add(tlsLocal)
+			stopRSS = rss.start()
+			tlsAgent, err := bench.Handshakes(ctx, "TLS 1.3 handshake via agent", remote, n, d)
+			stopRSS()
+			if err != nil {
+				return err
+			}
+			add(tlsAgent)
+			report.Runs = append(report.Runs, benchRun{Concurrency: n,
+				SignRatio: ratio(signAgent.PerSecond, signLocal.PerSecond), TLSRatio: ratio(tlsAgent.PerSecond, tlsLocal.PerSecond),
+				SignP50Added: signAgent.P50 - signLocal.P50, SignP99Added: signAgent.P99 - signLocal.P99,
+				AgentMaxRSS: rss.max()})
+			report.AgentMaxRSS = max(report.AgentMaxRSS, rss.max())
+		}
+		report.SignRatio, report.TLSRatio = report.Runs[0].SignRatio, report.Runs[0].TLSRatio
+
+		if c.Bool("json") {
+			return writeJSON(c, report)
+		}
+		w := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintf(w, "%s\tcallers\top/s\tp50\tp99\terrors\t\n", "")
+		for _, r := range report.Results {
+			fmt.Fprintf(w, "%s\t%d\t%.0f\t%s\t%s\t%d\t\n", r.Name, r.Concurrency, r.PerSecond, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), r.Errors)
+		}
+		w.Flush()
+		fmt.Fprintln(c.App.Writer)
+		for _, r := range report.Runs {
+			fmt.Fprintf(c.App.Writer, "%d callers: agent/in-process signatures %.2fx (target >= 0.85), TLS 1.3 handshakes %.2fx (target >= 0.90); the agent adds %s to p50, %s to p99; agent peak RSS %.1f MiB (target < 40)\n",
+				r.Concurrency, r.SignRatio, r.TLSRatio, r.SignP50Added.Round(time.Microsecond), r.SignP99Added.Round(time.Microsecond), float64(r.AgentMaxRSS)/(1<<20))
+		}
+		fmt.Fprintf(c.App.Writer, "machine: %s\n", report.Machine)
+		return nil
+	})
 }
 
 func ratio(a, b float64) float64 {

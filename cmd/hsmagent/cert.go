@@ -75,43 +75,40 @@ func certImport(c *cli.Context) error {
 		certs = append(certs, more...)
 	}
 
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return err
-	}
-	defer tok.Close()
-	key, err := tok.Key(label)
-	if err != nil {
-		return err
-	}
-	chain, err := hsm.SortChain(key.Public, certs)
-	if errors.Is(err, hsm.ErrNoMatchingCertificate) {
-		return fmt.Errorf("certificate %q does not belong to key %q: its public key differs", certs[0].Subject, label)
-	}
-	if err != nil {
-		return err
-	}
-	warnings, err := hsm.ChainWarnings(chain, time.Now())
-	if err != nil {
-		return err
-	}
-	for _, w := range warnings {
-		warnf(c, "%s", w)
-	}
-	leaf := chain[0]
-	if w := d1.CheckImportEnv(leaf.Subject.CommonName, label); w != "" {
-		warnf(c, "%s", w)
-	}
-	if len(key.Chain) > 0 && key.Chain[0].Issuer.String() != leaf.Issuer.String() {
-		warnf(c, "the issuer changes from %q to %q; announce CA changes to Thales in advance (D1-S5)",
-			key.Chain[0].Issuer, leaf.Issuer)
-	}
-	if err := tok.ImportChain(label, chain); err != nil {
-		return err
-	}
-	infof(c, "imported %q (serial %s, valid until %s) and %d chain certificate(s) for key %q",
-		leaf.Subject, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.DateOnly), len(chain)-1, label)
-	return nil
+	return withToken(sel, func(tok *hsm.Token) error {
+		key, err := tok.Key(label)
+		if err != nil {
+			return err
+		}
+		chain, err := hsm.SortChain(key.Public, certs)
+		if errors.Is(err, hsm.ErrNoMatchingCertificate) {
+			return fmt.Errorf("certificate %q does not belong to key %q: its public key differs", certs[0].Subject, label)
+		}
+		if err != nil {
+			return err
+		}
+		warnings, err := hsm.ChainWarnings(chain, time.Now())
+		if err != nil {
+			return err
+		}
+		for _, w := range warnings {
+			warnf(c, "%s", w)
+		}
+		leaf := chain[0]
+		if w := d1.CheckImportEnv(leaf.Subject.CommonName, label); w != "" {
+			warnf(c, "%s", w)
+		}
+		if len(key.Chain) > 0 && key.Chain[0].Issuer.String() != leaf.Issuer.String() {
+			warnf(c, "the issuer changes from %q to %q; announce CA changes to Thales in advance (D1-S5)",
+				key.Chain[0].Issuer, leaf.Issuer)
+		}
+		if err := tok.ImportChain(label, chain); err != nil {
+			return err
+		}
+		infof(c, "imported %q (serial %s, valid until %s) and %d chain certificate(s) for key %q",
+			leaf.Subject, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.DateOnly), len(chain)-1, label)
+		return nil
+	})
 }
 
 type certView struct {
@@ -134,12 +131,12 @@ func storedChain(c *cli.Context) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return nil, err
-	}
-	defer tok.Close()
-	return tok.Chain(label)
+	var chain []*x509.Certificate
+	err = withToken(sel, func(tok *hsm.Token) error {
+		chain, err = tok.Chain(label)
+		return err
+	})
+	return chain, err
 }
 
 func certShow(c *cli.Context) error {

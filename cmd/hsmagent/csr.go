@@ -92,40 +92,37 @@ func csrAction(c *cli.Context) error {
 		return usagef("unknown --profile %q; the only profile is d1", c.String("profile"))
 	}
 
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return err
-	}
-	defer tok.Close()
-	signer, err := tok.Signer(label)
-	if err != nil {
-		return err
-	}
-	if d1req != nil {
-		if d1req.KeyType, err = d1.CNKeyType(signer.Public()); err != nil {
-			return fmt.Errorf("key %q: %w", label, err)
+	return withToken(sel, func(tok *hsm.Token) error {
+		signer, err := tok.Signer(label)
+		if err != nil {
+			return err
 		}
-		if req.Subject, err = d1req.Subject(); err != nil {
-			return fmt.Errorf("key %q: %w", label, err)
+		if d1req != nil {
+			if d1req.KeyType, err = d1.CNKeyType(signer.Public()); err != nil {
+				return fmt.Errorf("key %q: %w", label, err)
+			}
+			if req.Subject, err = d1req.Subject(); err != nil {
+				return fmt.Errorf("key %q: %w", label, err)
+			}
 		}
-	}
-	der, err := hsm.CreateCSR(signer, req)
-	if err != nil {
-		return err
-	}
-	fp, err := hsm.PublicKeyFingerprint(signer.Public())
-	if err != nil {
-		return err
-	}
-	infof(c, "subject: %s", subjectInOrder(req.Subject))
-	infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(signer.Public()), fp)
-	if err := writeOutput(c, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})); err != nil {
-		return err
-	}
-	if out := c.String("out"); out != "" {
-		infof(c, "wrote %s", out)
-	}
-	return nil
+		der, err := hsm.CreateCSR(signer, req)
+		if err != nil {
+			return err
+		}
+		fp, err := hsm.PublicKeyFingerprint(signer.Public())
+		if err != nil {
+			return err
+		}
+		infof(c, "subject: %s", subjectInOrder(req.Subject))
+		infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(signer.Public()), fp)
+		if err := writeOutput(c, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})); err != nil {
+			return err
+		}
+		if out := c.String("out"); out != "" {
+			infof(c, "wrote %s", out)
+		}
+		return nil
+	})
 }
 
 // subjectInOrder prints a subject in encoding order (C first), the way

@@ -65,28 +65,25 @@ func keysGenerate(c *cli.Context) error {
 			return usagef("--id %q is not hexadecimal", s)
 		}
 	}
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return err
-	}
-	defer tok.Close()
-	if kt == hsm.RSA4096 {
-		infof(c, "generating %s key %q inside the token (RSA 4096 can take a few seconds)...", kt, label)
-	}
-	k, err := tok.GenerateKey(label, kt, id)
-	if err != nil {
-		return err
-	}
-	fp, err := hsm.PublicKeyFingerprint(k.Public)
-	if err != nil {
-		return err
-	}
-	if c.Bool("json") {
-		return writeJSON(c, keyJSON(k))
-	}
-	infof(c, "generated %s key %q (id %x) on token %q", k.Type, k.Label, k.ID, tok.Label())
-	infof(c, "public key SHA-256: %s", fp)
-	return nil
+	return withToken(sel, func(tok *hsm.Token) error {
+		if kt == hsm.RSA4096 {
+			infof(c, "generating %s key %q inside the token (RSA 4096 can take a few seconds)...", kt, label)
+		}
+		k, err := tok.GenerateKey(label, kt, id)
+		if err != nil {
+			return err
+		}
+		fp, err := hsm.PublicKeyFingerprint(k.Public)
+		if err != nil {
+			return err
+		}
+		if c.Bool("json") {
+			return writeJSON(c, keyJSON(k))
+		}
+		infof(c, "generated %s key %q (id %x) on token %q", k.Type, k.Label, k.ID, tok.Label())
+		infof(c, "public key SHA-256: %s", fp)
+		return nil
+	})
 }
 
 type keyView struct {
@@ -126,44 +123,41 @@ func keysList(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return err
-	}
-	defer tok.Close()
-	keys, err := tok.Keys()
-	if err != nil {
-		return err
-	}
-	views := make([]keyView, 0, len(keys))
-	for _, k := range keys {
-		v := keyJSON(k)
-		if len(v.Problems) > 0 {
-			// Made by another tool or an older hsmagent: a token cannot
-			// narrow a key's usage for good, so the fix is a new key.
-			warnf(c, "key %q is not a sign-only, non-extractable key (%s); replace it: 'hsmagent keys generate' a new key, get it a certificate, then 'hsmagent keys delete --label %q --yes'",
-				v.Label, strings.Join(v.Problems, ", "), v.Label)
+	return withToken(sel, func(tok *hsm.Token) error {
+		keys, err := tok.Keys()
+		if err != nil {
+			return err
 		}
-		views = append(views, v)
-	}
-	if c.Bool("json") {
-		return writeJSON(c, views)
-	}
-	if len(views) == 0 {
-		infof(c, "token %q holds no key pair; create one with 'hsmagent keys generate'", tok.Label())
-		return nil
-	}
-	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LABEL\tTYPE\tUSAGE\tID\tCERTIFICATE\tNOT AFTER")
-	for _, v := range views {
-		cert, notAfter := "-", "-"
-		if v.HasCert {
-			cert = v.Subject
-			notAfter = v.NotAfter.Format(time.DateOnly)
+		views := make([]keyView, 0, len(keys))
+		for _, k := range keys {
+			v := keyJSON(k)
+			if len(v.Problems) > 0 {
+				// Made by another tool or an older hsmagent: a token cannot
+				// narrow a key's usage for good, so the fix is a new key.
+				warnf(c, "key %q is not a sign-only, non-extractable key (%s); replace it: 'hsmagent keys generate' a new key, get it a certificate, then 'hsmagent keys delete --label %q --yes'",
+					v.Label, strings.Join(v.Problems, ", "), v.Label)
+			}
+			views = append(views, v)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Label, v.Type, v.Usage, v.ID, cert, notAfter)
-	}
-	return tw.Flush()
+		if c.Bool("json") {
+			return writeJSON(c, views)
+		}
+		if len(views) == 0 {
+			infof(c, "token %q holds no key pair; create one with 'hsmagent keys generate'", tok.Label())
+			return nil
+		}
+		tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "LABEL\tTYPE\tUSAGE\tID\tCERTIFICATE\tNOT AFTER")
+		for _, v := range views {
+			cert, notAfter := "-", "-"
+			if v.HasCert {
+				cert = v.Subject
+				notAfter = v.NotAfter.Format(time.DateOnly)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Label, v.Type, v.Usage, v.ID, cert, notAfter)
+		}
+		return tw.Flush()
+	})
 }
 
 func keysDelete(c *cli.Context) error {
@@ -178,14 +172,11 @@ func keysDelete(c *cli.Context) error {
 	if !c.Bool("yes") {
 		return usagef("deleting key %q destroys it for good; add --yes to confirm", label)
 	}
-	tok, err := hsm.Open(sel.cfg)
-	if err != nil {
-		return err
-	}
-	defer tok.Close()
-	if err := tok.DeleteKey(label); err != nil {
-		return err
-	}
-	infof(c, "deleted key %q and its certificates from token %q", label, tok.Label())
-	return nil
+	return withToken(sel, func(tok *hsm.Token) error {
+		if err := tok.DeleteKey(label); err != nil {
+			return err
+		}
+		infof(c, "deleted key %q and its certificates from token %q", label, tok.Label())
+		return nil
+	})
 }

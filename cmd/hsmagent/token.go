@@ -128,3 +128,15 @@ func keyLabel(c *cli.Context, flag string, sel tokenSelection) (string, error) {
 	}
 	return "", usagef("missing --%s LABEL (see 'hsmagent keys list')", flag)
 }
+
+// withToken opens the token the flags selected, runs fn with it and closes
+// it: the commands' one way to the HSM. Checks of flags that need no PIN come
+// before it, so that a mistake never costs a PIN prompt or a login.
+func withToken(sel tokenSelection, fn func(*hsm.Token) error) error {
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	return fn(tok)
+}
