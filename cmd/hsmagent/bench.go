@@ -32,7 +32,7 @@ in-process, signatures through the agent, TLS 1.3 handshakes with the key in-pro
 through the agent, and samples the agent's resident memory during the agent phases.
 With --concurrency 1,8,32 the four phases run at each concurrency in turn, in one run.`,
 		Flags: append(tokenFlags(),
-			&cli.StringFlag{Name: "key", Usage: "key `LABEL`"},
+			&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required)"},
 			&cli.StringFlag{Name: "socket", Usage: "agent socket `PATH` (default: start a child agent)"},
 			&cli.DurationFlag{Name: "duration", Usage: "length of each phase", Value: 5 * time.Second},
 			&cli.StringFlag{Name: "concurrency", Usage: "concurrent callers: `N` or a list N,N,... measured one after the other", Value: "8"},

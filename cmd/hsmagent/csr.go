@@ -22,7 +22,7 @@ Confirm the final CN pattern with the Thales Delivery Team before sending.
 Without a profile, a generic CSR with --subject and optional SANs, e.g. for the
 server certificate D1 connects to.`,
 		Flags: append(tokenFlags(),
-			&cli.StringFlag{Name: "key", Usage: "key `LABEL`"},
+			&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required, unless the URI names the object)"},
 			&cli.StringFlag{Name: "profile", Usage: "`PROFILE`: d1 for a Thales D1 client CSR"},
 			&cli.StringFlag{Name: "issuer-id", Usage: "D1 issuer identifier `ID` given by Thales"},
 			&cli.StringFlag{Name: "env", Usage: "D1 environment `ENV`: PPR or PRD"},

@@ -173,3 +173,32 @@ func TestHSMLimitsValidated(t *testing.T) {
 		t.Errorf("bad hsm_timeout in the file: %q", stderr)
 	}
 }
+
+// TestRequiredFlagsMarked: a flag without which the command refuses to run
+// says so in its help.
+func TestRequiredFlagsMarked(t *testing.T) {
+	for _, tt := range []struct {
+		args  []string
+		flags []string
+	}{
+		{[]string{"cert", "import", "--help"}, []string{"--cert", "--key"}},
+		{[]string{"keys", "generate", "--help"}, []string{"--label"}},
+		{[]string{"bench", "--help"}, []string{"--key"}},
+		{[]string{"jwt", "sign", "--help"}, []string{"--key", "--kid", "--claims"}},
+		{[]string{"proxy", "server", "--help"}, []string{"--backend", "--key", "--client-ca"}},
+	} {
+		_, stdout, _ := runCLI(t, tt.args...)
+		for _, f := range tt.flags {
+			line := ""
+			for _, l := range strings.Split(stdout, "\n") {
+				if strings.HasPrefix(strings.TrimSpace(l), f+" ") {
+					line = l
+					break
+				}
+			}
+			if !strings.Contains(line, "required") {
+				t.Errorf("%v: %s not marked required: %q", tt.args, f, line)
+			}
+		}
+	}
+}
