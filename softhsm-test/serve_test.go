@@ -34,8 +34,19 @@ func (t *Token) startDaemon(tb testing.TB, extra ...string) *daemon {
 	tb.Helper()
 	d := &daemon{socket: filepath.Join(SocketDir(tb), "run", "agent.sock"), lines: make(chan string, 1000)}
 	args := append([]string{"serve", "--socket", d.socket}, t.tokenArgs()...)
-	d.cmd = exec.Command(binary, append(args, extra...)...)
-	d.cmd.Env = t.Env()
+	cmd := exec.Command(binary, append(args, extra...)...)
+	cmd.Env = t.Env()
+	return t.runDaemon(tb, d, cmd)
+}
+
+// runDaemon starts cmd, an "hsmagent serve" however wrapped, as d and waits
+// until it serves.
+func (t *Token) runDaemon(tb testing.TB, d *daemon, cmd *exec.Cmd) *daemon {
+	tb.Helper()
+	if d.lines == nil {
+		d.lines = make(chan string, 1000)
+	}
+	d.cmd = cmd
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		tb.Fatal(err)
