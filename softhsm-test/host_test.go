@@ -251,3 +251,35 @@ func TestServeSocketGroup(t *testing.T) {
 		t.Errorf("HSMAGENT_SOCKET_GROUP of an unknown group: exit %d\n%s", r.code, r.stderr)
 	}
 }
+
+// TestCommandsFailFast: a command that talks to the agent fails in under a
+// second, with the cause, when there is no socket or nothing listens on it
+// (it used to wait 10 s and guess).
+func TestCommandsFailFast(t *testing.T) {
+	fx := New(t)
+	dir := SocketDir(t)
+	stale := filepath.Join(dir, "stale.sock")
+	ul, err := net.ListenUnix("unix", &net.UnixAddr{Name: stale, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ul.SetUnlinkOnClose(false)
+	ul.Close()
+	claims := filepath.Join(dir, "claims.json")
+	if err := os.WriteFile(claims, []byte(`{"sub":"x"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ socket, want string }{
+		{filepath.Join(dir, "missing.sock"), "no agent socket at"},
+		{stale, "connection refused"},
+	} {
+		start := time.Now()
+		r := fx.hsmagent(t, "jwt", "sign", "--socket", tc.socket, "--key", "k", "--kid", "k", "--claims", claims)
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("%s: failed after %s", tc.socket, took)
+		}
+		if r.code == 0 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%s: exit %d, want %q:\n%s", tc.socket, r.code, tc.want, r.stderr)
+		}
+	}
+}
