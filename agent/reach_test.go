@@ -103,7 +103,7 @@ func TestDialPermissionDeniedFailsFast(t *testing.T) {
 		uid = 65534
 	}
 	for _, want := range []string{"permission denied connecting to " + fmt.Sprintf("%q", path),
-		fmt.Sprintf("mode %04o", mode), fmt.Sprintf("(uid %d, gid %d)", os.Getuid(), os.Getgid()),
+		fmt.Sprintf("mode %04o)", mode), fmt.Sprintf("uid %d gid %d,", os.Getuid(), os.Getgid()),
 		fmt.Sprintf("runs as uid %d", uid), "with groups "} {
 		if !strings.Contains(out, want) {
 			t.Errorf("error lacks %q:\n%s", want, out)

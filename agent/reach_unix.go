@@ -11,7 +11,8 @@ import (
 	"syscall"
 )
 
-// describe gives a file's owner, group and mode: "/run/x is hsmagent:clients (uid 998, gid 997) mode 0660".
+// describe gives a file's owner, group and mode:
+// "/run/x" (hsmagent:clients, uid 998 gid 997, mode 0660).
 func describe(path string) string {
 	fi, err := os.Lstat(path)
 	if err != nil {
@@ -21,7 +22,7 @@ func describe(path string) string {
 	if !ok {
 		return fmt.Sprintf("%q mode %04o", path, fi.Mode().Perm())
 	}
-	return fmt.Sprintf("%q is %s:%s (uid %d, gid %d) mode %04o", path,
+	return fmt.Sprintf("%q (%s:%s, uid %d gid %d, mode %04o)", path,
 		userName(int(st.Uid)), groupName(int(st.Gid)), st.Uid, st.Gid, uint32(st.Mode)&0o7777)
 }
 
