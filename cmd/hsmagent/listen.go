@@ -22,7 +22,7 @@ func serveListener(c *cli.Context, inherited net.Listener, mode os.FileMode, log
 				"systemd", path, "configured", want)
 		}
 		if c.IsSet("socket-group") || c.IsSet("socket-mode") {
-			log.Info("socket_mode and socket_group do not apply to a socket passed by systemd: its SocketMode= and SocketGroup= do")
+			log.Debug("socket_mode and socket_group do not apply to a socket passed by systemd: its SocketMode= and SocketGroup= do")
 		}
 		return inherited, path, nil
 	}
