@@ -54,6 +54,8 @@ type Client struct {
 	conn        *grpc.ClientConn
 	api         agentpb.AgentClient
 	signTimeout time.Duration
+	// waitForAgent: how long Dial retries an absent agent (WithWaitForAgent).
+	waitForAgent time.Duration
 
 	watchOnce sync.Once
 	watchCtx  context.Context
@@ -73,7 +75,11 @@ func WithSignTimeout(d time.Duration) Option {
 }
 
 // Dial connects to the agent listening on socketPath (empty: $HSMAGENT_SOCKET)
-// and waits until the connection is up or ctx is done.
+// and waits until the connection is up or ctx is done. It fails at once,
+// whatever ctx allows, when there is no socket, when connecting is not
+// permitted (the error names the socket's owner, group and mode and this
+// process's uid and groups) and when nothing listens; WithWaitForAgent makes
+// it wait for the agent instead.
 func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, error) {
 	if socketPath == "" {
 		socketPath = os.Getenv(SocketEnv)
@@ -88,6 +94,9 @@ func Dial(ctx context.Context, socketPath string, opts ...Option) (*Client, erro
 	c := &Client{path: abs, signTimeout: 5 * time.Second}
 	for _, o := range opts {
 		o(c)
+	}
+	if err := reach(ctx, abs, c.waitForAgent); err != nil {
+		return nil, err
 	}
 	c.conn, err = grpc.NewClient("unix://"+abs,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),

@@ -30,8 +30,11 @@ import (
 const helperEnv = "HSMAGENT_TEST_HELPER"
 
 func TestMain(m *testing.M) {
-	if os.Getenv(helperEnv) == "sign" {
+	switch os.Getenv(helperEnv) {
+	case "sign":
 		os.Exit(signHelper())
+	case "dial":
+		os.Exit(dialHelper())
 	}
 	os.Exit(m.Run())
 }

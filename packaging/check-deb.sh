@@ -4,7 +4,8 @@
 # installed binary, man page and completion, verifies and rates the installed
 # units with systemd-analyze, runs the agent the way the unit does (its user,
 # groups, credential and shipped config; systemd is not PID 1 here), checks
-# who can reach the socket, reinstalls over a local config change, then
+# who can reach the socket, runs it socket-activated with the socket unit's
+# settings (systemd-socket-activate), reinstalls over a local config change, then
 # purges the package and checks that nothing of it is left.
 #
 # Needs root and: dpkg, systemd (systemd-analyze, systemd-sysusers,
@@ -184,7 +185,6 @@ rc=0
 setpriv --reuid=nobody --regid=nogroup --clear-groups \
 	curl -sS --max-time 5 --http2-prior-knowledge --unix-socket /run/hsmagent/agent.sock -o /dev/null http://agent/ 2>/dev/null || rc=$?
 [ "$rc" = 7 ] || fail "user nobody, outside hsmagent-clients, could connect (curl status $rc)"
-userdel "$CLIENT_USER"
 
 kill -TERM "$agent_pid"
 rc=0
@@ -192,6 +192,48 @@ wait "$agent_pid" || rc=$?
 agent_pid=""
 [ "$rc" = 0 ] || { cat "$work/agent.log"; fail "the agent exited $rc on SIGTERM"; }
 [ ! -e /run/hsmagent/agent.sock ] || fail "the socket is left after the agent stopped"
+
+step "socket activation: hsmagent.socket's socket, passed to the agent (systemd-socket-activate stands in for systemd)"
+unit_value() { sed -n "s/^$1=//p" "$SOCKETUNIT"; }
+listen=$(unit_value ListenStream)
+grep -Eq "^socket: $listen( |\$)" /etc/hsmagent/agent.yaml || fail "the socket unit's ListenStream=$listen is not the config's socket:"
+grep -Eq "^socket_group: $(unit_value SocketGroup)( |\$)" /etc/hsmagent/agent.yaml || fail "the socket unit's SocketGroup= is not the config's socket_group:"
+grep -Eq "^socket_mode: \"$(unit_value SocketMode)\"( |\$)" /etc/hsmagent/agent.yaml || fail "the socket unit's SocketMode= is not the config's socket_mode:"
+# systemd-socket-activate execs the agent on the first connection with
+# LISTEN_FDS=1 and LISTEN_PID set to its own pid, which the exec chain keeps.
+(
+	umask 0077
+	ulimit -c 0
+	# shellcheck disable=SC2016 # expanded by the inner sh, in the activated process
+	exec systemd-socket-activate -l "$listen" sh -c 'exec setpriv --reuid=hsmagent --regid=hsmagent --groups=softhsm --inh-caps=-all --no-new-privs \
+		env -i PATH=/usr/bin:/bin SOFTHSM2_CONF="$0" CREDENTIALS_DIRECTORY="$1" LISTEN_FDS="$LISTEN_FDS" LISTEN_PID="$LISTEN_PID" '"$exec_start" \
+		"$work/softhsm2.conf" "$work/creds"
+) >"$work/activated.log" 2>&1 &
+agent_pid=$!
+for _ in $(seq 50); do
+	[ -S "$listen" ] && break
+	sleep 0.1
+done
+[ -S "$listen" ] || { cat "$work/activated.log"; fail "systemd-socket-activate made no socket"; }
+# What systemd does with SocketUser=, SocketGroup=, SocketMode=.
+chown "$(unit_value SocketUser):$(unit_value SocketGroup)" "$listen"
+chmod "$(unit_value SocketMode)" "$listen"
+# The first connection starts the agent, and waits in the socket's queue until it serves.
+code=$(setpriv --reuid="$CLIENT_USER" --regid="$CLIENT_USER" --init-groups \
+	curl -sS --max-time 15 --http2-prior-knowledge --unix-socket "$listen" -o /dev/null -w '%{http_code}' http://agent/) ||
+	{ cat "$work/activated.log"; fail "a member of hsmagent-clients cannot connect to the activated socket"; }
+[ "$code" = 415 ] || fail "unexpected answer $code from the activated agent"
+cat "$work/activated.log"
+grep -q '"msg":"using the socket passed by systemd (socket activation)","socket":"'"$listen"'"' "$work/activated.log" ||
+	fail "the agent did not take the socket passed to it"
+kill -TERM "$agent_pid"
+rc=0
+wait "$agent_pid" || rc=$?
+agent_pid=""
+[ "$rc" = 0 ] || fail "the activated agent exited $rc on SIGTERM"
+[ -S "$listen" ] || fail "the activated agent removed systemd's socket"
+rm -f "$listen" # RemoveOnStop=yes
+userdel "$CLIENT_USER"
 rm -f /var/log/hsmagent/audit.jsonl
 
 step "reinstall keeps a changed config; enabled units are disabled on removal"

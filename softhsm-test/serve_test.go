@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509/pkix"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -34,8 +35,19 @@ func (t *Token) startDaemon(tb testing.TB, extra ...string) *daemon {
 	tb.Helper()
 	d := &daemon{socket: filepath.Join(SocketDir(tb), "run", "agent.sock"), lines: make(chan string, 1000)}
 	args := append([]string{"serve", "--socket", d.socket}, t.tokenArgs()...)
-	d.cmd = exec.Command(binary, append(args, extra...)...)
-	d.cmd.Env = t.Env()
+	cmd := exec.Command(binary, append(args, extra...)...)
+	cmd.Env = t.Env()
+	return t.runDaemon(tb, d, cmd)
+}
+
+// runDaemon starts cmd, an "hsmagent serve" however wrapped, as d and waits
+// until it serves.
+func (t *Token) runDaemon(tb testing.TB, d *daemon, cmd *exec.Cmd) *daemon {
+	tb.Helper()
+	if d.lines == nil {
+		d.lines = make(chan string, 1000)
+	}
+	d.cmd = cmd
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		tb.Fatal(err)
@@ -157,7 +169,8 @@ func TestServeLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	audit := d.waitFor(t, `"msg":"sign"`)
-	for _, want := range []string{`"uid":0`, `"key":"web"`, `"hash":"HASH_SHA256"`, `"result":"ok"`, `"pid":`, `"duration":`} {
+	// The client is this test process: its uid, root or not.
+	for _, want := range []string{fmt.Sprintf(`"uid":%d,`, os.Getuid()), `"key":"web"`, `"hash":"HASH_SHA256"`, `"result":"ok"`, `"pid":`, `"duration":`} {
 		if !strings.Contains(audit, want) {
 			t.Errorf("audit record lacks %s: %s", want, audit)
 		}

@@ -105,28 +105,33 @@ func TestQueueBoundedAndDepartedCallersNotSent(t *testing.T) {
 		go func() { defer wg.Done(); api.Sign(context.Background(), goodEC) }()
 	}
 	waitFor(t, func() bool { return store.calls.Load() == 2 })
-	// Two waiters whose callers give up after 200 ms.
+	// Two waiters whose callers give up after a while, and who stay queued
+	// until then: the next request finds the queue full.
+	leave := make(chan struct{})
 	for range 2 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-			defer cancel()
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() { <-leave; cancel() }()
 			_, err := api.Sign(ctx, goodEC)
-			if status.Code(err) != codes.DeadlineExceeded {
+			if status.Code(err) != codes.Canceled {
 				t.Errorf("waiting caller: %v", err)
 			}
 		}()
 	}
-	time.Sleep(50 * time.Millisecond)
+	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return waiting == 2 })
 	start := time.Now()
-	_, err := api.Sign(context.Background(), goodEC)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := api.Sign(ctx, goodEC)
 	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "waiting for the HSM") {
 		t.Errorf("request beyond the queue: %v", err)
 	}
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("the full queue answered after %v instead of at once", d)
 	}
+	close(leave)
 	waitFor(t, func() bool { return audit.count("result=abandoned") == 2 })
 	store.release()
 	wg.Wait()

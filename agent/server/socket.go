@@ -6,7 +6,9 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -34,6 +36,33 @@ const maxSocketPath = 108
 // Closing the listener removes the socket file only if it is still the one
 // this listener created.
 func Listen(path string, mode os.FileMode) (net.Listener, error) {
+	return ListenWith(path, ListenOptions{Mode: mode})
+}
+
+// ListenOptions are the socket file's permissions.
+type ListenOptions struct {
+	// Mode is the socket file's permission bits.
+	Mode os.FileMode
+	// Group, a group name or numeric gid, owns the socket file; "" keeps
+	// the group the file was created with (the agent's group, or the
+	// directory's group if the directory is setgid). Members of the group
+	// get the group bits of Mode: the first gate before the access rules.
+	Group string
+}
+
+// ListenWith is Listen with the socket's group as well as its mode. The
+// group is set while the socket is still in the private directory, so it is
+// never reachable with the wrong group; when the socket already has it (a
+// setgid directory of that group), no chown is made, which a system call
+// filter without @chown needs.
+func ListenWith(path string, opts ListenOptions) (net.Listener, error) {
+	gid := -1
+	if opts.Group != "" {
+		var err error
+		if gid, err = lookupGroup(opts.Group); err != nil {
+			return nil, err
+		}
+	}
 	if path == "" {
 		return nil, errors.New("agent: no socket path; pass --socket or set HSMAGENT_SOCKET")
 	}
@@ -46,8 +75,8 @@ func Listen(path string, mode os.FileMode) (net.Listener, error) {
 		return nil, fmt.Errorf("agent: opening socket directory %q: %w", dir, err)
 	}
 	defer root.Close()
-	b := &binder{root: root, dir: dir, name: filepath.Base(path)}
-	l, err := b.listen(mode.Perm())
+	b := &binder{root: root, dir: dir, name: filepath.Base(path), gid: gid, group: opts.Group}
+	l, err := b.listen(opts.Mode.Perm())
 	if err != nil {
 		return nil, err
 	}
@@ -55,9 +84,26 @@ func Listen(path string, mode os.FileMode) (net.Listener, error) {
 	return l, nil
 }
 
+// lookupGroup returns the gid of a group name or number.
+func lookupGroup(name string) (int, error) {
+	if gid, err := strconv.Atoi(name); err == nil && gid >= 0 {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return -1, fmt.Errorf("agent: socket group %q: %w", name, err)
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return -1, fmt.Errorf("agent: socket group %q has gid %q", name, g.Gid)
+	}
+	return gid, nil
+}
+
 // socketDir creates dir if missing and returns its real path once it and the
 // directories above it are safe (see Listen).
 func socketDir(dir string) (string, error) {
+	_, missing := os.Lstat(dir)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return "", fmt.Errorf("agent: creating socket directory: %w", err)
 	}
@@ -75,6 +121,13 @@ func socketDir(dir string) (string, error) {
 		d = filepath.Dir(d)
 		if err := checkDir(d, fmt.Sprintf("%q, above the socket directory,", d), true); err != nil {
 			return "", err
+		}
+	}
+	if missing != nil {
+		// 0750 whatever the umask (serve sets 077): the socket's group
+		// needs to reach it. Checked above, so this cannot follow a swap.
+		if err := os.Chmod(real, 0o750); err != nil {
+			return "", fmt.Errorf("agent: socket directory %q: %w", real, err)
 		}
 	}
 	return real, nil
@@ -128,10 +181,12 @@ func checkDir(dir, name string, above bool) error {
 
 // binder makes one socket in a checked directory, held open as root.
 type binder struct {
-	root *os.Root
-	dir  string // real path of root
-	name string // the socket's name in dir
-	priv string // a private directory in dir, relative to it
+	root  *os.Root
+	dir   string // real path of root
+	name  string // the socket's name in dir
+	priv  string // a private directory in dir, relative to it
+	gid   int    // the socket's group, -1 to keep it
+	group string // as the user gave it, for errors
 }
 
 // listen binds the socket in a private directory, gives it its mode there and
@@ -192,6 +247,14 @@ func (b *binder) place(tmp string, mode os.FileMode) (os.FileInfo, error) {
 	created, err := b.root.Lstat(tmp)
 	if err != nil {
 		return nil, fmt.Errorf("agent: checking new socket %q: %w", final, err)
+	}
+	if st, ok := created.Sys().(*syscall.Stat_t); ok && b.gid >= 0 && int(st.Gid) != b.gid {
+		if err := b.root.Lchown(tmp, -1, b.gid); err != nil {
+			return nil, fmt.Errorf("agent: giving socket %q to group %q: %w (the agent's user must be a member of the group; or make the directory setgid with that group)", final, b.group, err)
+		}
+		if created, err = b.root.Lstat(tmp); err != nil {
+			return nil, fmt.Errorf("agent: checking new socket %q: %w", final, err)
+		}
 	}
 	if err := b.root.Link(tmp, b.name); err != nil {
 		if errors.Is(err, fs.ErrExist) {

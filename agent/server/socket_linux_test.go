@@ -56,7 +56,7 @@ func fillBacklog(t *testing.T, path string) []net.Conn {
 	var conns []net.Conn
 	for len(conns) < 70000 {
 		c, err := net.DialTimeout("unix", path, time.Second)
-		if errors.Is(err, syscall.EAGAIN) {
+		if errors.Is(err, syscall.EAGAIN) || os.IsTimeout(err) { // a loaded machine may time out first
 			return conns
 		}
 		if err != nil {

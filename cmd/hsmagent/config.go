@@ -25,6 +25,7 @@ import (
 type config struct {
 	Socket        string        `yaml:"socket" flag:"socket"`
 	SocketMode    string        `yaml:"socket_mode" flag:"socket-mode"`
+	SocketGroup   string        `yaml:"socket_group" flag:"socket-group"`
 	Module        string        `yaml:"module" flag:"module"`
 	Token         string        `yaml:"token" flag:"token"`
 	TokenSerial   string        `yaml:"token_serial" flag:"token-serial"`

@@ -44,10 +44,14 @@ func jwtFlags() []cli.Flag {
 	}
 }
 
+// dialAgent connects to the agent: at once or not at all when the socket is
+// missing, refuses this user or has no agent behind it (agent.Dial), unless
+// the command has --wait-for-agent.
 func dialAgent(c *cli.Context) (*agent.Client, error) {
-	ctx, cancel := context.WithTimeout(c.Context, 10*time.Second)
+	wait := c.Duration("wait-for-agent") // 0 for commands without the flag
+	ctx, cancel := context.WithTimeout(c.Context, wait+10*time.Second)
 	defer cancel()
-	return agent.Dial(ctx, c.String("socket"))
+	return agent.Dial(ctx, c.String("socket"), agent.WithWaitForAgent(wait))
 }
 
 // d1HTTPClient builds the inbound mTLS client from the flags.
@@ -200,6 +204,7 @@ func proxyCommand() *cli.Command {
 	common := []cli.Flag{
 		&cli.Int64Flag{Name: "max-body", Usage: "largest request body in `BYTES`", Value: proxy.DefaultMaxBody},
 		&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text"},
+		&cli.DurationFlag{Name: "wait-for-agent", Usage: "at start, wait up to `DURATION` for the agent's socket to accept, for a proxy started before the agent (default: fail at once)", EnvVars: []string{"HSMAGENT_WAIT_FOR_AGENT"}},
 	}
 	return &cli.Command{
 		Name:  "proxy",

@@ -34,6 +34,7 @@ close the token and exit 0.`,
 			configFlag,
 			socketFlag,
 			&cli.StringFlag{Name: "socket-mode", Usage: "socket file `MODE` (octal)", Value: "0660", EnvVars: []string{"HSMAGENT_SOCKET_MODE"}},
+			&cli.StringFlag{Name: "socket-group", Usage: "`GROUP` owning the socket: its members may connect, the access rules then decide (default: the directory's or the agent's group)", EnvVars: []string{"HSMAGENT_SOCKET_GROUP"}},
 			&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text", EnvVars: []string{"HSMAGENT_LOG_FORMAT"}},
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
 			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
@@ -62,6 +63,9 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 }
 
 func serveAction(c *cli.Context) error {
+	if err := harden(); err != nil {
+		return err
+	}
 	cfg, err := commandConfig(c)
 	if err != nil {
 		return err
@@ -77,7 +81,11 @@ func serveAction(c *cli.Context) error {
 	if mode&0o007 != 0 {
 		log.Warn("the socket is open to all users; access rules still apply", "mode", fmt.Sprintf("%04o", mode))
 	}
-	if c.String("socket") == "" {
+	inherited, err := server.InheritedListener()
+	if err != nil {
+		return err
+	}
+	if c.String("socket") == "" && inherited == nil {
 		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
 	}
 	policy, err := cfg.policy()
@@ -124,7 +132,7 @@ func serveAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	l, err := server.Listen(c.String("socket"), os.FileMode(mode))
+	l, socket, err := serveListener(c, inherited, os.FileMode(mode), log)
 	if err != nil {
 		return err
 	}
@@ -136,7 +144,7 @@ func serveAction(c *cli.Context) error {
 		reload:   func() { reload(c, srv, log) },
 		healthy:  srv.HSMAnswering,
 	}
-	return d.run("agent serving", "socket", c.String("socket"), "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
+	return d.run("agent serving", "socket", socket, "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
 }
 
 // reload re-reads the config's access rules and the token's chains; on any

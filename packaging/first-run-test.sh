@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Runs the README's "First run on a fresh Debian host" verbatim: extracts the
+# ```sh blocks under that heading and runs them in order in one shell, as
+# root, from the repository's root. systemd is not PID 1 on CI machines, so
+# each line marked "# systemd" is replaced by systemd_stand_in with its
+# command: "systemctl enable --now hsmagent" runs the installed unit's
+# ExecStart= under its User=, Group=, SupplementaryGroups=, UMask= and
+# LimitCORE=, with the PIN as its credential; status shows it; stop stops it.
+# Afterwards it removes what the guide made (token, user, package).
+#
+# Needs root on a throwaway machine without hsmagent installed.
+# Usage: packaging/first-run-test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+fail() { echo "first-run-test: FAIL: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || fail "run as root (the guide installs a package and adds users)"
+if dpkg-query -W -f='${Status}' hsmagent 2>/dev/null | grep -q installed; then
+	fail "hsmagent is installed already: run this on a throwaway machine"
+fi
+! getent passwd payments >/dev/null || fail "user payments exists already: run this on a throwaway machine"
+
+heading='## First run on a fresh Debian host'
+grep -qxF "$heading" README.md || fail "README.md has no heading '$heading'"
+test_dir=$(mktemp -d /tmp/hsmagent-first-run.XXXXXX)
+guide=$test_dir/guide.sh
+# The section runs from its heading to the next level-2 heading.
+awk -v h="$heading" '
+	$0 == h { in_section = 1; next }
+	in_section && /^## / { exit }
+	in_section && /^```sh$/ { in_block = 1; next }
+	in_block && /^```$/ { in_block = 0; print ""; next }
+	in_block && /# systemd$/ { sub(/[ \t]*# systemd$/, ""); print "systemd_stand_in " $0; stand_ins++; next }
+	in_block { print }
+	END { if (!stand_ins) exit 1 }
+' README.md >"$guide" || fail "no '# systemd' line in the guide's sh blocks"
+grep -q . "$guide" || fail "no sh blocks under '$heading'"
+echo "== the guide's commands, as run (systemd_stand_in replaces the lines marked # systemd)"
+cat -n "$guide"
+
+service=/usr/lib/systemd/system/hsmagent.service
+agent_pid=""
+agent_log=$test_dir/agent.log
+unit() { sed -n "s/^$1=//p" "$service" | tail -n1; }
+
+# systemd_stand_in does what systemd would for the few systemctl commands
+# the guide uses.
+systemd_stand_in() {
+	case "$*" in
+	"systemctl enable --now hsmagent")
+		local exec_start user group groups creds
+		exec_start=$(unit ExecStart) user=$(unit User) group=$(unit Group) groups=$(unit SupplementaryGroups)
+		[ "$(unit UMask)" = 0077 ] && [ "$(unit LimitCORE)" = 0 ] || fail "the unit's UMask= or LimitCORE= changed: update this stand-in"
+		creds=$(mktemp -d /tmp/hsmagent-creds.XXXXXX)
+		cp /etc/hsmagent/pin "$creds/hsmagent-pin" # LoadCredential=hsmagent-pin:/etc/hsmagent/pin
+		chown -R "$user:$group" "$creds"
+		chmod 0400 "$creds/hsmagent-pin"
+		chmod 0500 "$creds"
+		(
+			umask 0077
+			ulimit -c 0
+			# shellcheck disable=SC2086 # ExecStart= is split into words as systemd does here
+			exec setpriv --reuid="$user" --regid="$group" --groups="$groups" --inh-caps=-all --no-new-privs \
+				env -i PATH=/usr/bin:/bin CREDENTIALS_DIRECTORY="$creds" $exec_start
+		) >"$agent_log" 2>&1 &
+		agent_pid=$!
+		for _ in $(seq 100); do
+			grep -q '"msg":"agent serving"' "$agent_log" && return 0
+			kill -0 "$agent_pid" 2>/dev/null || { cat "$agent_log"; fail "the agent exited at start"; }
+			sleep 0.1
+		done
+		cat "$agent_log"
+		fail "the agent did not log 'agent serving' in 10 s"
+		;;
+	"systemctl status hsmagent")
+		kill -0 "$agent_pid" || fail "the agent is not running"
+		cat "$agent_log"
+		;;
+	"systemctl stop hsmagent")
+		kill -TERM "$agent_pid" && wait "$agent_pid"
+		agent_pid=""
+		;;
+	*) fail "no stand-in for '$*'" ;;
+	esac
+}
+
+cleanup() {
+	local rc=$?
+	set +e
+	for pid in $(jobs -p); do kill "$pid" 2>/dev/null; done
+	[ -z "$agent_pid" ] || { kill -TERM "$agent_pid"; wait "$agent_pid"; }
+	cd "$repo"
+	if [ -e /etc/softhsm/softhsm2.conf ] && softhsm2-util --show-slots 2>/dev/null | grep -q 'Label: *issuer *$'; then
+		softhsm2-util --delete-token --token issuer >/dev/null
+	fi
+	if getent passwd payments >/dev/null; then userdel payments; fi
+	if dpkg-query -W -f='${Status}' hsmagent 2>/dev/null | grep -q installed; then dpkg --purge hsmagent >/dev/null; fi
+	# The package keeps its audit log on purge; this one is the test's.
+	rm -rf /var/log/hsmagent /root/hsmagent-so-pin /tmp/hsmagent-creds.* "${work:-/nonexistent}" "$test_dir"
+	if [ "$rc" = 0 ]; then echo "first-run-test: OK"; else echo "first-run-test: FAIL (exit $rc)" >&2; fi
+	exit "$rc"
+}
+trap cleanup EXIT
+
+echo "== running the guide"
+start=$SECONDS
+# As in an interactive shell: "cmd 2>&1 | grep ..." is the grep's status.
+set +o pipefail
+set -x
+# shellcheck disable=SC1090 # the guide, extracted above
+source "$guide"
+set +x
+echo "== the guide ran in $((SECONDS - start)) s"
