@@ -51,7 +51,7 @@ is d1.ENV.key, else the keys whose label names the environment (labels with jwt,
 server in them excepted).
 
 Without --online nothing leaves the host but DNS queries. With --online, doctor makes an
-mTLS handshake with each configured D1 target through the agent's key (any HTTP answer
+mTLS handshake with each configured D1 target, presenting d1.ENV.key through the agent (any HTTP answer
 after the handshake passes) and fetches an OAuth access token with the JWT key (D1-C8).
 
 Exit status, for scripts:

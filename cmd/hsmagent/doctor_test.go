@@ -371,3 +371,49 @@ func TestDoctorConfigChecks(t *testing.T) {
 		})
 	}
 }
+
+// TestDoctorKeyRoles: a key configured for one environment but named for
+// the other fails (D1-G2) and is still checked in its own; a JWT key that
+// cannot make ES256 assertions fails (D1-C8).
+func TestDoctorKeyRoles(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := fx.Open(t)
+	thales := softhsmtest.NewCA(t, "Test Thales CA")
+	k, err := tok.GenerateKey("d1-prd-mtls", hsm.ECDSAP256, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := thales.Leaf(t, pkix.Name{CommonName: "TLSMA-ECDSA/ABCDEFGHIJ/PRD"}, k.Public, time.Now().Add(-time.Hour), time.Now().Add(90*day))
+	if err := tok.ImportChain("d1-prd-mtls", []*x509.Certificate{leaf}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tok.GenerateKey("d1-ppr-jwt", hsm.RSA2048, nil); err != nil {
+		t.Fatal(err)
+	}
+	cfg := writeConfig(t, "d1:\n  PPR:\n    key: d1-prd-mtls\n    jwt: {key: d1-ppr-jwt}\n")
+	code, stdout, _ := runCLI(t, "doctor", "--config", cfg, "--module", fx.ModulePath, "--token", fx.Label, "--pin-file", fx.PINFile, "--json")
+	var results []checkResult
+	if err := json.Unmarshal([]byte(stdout), &results); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, stdout)
+	}
+	got := map[string]string{}
+	for _, r := range results {
+		got[strings.TrimSuffix(r.Check+"/"+r.Env, "/")] = r.Status
+	}
+	want := map[string]string{
+		"key/PPR": "fail", "jwt-key/PPR": "fail",
+		"key/PRD": "pass", "certificate/PRD": "pass", "chain/PRD": "pass", "cn/PRD": "pass", "expiry/PRD": "pass",
+		"certificate/PPR": "", // not checked on a key of the other environment
+	}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("%s: %q, want %q", k, got[k], w)
+		}
+	}
+	if code != 1 {
+		t.Errorf("exit %d, want 1", code)
+	}
+	if t.Failed() {
+		t.Log(stdout)
+	}
+}
