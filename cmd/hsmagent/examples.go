@@ -23,6 +23,8 @@ var examples = map[string][]string{
 	"cert export": {"hsmagent cert export --token issuer --key d1-ppr-mtls --out d1-ppr-chain.pem"},
 	"serve": {"hsmagent serve --config /etc/hsmagent/agent.yaml",
 		"HSMAGENT_PIN_FILE=/etc/hsmagent/pin hsmagent serve --token issuer --socket /run/hsmagent/agent.sock"},
+	"doctor": {"hsmagent doctor --config /etc/hsmagent/agent.yaml",
+		"hsmagent doctor --config /etc/hsmagent/agent.yaml --online --json | jq '.[] | select(.status != \"pass\")'"},
 	"bench":        {"hsmagent bench --token issuer --key d1-ppr-mtls --duration 10s --concurrency 16"},
 	"proxy":        {"hsmagent proxy client --config /etc/hsmagent/agent.yaml --env PPR"},
 	"proxy client": {"hsmagent proxy client --socket /run/hsmagent/agent.sock --key d1-ppr-mtls --listen 127.0.0.1:8080 --target https://api.d1-stg.thalescloud.io"},

@@ -48,6 +48,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			certCommand(),
 			serveCommand(),
 			statusCommand(),
+			doctorCommand(),
 			benchCommand(),
 			proxyCommand(),
 			d1Command(),

@@ -41,6 +41,7 @@ close the token and exit 0.`,
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics at /metrics on loopback `ADDR` (127.0.0.1:9464) or a Unix socket path (default: off)", EnvVars: []string{"HSMAGENT_METRICS_LISTEN"}},
 			&cli.IntFlag{Name: "max-sessions", Usage: "signatures in the HSM at once: its PKCS#11 session pool", Value: server.DefaultMaxInFlight, EnvVars: []string{"HSMAGENT_MAX_SESSIONS"}},
 			&cli.IntFlag{Name: "max-waiting", Usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", Value: server.DefaultMaxWaiting, EnvVars: []string{"HSMAGENT_MAX_WAITING"}},
+			&cli.BoolFlag{Name: "check-config", Usage: "load the config, build the access policy, validate the flags and exit 0, without opening the token or listening"},
 			&cli.DurationFlag{Name: "hsm-timeout", Usage: "deadline of each HSM operation; past it the agent reports NOT_SERVING and fails fast", Value: server.DefaultHSMTimeout, EnvVars: []string{"HSMAGENT_HSM_TIMEOUT"}},
 		),
 		Action: serveAction,
@@ -93,7 +94,7 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	audit := log
-	if path := c.String("audit-log"); path != "" {
+	if path := c.String("audit-log"); path != "" && !c.Bool("check-config") {
 		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 		if err != nil {
 			return fmt.Errorf("opening audit log: %w", err)
@@ -113,6 +114,10 @@ func serveAction(c *cli.Context) error {
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
+	}
+	if c.Bool("check-config") {
+		infof(c, "serve: configuration valid (--check-config: token not opened, socket not created)")
+		return nil
 	}
 	// crypto11 keeps one session of its pool for itself, logged in.
 	sel.cfg.MaxSessions = c.Int("max-sessions") + 1
