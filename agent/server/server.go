@@ -235,7 +235,9 @@ func (s *Server) setServing(serving bool) {
 
 // Serve accepts connections on l until Shutdown.
 func (s *Server) Serve(l net.Listener) error {
-	go s.watchExpiry()
+	// Read here, not in the goroutine, which Shutdown does not wait for:
+	// a test changing the interval would race with an earlier agent's.
+	go s.watchExpiry(expiryCheckEvery)
 	err := s.grpc.Serve(&limitListener{Listener: l, s: s})
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
