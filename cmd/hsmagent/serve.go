@@ -25,10 +25,11 @@ func serveCommand() *cli.Command {
 		Description: `The agent is the only process that knows the PIN. Local processes connect to
 the socket; each connection's uid/gid/pid is read with SO_PEERCRED and checked against the
 access rules of the config file (by default only the agent's own user and root may sign).
-Every signature writes an audit record.
+Every decision (signature, refusal, listing) writes one audit record with a seq number and
+the request id the caller sees in its error.
 
-Signals: SIGHUP reloads certificate chains and the config's access rules (a failed reload
-keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
+Signals: SIGHUP reopens --audit-log (for logrotate) and reloads certificate chains and the
+config's access rules (a failed reload keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
 close the token and exit 0.`,
 		Flags: append(append(tokenFlags(), limitFlags()...),
 			configFlag,
