@@ -29,6 +29,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -145,21 +146,32 @@ type Key struct {
 
 // Keys lists the keys this process may use.
 func (c *Client) Keys(ctx context.Context) ([]Key, error) {
-	var md metadata.MD
-	resp, err := c.api.ListKeys(ctx, &agentpb.ListKeysRequest{}, grpc.Header(&md))
+	keys, _, err := c.keys(ctx)
+	return keys, err
+}
+
+// keys lists the keys and returns the listing's request id, which names
+// its audit record.
+func (c *Client) keys(ctx context.Context) ([]Key, string, error) {
+	var md, trailer metadata.MD
+	resp, err := c.api.ListKeys(ctx, &agentpb.ListKeysRequest{}, grpc.Header(&md), grpc.Trailer(&trailer))
 	if err != nil {
-		return nil, callError("listing keys", err)
+		return nil, "", callError("listing keys", err)
 	}
 	c.noteVersion(md)
+	var rid string
+	if v := trailer.Get(requestIDTrailer); len(v) > 0 {
+		rid = v[0]
+	}
 	keys := make([]Key, 0, len(resp.Keys))
 	for _, pk := range resp.Keys {
 		k, err := keyFromProto(pk)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		keys = append(keys, k)
 	}
-	return keys, nil
+	return keys, rid, nil
 }
 
 func keyFromProto(pk *agentpb.Key) (Key, error) {
@@ -179,7 +191,7 @@ func keyFromProto(pk *agentpb.Key) (Key, error) {
 }
 
 func (c *Client) key(ctx context.Context, label string) (Key, error) {
-	keys, err := c.Keys(ctx)
+	keys, rid, err := c.keys(ctx)
 	if err != nil {
 		return Key{}, err
 	}
@@ -190,7 +202,12 @@ func (c *Client) key(ctx context.Context, label string) (Key, error) {
 		}
 		labels = append(labels, k.Label)
 	}
-	return Key{}, fmt.Errorf("agent: key %q not found or not allowed for this user; keys offered: %q", label, labels)
+	// The agent's audit has the listing under rid, with the count of keys hidden from this caller.
+	msg := fmt.Sprintf("agent: key %q not found or not allowed for this user; keys offered: %q", label, labels)
+	if rid != "" {
+		msg += " (request " + rid + ")"
+	}
+	return Key{}, errors.New(msg)
 }
 
 // Signer returns a crypto.Signer for the key labelled label. Its public key
@@ -253,7 +270,7 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 		return nil, err
 	}
 	if resp.Code != 0 {
-		return nil, &CallError{Op: fmt.Sprintf("signing with key %q", s.label), Code: codes.Code(resp.Code).String(), Msg: resp.Message}
+		return nil, newCallError(fmt.Sprintf("signing with key %q", s.label), codes.Code(resp.Code).String(), resp.Message)
 	}
 	return resp.Signature, nil
 }
@@ -310,16 +327,38 @@ func callError(what string, err error) error {
 	if !ok {
 		return fmt.Errorf("agent: %s: %w", what, err)
 	}
-	return &CallError{Op: what, Code: st.Code().String(), Msg: st.Message()}
+	return newCallError(what, st.Code().String(), st.Message())
+}
+
+// requestIDTrailer matches server.RequestIDTrailer (the client does not
+// import the server).
+const requestIDTrailer = "hsmagent-request-id"
+
+// requestIDSuffix is how the agent ends a message with the request id.
+var requestIDSuffix = regexp.MustCompile(` \(request ([0-9a-f]{16})\)$`)
+
+// newCallError takes the request id the agent appended to msg into its own field.
+func newCallError(op, code, msg string) *CallError {
+	e := &CallError{Op: op, Code: code, Msg: msg}
+	if m := requestIDSuffix.FindStringSubmatchIndex(msg); m != nil {
+		e.Msg, e.RequestID = msg[:m[0]], msg[m[2]:m[3]]
+	}
+	return e
 }
 
 // CallError is an error returned by the agent, with its gRPC status code
 // (NotFound, PermissionDenied, InvalidArgument, Unavailable, ...).
 type CallError struct {
 	Op, Code, Msg string
+	// RequestID names the call's record in the agent's audit log; empty when
+	// the agent did not answer (or is older than request ids).
+	RequestID string
 }
 
 func (e *CallError) Error() string {
+	if e.RequestID != "" {
+		return fmt.Sprintf("agent: %s: %s (%s) (request %s)", e.Op, e.Msg, e.Code, e.RequestID)
+	}
 	return fmt.Sprintf("agent: %s: %s (%s)", e.Op, e.Msg, e.Code)
 }
 

@@ -49,6 +49,9 @@ type JWTBearer struct {
 	Lifetime time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Observe, when set, is told of every token fetch: the new token's
+	// expiry, or the error (for metrics; it must not block).
+	Observe func(expiry time.Time, err error)
 }
 
 func (j *JWTBearer) now() time.Time {
@@ -138,7 +141,15 @@ func SignJWT(signer crypto.Signer, kid string, claims any) (string, error) {
 // Token implements oauth2.TokenSource: a new assertion traded for a new
 // access token. Wrap it with TokenSource to reuse tokens until they expire.
 func (j *JWTBearer) Token() (*oauth2.Token, error) {
-	return j.exchange(context.Background())
+	tok, err := j.exchange(context.Background())
+	if j.Observe != nil {
+		var expiry time.Time
+		if err == nil {
+			expiry = tok.Expiry
+		}
+		j.Observe(expiry, err)
+	}
+	return tok, err
 }
 
 // TokenSource caches the access token and fetches a new one a minute before

@@ -75,10 +75,16 @@ func (o *OAuth) Check() error {
 
 // Wrap serves TokenPath itself and lets through to next only requests with
 // a valid Bearer token, whose Authorization header it removes.
-func (o *OAuth) Wrap(next http.Handler) http.Handler {
+func (o *OAuth) Wrap(next http.Handler) http.Handler { return o.wrap(next, nil) }
+
+// wrap is Wrap telling obs (if not nil) of each token request's outcome.
+func (o *OAuth) wrap(next http.Handler, obs Observer) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == TokenPath {
-			o.token(w, r)
+			result := o.token(w, r)
+			if obs != nil {
+				obs.TokenIssued(result)
+			}
 			return
 		}
 		if err := o.verify(r.Header.Get("Authorization")); err != nil {
@@ -98,10 +104,11 @@ func oauthError(w http.ResponseWriter, status int, code, desc string) {
 	json.NewEncoder(w).Encode(map[string]string{"error": code, "error_description": desc})
 }
 
-func (o *OAuth) token(w http.ResponseWriter, r *http.Request) {
+// token answers a token request and returns "ok" or the OAuth error code sent.
+func (o *OAuth) token(w http.ResponseWriter, r *http.Request) string {
 	if r.Method != http.MethodPost {
 		oauthError(w, http.StatusMethodNotAllowed, "invalid_request", "use POST")
-		return
+		return "invalid_request"
 	}
 	id, secret, ok := r.BasicAuth()
 	idOK := subtle.ConstantTimeCompare([]byte(id), []byte(o.ClientID)) == 1
@@ -109,18 +116,18 @@ func (o *OAuth) token(w http.ResponseWriter, r *http.Request) {
 	if !ok || !idOK || !secretOK {
 		w.Header().Set("WWW-Authenticate", `Basic realm="hsmagent"`)
 		oauthError(w, http.StatusUnauthorized, "invalid_client", "client authentication failed")
-		return
+		return "invalid_client"
 	}
 	if err := r.ParseForm(); err != nil || r.PostForm.Get("grant_type") != "client_credentials" {
 		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "grant_type must be client_credentials")
-		return
+		return "unsupported_grant_type"
 	}
 	now := o.now()
 	jti, err := d1.NewJWTID()
 	if err != nil {
 		o.Log.Error("issuing an access token failed", "err", err)
 		oauthError(w, http.StatusInternalServerError, "server_error", "could not make a token id")
-		return
+		return "server_error"
 	}
 	claims := jwt.Claims{Issuer: tokenIssuer, Subject: o.ClientID, IssuedAt: jwt.NewNumericDate(now),
 		NotBefore: jwt.NewNumericDate(now), Expiry: jwt.NewNumericDate(now.Add(o.ttl())), ID: jti}
@@ -128,12 +135,13 @@ func (o *OAuth) token(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		o.Log.Error("issuing an access token failed", "err", err)
 		oauthError(w, http.StatusInternalServerError, "server_error", "could not sign the token")
-		return
+		return "server_error"
 	}
 	o.Log.Info("access token issued", "client_id", o.ClientID, "expires", claims.Expiry.Time().UTC().Format(time.RFC3339))
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(map[string]any{"access_token": tok, "token_type": "Bearer", "expires_in": int(o.ttl().Seconds())})
+	return "ok"
 }
 
 func (o *OAuth) verify(header string) error {

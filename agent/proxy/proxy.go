@@ -30,23 +30,26 @@ const DefaultMaxBody = 10 << 20
 
 // NewClient forwards requests to target through rt, the D1 transport (mTLS,
 // and Bearer tokens when configured).
-func NewClient(target *url.URL, rt http.RoundTripper, log *slog.Logger, maxBody int64) http.Handler {
+func NewClient(target *url.URL, rt http.RoundTripper, log *slog.Logger, maxBody int64, opts ...Option) http.Handler {
+	o := collect(opts)
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target)
 			pr.Out.Host = target.Host
 		},
-		Transport:    rt,
+		Transport:    observeTransport(rt, o.observer),
 		ErrorHandler: errorHandler(log, "D1"),
 	}
-	return limitAndLog(rp, log, maxBody, "proxy client")
+	return limitAndLog(rp, log, maxBody, "proxy client", o.observer)
 }
 
 // NewServer forwards D1's verified requests to backend. With oauth set, the
 // proxy also serves D1's token endpoint and requires a Bearer token on every
 // other route (D1-S6).
-func NewServer(backend *url.URL, log *slog.Logger, maxBody int64, oauth *OAuth) http.Handler {
+func NewServer(backend *url.URL, log *slog.Logger, maxBody int64, oauth *OAuth, opts ...Option) http.Handler {
+	o := collect(opts)
 	rp := &httputil.ReverseProxy{
+		Transport: observeTransport(nil, o.observer),
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(backend)
 			pr.SetXForwarded()
@@ -66,9 +69,9 @@ func NewServer(backend *url.URL, log *slog.Logger, maxBody int64, oauth *OAuth) 
 	}
 	var h http.Handler = rp
 	if oauth != nil {
-		h = oauth.Wrap(rp)
+		h = oauth.wrap(rp, o.observer)
 	}
-	return limitAndLog(h, log, maxBody, "proxy server")
+	return limitAndLog(h, log, maxBody, "proxy server", o.observer)
 }
 
 func errorHandler(log *slog.Logger, upstream string) func(http.ResponseWriter, *http.Request, error) {
@@ -95,7 +98,7 @@ func (s *statusRecorder) WriteHeader(code int) {
 
 // limitAndLog caps the body and logs one line per request: no headers, so
 // no tokens.
-func limitAndLog(h http.Handler, log *slog.Logger, maxBody int64, name string) http.Handler {
+func limitAndLog(h http.Handler, log *slog.Logger, maxBody int64, name string, o Observer) http.Handler {
 	if maxBody <= 0 {
 		maxBody = DefaultMaxBody
 	}
@@ -104,8 +107,12 @@ func limitAndLog(h http.Handler, log *slog.Logger, maxBody int64, name string) h
 		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
 		h.ServeHTTP(rec, r)
+		d := time.Since(start)
+		if o != nil {
+			o.Request(rec.status, d)
+		}
 		attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status,
-			"duration", time.Since(start).Round(time.Microsecond), "remote", r.RemoteAddr}
+			"duration", d.Round(time.Microsecond), "remote", r.RemoteAddr}
 		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 			attrs = append(attrs, "client", r.TLS.PeerCertificates[0].Subject.String())
 		}

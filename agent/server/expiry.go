@@ -96,9 +96,9 @@ func (s *Server) keysLoaded(st *state) {
 	s.expiry.check(st, true)
 }
 
-// watchExpiry checks the certificates every expiryCheckEvery until Shutdown.
-func (s *Server) watchExpiry() {
-	t := time.NewTicker(expiryCheckEvery)
+// watchExpiry checks the certificates every interval until Shutdown.
+func (s *Server) watchExpiry(every time.Duration) {
+	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
 		select {

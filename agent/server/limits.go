@@ -120,7 +120,8 @@ func limitAttrs(k limitKey, a slog.Attr) []any {
 // per (uid, event, reason) and written as one "refusals suppressed" record
 // per summaryInterval. A refused request costs a map update, not a write.
 type refusalAudit struct {
-	audit *slog.Logger
+	audit *auditLog
+	msg   string // of the summaries
 	burst int
 	mu    sync.Mutex
 	uids  map[int]*refusals
@@ -134,8 +135,8 @@ type refusals struct {
 
 type refusalKey struct{ event, reason string }
 
-func newRefusalAudit(audit *slog.Logger, burst int) *refusalAudit {
-	return &refusalAudit{audit: audit, burst: burst, uids: make(map[int]*refusals)}
+func newRefusalAudit(audit *auditLog, msg string, burst int) *refusalAudit {
+	return &refusalAudit{audit: audit, msg: msg, burst: burst, uids: make(map[int]*refusals)}
 }
 
 // allow reports whether a refusal of uid's event for reason gets its own
@@ -165,7 +166,7 @@ func (a *refusalAudit) flush() {
 	now := time.Now()
 	for uid, r := range a.uids {
 		for k, n := range r.suppressed {
-			a.audit.LogAttrs(context.Background(), slog.LevelWarn, "refusals suppressed",
+			a.audit.write(context.Background(), slog.LevelWarn, a.msg,
 				slog.Int("uid", uid), slog.String("event", k.event), slog.String("reason", k.reason),
 				slog.Int64("count", n))
 		}
@@ -292,7 +293,7 @@ func (s *Server) refuseConn(p Peer, reason string) {
 		s.limits.hit("connections per uid", p.UID, s.conns.perUID)
 	}
 	if s.refusals.allow(p.UID, "connect", reason) {
-		s.audit.LogAttrs(context.Background(), slog.LevelWarn, "connect",
+		s.audit.write(context.Background(), slog.LevelWarn, "connect",
 			slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("result", reason))
 	}
 }

@@ -37,7 +37,8 @@ import (
 type Options struct {
 	// Logger receives operational logs; nil means slog.Default().
 	Logger *slog.Logger
-	// Audit receives one record per signature or refusal; nil means Logger.
+	// Audit receives one record per decision (signature, refusal, listing),
+	// numbered by a seq field; nil means Logger.
 	Audit *slog.Logger
 	// Policy says who may use which key; nil means only the agent's own user and root.
 	Policy *Policy
@@ -99,7 +100,7 @@ type Server struct {
 	agentpb.UnimplementedAgentServer
 	store  KeyStore
 	log    *slog.Logger
-	audit  *slog.Logger
+	audit  *auditLog
 	grpc   *grpc.Server
 	health *health.Server
 
@@ -112,6 +113,7 @@ type Server struct {
 	conns      *connLimits   // admits connections
 	limits     *limitLog     // logs each limit once when hit and once when cleared
 	refusals   *refusalAudit // bounds the audit records of refusals
+	listings   *refusalAudit // bounds the audit records of ListKeys and WatchKeys
 	stallAfter time.Duration // StreamSendTimeout
 
 	reloadMu sync.Mutex // serialises reloads
@@ -169,10 +171,13 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.MaxSignaturesPerUID, DefaultMaxSignaturesPerUID)
 	orDefault(&opts.AuditRefusalBurst, DefaultAuditRefusalBurst)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
-	s := &Server{store: store, log: opts.Logger, audit: opts.Audit, stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
+	s := &Server{store: store, log: opts.Logger, audit: newAuditLog(opts.Audit), stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
 		version: opts.Version, observer: opts.Observer}
 	s.limits = newLimitLog(opts.Logger)
-	s.refusals = newRefusalAudit(opts.Audit, opts.AuditRefusalBurst)
+	s.refusals = newRefusalAudit(s.audit, "refusals suppressed", opts.AuditRefusalBurst)
+	// Listings cost a caller nothing either, and have their own ration so
+	// that a client listing often does not use up its refusals' records.
+	s.listings = newRefusalAudit(s.audit, "listings suppressed", opts.AuditRefusalBurst)
 	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setServing)
 	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
@@ -230,7 +235,9 @@ func (s *Server) setServing(serving bool) {
 
 // Serve accepts connections on l until Shutdown.
 func (s *Server) Serve(l net.Listener) error {
-	go s.watchExpiry()
+	// Read here, not in the goroutine, which Shutdown does not wait for:
+	// a test changing the interval would race with an earlier agent's.
+	go s.watchExpiry(expiryCheckEvery)
 	err := s.grpc.Serve(&limitListener{Listener: l, s: s})
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
@@ -251,6 +258,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 		s.grpc.Stop()
 	}
 	s.refusals.stop()
+	s.listings.stop()
 }
 
 // Reload reads the keys and chains again and installs policy (nil keeps the
@@ -352,17 +360,40 @@ func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*age
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
 	s.sendVersion(ctx)
-	return s.state.Load().visibleTo(p), nil
+	rid := newRequestID()
+	sendRequestID(ctx, rid)
+	resp, hidden := s.state.Load().visibleTo(p)
+	s.auditList(ctx, "list", p, rid, len(resp.Keys), hidden)
+	return resp, nil
 }
 
-func (st *state) visibleTo(p Peer) *agentpb.ListKeysResponse {
+// visibleTo returns the keys p may use and how many others it does not see.
+func (st *state) visibleTo(p Peer) (*agentpb.ListKeysResponse, int) {
 	resp := &agentpb.ListKeysResponse{Revision: st.revision}
+	hidden := 0
 	for _, label := range st.labels {
 		if st.policy.Allowed(p, label) {
 			resp.Keys = append(resp.Keys, st.keys[label].proto)
+		} else {
+			hidden++
 		}
 	}
-	return resp
+	return resp, hidden
+}
+
+// auditList records a listing: the keys shown and the keys hidden from the
+// caller (how many, not which: the record is about the caller's view).
+func (s *Server) auditList(ctx context.Context, event string, p Peer, rid string, visible, hidden int) {
+	reason := "ok"
+	if hidden > 0 {
+		reason = "keys-hidden"
+	}
+	if !s.listings.allow(p.UID, event, reason) {
+		return
+	}
+	s.audit.write(ctx, slog.LevelInfo, event,
+		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
+		slog.Int("visible", visible), slog.Int("hidden", hidden), slog.String("request_id", rid))
 }
 
 // WatchKeys implements agentpb.AgentServer.
@@ -371,9 +402,12 @@ func (s *Server) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_Wat
 	if err != nil {
 		return status.Error(codes.Unauthenticated, err.Error())
 	}
+	rid := newRequestID() // one for the watch: its records are its sends
 	for {
 		st := s.state.Load()
-		if err := stream.Send(st.visibleTo(p)); err != nil {
+		resp, hidden := st.visibleTo(p)
+		s.auditList(stream.Context(), "watch", p, rid, len(resp.Keys), hidden)
+		if err := stream.Send(resp); err != nil {
 			return err
 		}
 		select {
@@ -396,10 +430,12 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
+	rid := newRequestID()
+	sendRequestID(ctx, rid)
 	sig, code, err := s.sign(ctx, p, req)
-	s.auditSign(ctx, p, req, code, err, time.Since(start))
+	s.auditSign(ctx, p, req, rid, code, err, time.Since(start))
 	if err != nil {
-		return nil, status.Error(code, err.Error())
+		return nil, status.Error(code, withRequestID(err.Error(), rid))
 	}
 	return &agentpb.SignResponse{Signature: sig}, nil
 }
@@ -474,7 +510,7 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 	return sig, codes.OK, nil
 }
 
-func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, code codes.Code, err error, d time.Duration) {
+func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, code codes.Code, err error, d time.Duration) {
 	result := resultOK
 	level := slog.LevelInfo
 	var ge *gateError
@@ -500,8 +536,8 @@ func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest
 	if len(label) > maxLabel {
 		label = label[:maxLabel]
 	}
-	s.audit.LogAttrs(ctx, level, "sign",
+	s.audit.write(ctx, level, "sign",
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.String("key", label), slog.String("hash", req.Hash.String()),
-		slog.String("result", result), slog.Duration("duration", d))
+		slog.String("result", result), slog.Duration("duration", d), slog.String("request_id", rid))
 }

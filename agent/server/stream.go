@@ -1,6 +1,9 @@
 package server
 
 import (
+	"context"
+	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
@@ -122,7 +125,10 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 			}
 			items := msg.Items
 			if len(items) > maxBatch {
-				return status.Errorf(codes.InvalidArgument, "agent: %d signatures in one message; at most %d", len(items), maxBatch)
+				rid := newRequestID()
+				s.auditStream(ctx, p, rid, len(items))
+				return status.Error(codes.InvalidArgument,
+					withRequestID(fmt.Sprintf("agent: %d signatures in one message; at most %d", len(items), maxBatch), rid))
 			}
 			for _, it := range items {
 				inFlight++
@@ -131,11 +137,12 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 						req = &agentpb.SignRequest{}
 					}
 					start := time.Now()
+					rid := newRequestID()
 					sig, code, err := s.sign(ctx, p, req)
-					s.auditSign(ctx, p, req, code, err, time.Since(start))
+					s.auditSign(ctx, p, req, rid, code, err, time.Since(start))
 					r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
 					if err != nil {
-						r.Message = err.Error()
+						r.Message = withRequestID(err.Error(), rid)
 					}
 					results <- r // room for every item in flight: never blocks
 				}(it.Id, it.Request)
@@ -160,6 +167,18 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// auditStream records a SignStream message refused whole (too many items):
+// its items were never looked at, so they have no sign records.
+func (s *Server) auditStream(ctx context.Context, p Peer, rid string, items int) {
+	result := codes.InvalidArgument.String()
+	if !s.refusals.allow(p.UID, "sign-stream", result) {
+		return
+	}
+	s.audit.write(ctx, slog.LevelWarn, "sign-stream",
+		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
+		slog.Int("items", items), slog.String("result", result), slog.String("request_id", rid))
 }
 
 func (s *Server) isStopping() bool {

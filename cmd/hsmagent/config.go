@@ -34,7 +34,7 @@ type config struct {
 	LogFormat     string        `yaml:"log_format" flag:"log-format"`
 	LogLevel      string        `yaml:"log_level" flag:"log-level"`
 	AuditLog      string        `yaml:"audit_log" flag:"audit-log"`
-	MetricsListen string        `yaml:"metrics_listen" flag:"metrics-listen"`
+	MetricsListen string        `yaml:"metrics_listen" flag:"metrics-listen" command:"serve"`
 	MaxSessions   string        `yaml:"max_sessions" flag:"max-sessions"`
 	MaxWaiting    string        `yaml:"max_waiting" flag:"max-waiting"`
 	HSMTimeout    string        `yaml:"hsm_timeout" flag:"hsm-timeout"`
@@ -63,13 +63,15 @@ type valuePos struct {
 
 // d1Section configures the commands that talk to one D1 environment.
 type d1Section struct {
-	Target       string    `yaml:"target" flag:"target"`
-	Key          string    `yaml:"key" flag:"key"`
-	ServerCA     string    `yaml:"server_ca" flag:"server-ca"`
-	MaxConnAge   string    `yaml:"max_conn_age" flag:"max-conn-age"`
-	ClientListen string    `yaml:"client_listen" flag:"listen"`
-	JWT          d1JWT     `yaml:"jwt"`
-	Server       d1Inbound `yaml:"server"`
+	Target       string `yaml:"target" flag:"target"`
+	Key          string `yaml:"key" flag:"key"`
+	ServerCA     string `yaml:"server_ca" flag:"server-ca"`
+	MaxConnAge   string `yaml:"max_conn_age" flag:"max-conn-age"`
+	ClientListen string `yaml:"client_listen" flag:"listen"`
+	// ClientMetrics is the client proxy's metrics listener.
+	ClientMetrics string    `yaml:"client_metrics_listen" flag:"metrics-listen"`
+	JWT           d1JWT     `yaml:"jwt"`
+	Server        d1Inbound `yaml:"server"`
 }
 
 type d1JWT struct {
@@ -87,6 +89,8 @@ type d1Inbound struct {
 	Backend  string `yaml:"backend" flag:"backend"`
 	Key      string `yaml:"key" flag:"key"`
 	ClientCA string `yaml:"client_ca" flag:"client-ca"`
+	// MetricsListen is the server proxy's metrics listener.
+	MetricsListen string `yaml:"metrics_listen" flag:"metrics-listen"`
 	// OAuth for D1's calls (D1-S6).
 	OAuthClientID   string `yaml:"oauth_client_id" flag:"oauth-client-id"`
 	OAuthSecretFile string `yaml:"oauth_secret_file" flag:"oauth-secret-file"`
@@ -270,6 +274,11 @@ func mergeStruct(c *cli.Context, v reflect.Value, cfg *config, prefix string) er
 		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
 		flag := f.Tag.Get("flag")
 		if flag == "" || !f.IsExported() || f.Type.Kind() != reflect.String || !hasFlag(c, flag) {
+			continue
+		}
+		// A setting of one command only: the proxies' metrics-listen is
+		// in their d1 section, not the agent's top-level one.
+		if only := f.Tag.Get("command"); only != "" && only != c.Command.Name {
 			continue
 		}
 		fv := v.Field(i)

@@ -216,6 +216,7 @@ func proxyCommand() *cli.Command {
 				Flags: append(append(append([]cli.Flag{
 					&cli.StringFlag{Name: "listen", Usage: "loopback `ADDR` to listen on, e.g. 127.0.0.1:8080 (required, here or in the config)"},
 					&cli.StringFlag{Name: "target", Usage: "D1 base `URL`, e.g. https://api.d1-stg.thalescloud.io (required, here or in the config)"},
+					proxyMetricsFlag(),
 				}, d1ClientFlags()...), jwtFlags()...), common...),
 				Action: proxyClientAction,
 			},
@@ -235,6 +236,7 @@ func proxyCommand() *cli.Command {
 					&cli.StringFlag{Name: "oauth-secret-file", Usage: "`FILE` holding D1's OAuth client secret"},
 					&cli.StringFlag{Name: "oauth-key", Usage: "`LABEL` of the key in the agent that signs the access tokens"},
 					&cli.DurationFlag{Name: "oauth-ttl", Usage: "access token lifetime", Value: 15 * time.Minute},
+					proxyMetricsFlag(),
 				}, common...),
 				Action: proxyServerAction,
 			},
@@ -261,6 +263,11 @@ func proxyClientAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	pm, err := startProxyMetrics(c.String("metrics-listen"), "client", log)
+	if err != nil {
+		return err
+	}
+	defer pm.stop()
 	client, err := dialAgent(c)
 	if err != nil {
 		return err
@@ -275,6 +282,7 @@ func proxyClientAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	pm.observeTokens(j)
 	if j != nil {
 		ts, err := j.TokenSource()
 		if err != nil {
@@ -282,7 +290,7 @@ func proxyClientAction(c *cli.Context) error {
 		}
 		rt = d1.BearerTransport(rt, ts)
 	}
-	srv := proxy.NewHTTPServer(proxy.NewClient(u, rt, log, c.Int64("max-body")), log)
+	srv := proxy.NewHTTPServer(proxy.NewClient(u, rt, log, c.Int64("max-body"), pm.options()...), log)
 	srv.Addr = listen
 	return runHTTP(srv, log, false, nil, "proxy client serving",
 		"listen", listen, "target", target, "env", string(env), "key", c.String("key"), "oauth", j != nil)
@@ -304,6 +312,11 @@ func proxyServerAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	pm, err := startProxyMetrics(c.String("metrics-listen"), "server", log)
+	if err != nil {
+		return err
+	}
+	defer pm.stop()
 	client, err := dialAgent(c)
 	if err != nil {
 		return err
@@ -321,7 +334,7 @@ func proxyServerAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := proxy.NewHTTPServer(proxy.NewServer(u, log, c.Int64("max-body"), oauth), log)
+	srv := proxy.NewHTTPServer(proxy.NewServer(u, log, c.Int64("max-body"), oauth, pm.options()...), log)
 	srv.Addr = c.String("listen")
 	srv.TLSConfig = st.TLSConfig()
 	// Offer HTTP/2 as well; the per-handshake configs are clones of this one.

@@ -25,10 +25,11 @@ func serveCommand() *cli.Command {
 		Description: `The agent is the only process that knows the PIN. Local processes connect to
 the socket; each connection's uid/gid/pid is read with SO_PEERCRED and checked against the
 access rules of the config file (by default only the agent's own user and root may sign).
-Every signature writes an audit record.
+Every decision (signature, refusal, listing) writes one audit record with a seq number and
+the request id the caller sees in its error.
 
-Signals: SIGHUP reloads certificate chains and the config's access rules (a failed reload
-keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
+Signals: SIGHUP reopens --audit-log (for logrotate) and reloads certificate chains and the
+config's access rules (a failed reload keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
 close the token and exit 0.`,
 		Flags: append(append(tokenFlags(), limitFlags()...),
 			configFlag,
@@ -94,13 +95,13 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	audit := log
+	var auditFile *server.AuditFile // reopened on SIGHUP, for logrotate
 	if path := c.String("audit-log"); path != "" && !c.Bool("check-config") {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return fmt.Errorf("opening audit log: %w", err)
+		if auditFile, err = server.OpenAuditFile(path); err != nil {
+			return err
 		}
-		defer f.Close()
-		audit = slog.New(slog.NewJSONHandler(f, nil))
+		defer auditFile.Close()
+		audit = slog.New(slog.NewJSONHandler(auditFile, nil))
 	}
 	if c.Int("max-sessions") < 1 || c.Int("max-waiting") < 1 || c.Duration("hsm-timeout") <= 0 {
 		return usagef("--max-sessions, --max-waiting and --hsm-timeout must be positive")
@@ -146,7 +147,7 @@ func serveAction(c *cli.Context) error {
 		log:      log,
 		serve:    func() error { return srv.Serve(l) },
 		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
-		reload:   func() { reload(c, srv, log) },
+		reload:   func() { reopenAudit(auditFile, log); reload(c, srv, log) },
 		healthy:  srv.HSMAnswering,
 	}
 	return d.run("agent serving", "socket", socket, "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
@@ -170,6 +171,17 @@ func reload(c *cli.Context, srv *server.Server, log *slog.Logger) {
 		return
 	}
 	log.Info("reloaded", "revision", srv.Revision())
+}
+
+// reopenAudit starts a new audit file after logrotate moved the old one; on
+// error the agent keeps writing to the old one.
+func reopenAudit(f *server.AuditFile, log *slog.Logger) {
+	if f == nil {
+		return
+	}
+	if err := f.Reopen(); err != nil {
+		log.Error("reopening the audit log failed, writing to the previous file", "err", err)
+	}
 }
 
 // startMetrics opens the metrics listener when addr is set and makes the
