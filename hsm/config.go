@@ -30,6 +30,10 @@ type Config struct {
 	// Logger receives one line when the token becomes unavailable and one
 	// when it is back; nil logs nothing.
 	Logger *slog.Logger
+	// OnReopen, if set, is called after every attempt to reopen the token
+	// (after a lost session, and during an outage), with whether it worked:
+	// what a session-reopen metric counts. It must not block.
+	OnReopen func(ok bool)
 	// ReopenMin and ReopenMax bound the delay between reopen attempts while
 	// the token is unavailable (doubling from min to max, with jitter);
 	// zero means DefaultReopenMin and DefaultReopenMax.
@@ -236,4 +240,10 @@ func ParseURI(s string) (URI, error) {
 		out.PINFile, out.PIN = path, PINFromFile(path)
 	}
 	return out, nil
+}
+
+func (c Config) reopened(ok bool) {
+	if c.OnReopen != nil {
+		c.OnReopen(ok)
+	}
 }

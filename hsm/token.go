@@ -231,6 +231,7 @@ func (t *Token) reopen(seen uint64, cause error) (again bool, err error) {
 	}
 	ctx, err := t.configure()
 	t.ctx = ctx
+	t.cfg.reopened(err == nil)
 	if err != nil {
 		t.goDown(explain(cause), err)
 		return false, t.unavailable()
@@ -284,6 +285,7 @@ func (t *Token) recoverToken(o *outage) {
 		// Opened outside the lock: operations keep failing fast meanwhile,
 		// even if the module takes long to answer.
 		ctx, err := t.configureRaw()
+		t.cfg.reopened(err == nil)
 		t.mu.Lock()
 		if t.closed {
 			t.mu.Unlock()

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -342,5 +343,46 @@ func TestFingerprintMatchesOpenSSLForm(t *testing.T) {
 	fp := hsm.Fingerprint([]byte("abc"))
 	if len(fp) != 95 || !bytes.Equal([]byte(fp[:8]), []byte("BA:78:16")) {
 		t.Errorf("fingerprint %q", fp)
+	}
+}
+
+// TestOnReopenReported: a reopen after lost sessions is reported through
+// Config.OnReopen (what the agent's reopen metric counts).
+func TestOnReopenReported(t *testing.T) {
+	fx := softhsmtest.New(t)
+	var ok, failed atomic.Int64
+	cfg := fx.Config()
+	cfg.OnReopen = func(worked bool) {
+		if worked {
+			ok.Add(1)
+		} else {
+			failed.Add(1)
+		}
+	}
+	tok, err := hsm.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tok.Close()
+	if _, err := tok.GenerateKey("k", hsm.ECDSAP256, nil); err != nil {
+		t.Fatal(err)
+	}
+	s, err := tok.Signer("k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("x"))
+	if ok.Load() != 0 {
+		t.Fatalf("%d reopens reported before any session was lost", ok.Load())
+	}
+	p, slot := fx.Raw(t)
+	if err := p.CloseAllSessions(slot); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Sign(rand.Reader, digest[:], crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	if ok.Load() != 1 || failed.Load() != 0 {
+		t.Errorf("reopens reported: %d ok, %d failed; want 1 ok", ok.Load(), failed.Load())
 	}
 }

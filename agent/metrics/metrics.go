@@ -31,6 +31,7 @@ type Agent struct {
 	keys       prometheus.Gauge
 	serving    prometheus.Gauge
 	reloads    prometheus.Counter
+	reopens    *prometheus.CounterVec
 
 	mu     sync.Mutex
 	labels map[string]bool
@@ -60,10 +61,15 @@ func NewAgent(load func() (inFlight, waiting int)) *Agent {
 		keys:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_keys", Help: "Keys the agent serves."}),
 		serving: prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_hsm_serving", Help: "1 while the HSM answers within the HSM timeout, 0 while an operation is stuck."}),
 		reloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "hsmagent_key_loads_total", Help: "Times the keys and chains were read from the key store (start and reloads)."}),
-		labels:  map[string]bool{},
+		reopens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmagent_hsm_reopens_total", Help: "Attempts to reopen the HSM token after a lost session or during an outage, by result (ok, failed).",
+		}, []string{"result"}),
+		labels: map[string]bool{},
 	}
 	m.serving.Set(1)
-	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.reloads,
+	m.reopens.WithLabelValues("ok")
+	m.reopens.WithLabelValues("failed")
+	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.reloads, m.reopens,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if load != nil {
 		m.registry.MustRegister(
@@ -109,6 +115,15 @@ func (m *Agent) KeysLoaded(keys []server.Key) {
 		}
 	}
 	m.labels = now
+}
+
+// Reopened counts an attempt to reopen the HSM token (hsm.Config.OnReopen).
+func (m *Agent) Reopened(ok bool) {
+	if ok {
+		m.reopens.WithLabelValues("ok").Inc()
+	} else {
+		m.reopens.WithLabelValues("failed").Inc()
+	}
 }
 
 // HSMServing implements server.Observer.

@@ -60,6 +60,7 @@ func TestScrape(t *testing.T) {
 	var a *agenttest.Agent
 	m := metrics.NewAgent(func() (int, int) { return a.Server.HSMLoad() })
 	a = agenttest.Start(t, store, server.Options{Observer: m})
+	m.Reopened(true) // as hsm.Config.OnReopen reports
 	l, err := metrics.Listen(filepath.Join(agenttest.SocketDir(t), "metrics.sock"))
 	if err != nil {
 		t.Fatal(err)
@@ -104,6 +105,8 @@ func TestScrape(t *testing.T) {
 		`hsmagent_hsm_serving 1`,
 		`hsmagent_hsm_in_flight 0`,
 		`hsmagent_keys 1`,
+		`hsmagent_hsm_reopens_total{result="failed"} 0`,
+		`hsmagent_hsm_reopens_total{result="ok"} 1`,
 		`hsmagent_certificate_expiry_timestamp_seconds{key="ec"} ` + formatFloat(notAfter.Unix()),
 	} {
 		if !strings.Contains(text, want) {

@@ -120,20 +120,23 @@ func serveAction(c *cli.Context) error {
 		infof(c, "serve: configuration valid (--check-config: token not opened, socket not created)")
 		return nil
 	}
+	var srv *server.Server
+	m, stopMetrics, err := startMetrics(c.String("metrics-listen"), &opts, func() (int, int) { return srv.HSMLoad() }, log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	// crypto11 keeps one session of its pool for itself, logged in.
 	sel.cfg.MaxSessions = c.Int("max-sessions") + 1
 	sel.cfg.Logger = log
+	if m != nil {
+		sel.cfg.OnReopen = m.Reopened
+	}
 	tok, err := hsm.Open(sel.cfg)
 	if err != nil {
 		return err
 	}
 	defer tok.Close()
-	var srv *server.Server
-	stopMetrics, err := startMetrics(c.String("metrics-listen"), &opts, func() (int, int) { return srv.HSMLoad() }, log)
-	if err != nil {
-		return err
-	}
-	defer stopMetrics()
 	srv, err = server.New(hsmstore.New(tok), opts)
 	if err != nil {
 		return err
@@ -186,13 +189,13 @@ func reopenAudit(f *server.AuditFile, log *slog.Logger) {
 
 // startMetrics opens the metrics listener when addr is set and makes the
 // server's observer the Prometheus one; the returned func closes it.
-func startMetrics(addr string, opts *server.Options, load func() (int, int), log *slog.Logger) (func(), error) {
+func startMetrics(addr string, opts *server.Options, load func() (int, int), log *slog.Logger) (*metrics.Agent, func(), error) {
 	if addr == "" {
-		return func() {}, nil
+		return nil, func() {}, nil
 	}
 	l, err := metrics.Listen(addr)
 	if err != nil {
-		return nil, usageError{err}
+		return nil, nil, usageError{err}
 	}
 	m := metrics.NewAgent(load)
 	opts.Observer = m
@@ -202,5 +205,5 @@ func startMetrics(addr string, opts *server.Options, load func() (int, int), log
 		}
 	}()
 	log.Info("metrics served", "listen", addr, "path", "/metrics")
-	return func() { l.Close() }, nil
+	return m, func() { l.Close() }, nil
 }
