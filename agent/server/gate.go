@@ -49,19 +49,13 @@ type gate struct {
 	setHealth  func(serving bool)
 	failures   sampler // "signing failed" lines: HSM errors other than the gate's
 
-	mu             sync.Mutex
-	byUID          map[int]int // operations waiting or in the HSM, per uid
-	oldest, newest *flight     // doInline's operations in the HSM (watchdog.go)
-
-	watchOnce sync.Once
-	stopOnce  sync.Once
-	stop      chan struct{} // closed to end the watchdog
+	mu    sync.Mutex
+	byUID map[int]int // operations waiting or in the HSM, per uid
 }
 
 func newGate(maxInFlight, maxWaiting, perUID int, timeout time.Duration, log *slog.Logger, limits *limitLog, setHealth func(bool)) *gate {
 	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), perUID: perUID, timeout: timeout,
-		log: log, limits: limits, setHealth: setHealth, byUID: make(map[int]int), failures: sampler{interval: time.Second},
-		stop: make(chan struct{})}
+		log: log, limits: limits, setHealth: setHealth, byUID: make(map[int]int), failures: sampler{interval: time.Second}}
 }
 
 // enter counts an operation of uid unless uid has its share already.
@@ -98,24 +92,26 @@ type signResult struct {
 	err error
 }
 
-// admit takes an HSM slot and uid's place for an operation, or says why
-// not. After a nil return the caller must send the operation and free(uid)
-// when it returns.
-func (g *gate) admit(ctx context.Context, uid int) *gateError {
+// do runs op for uid when the HSM may take it. op's own error is returned
+// as is; the gate's refusals and failures are *gateError.
+func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]byte, error) {
 	if n := g.stuck.Load(); n > 0 {
-		return &gateError{codes.Unavailable, resultDown, fmt.Sprintf(
+		return nil, &gateError{codes.Unavailable, resultDown, fmt.Sprintf(
 			"agent: the HSM is not answering (%d operation(s) stuck for more than %v); failing fast until it recovers", n, g.timeout)}
 	}
 	if !g.enter(uid) {
 		g.limits.hit("signatures per uid", uid, g.perUID)
-		return &gateError{codes.ResourceExhausted, resultCallerBusy, fmt.Sprintf(
+		return nil, &gateError{codes.ResourceExhausted, resultCallerBusy, fmt.Sprintf(
 			"agent: uid %d already has %d signatures waiting for the HSM or in it; try again later", uid, g.perUID)}
 	}
+	// The uid's place is given back with the HSM slot: an operation its
+	// caller abandoned still occupies the HSM until it returns.
+	free := func() { <-g.slots; g.leave(uid) }
 	if g.waiting.Add(1) > g.maxWaiting {
 		g.waiting.Add(-1)
 		g.leave(uid)
 		g.limits.hit("signatures waiting", -1, int(g.maxWaiting))
-		return &gateError{codes.ResourceExhausted, resultBusy, fmt.Sprintf(
+		return nil, &gateError{codes.ResourceExhausted, resultBusy, fmt.Sprintf(
 			"agent: %d signatures are already waiting for the HSM; try again later", g.maxWaiting)}
 	}
 	select {
@@ -124,29 +120,12 @@ func (g *gate) admit(ctx context.Context, uid int) *gateError {
 	case <-ctx.Done():
 		g.waiting.Add(-1)
 		g.leave(uid)
-		return abandoned(ctx)
+		return nil, abandoned(ctx)
 	}
 	if ctx.Err() != nil { // gone while we took the slot: never send it to the HSM
-		g.free(uid)
-		return abandoned(ctx)
+		free()
+		return nil, abandoned(ctx)
 	}
-	return nil
-}
-
-// free gives back the HSM slot and the uid's place together: an operation
-// its caller abandoned still occupies the HSM until it returns.
-func (g *gate) free(uid int) {
-	<-g.slots
-	g.leave(uid)
-}
-
-// do runs op for uid when the HSM may take it. op's own error is returned
-// as is; the gate's refusals and failures are *gateError.
-func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]byte, error) {
-	if ge := g.admit(ctx, uid); ge != nil {
-		return nil, ge
-	}
-	free := func() { g.free(uid) }
 	done := make(chan signResult, 1)
 	go func() {
 		sig, err := op()
@@ -162,34 +141,26 @@ func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]by
 		go func() { <-done; free() }()
 		return nil, abandoned(ctx)
 	case <-timer.C:
-		g.stuckStarts()
-		go func() {
-			<-done
-			free()
-			g.stuckEnds()
-		}()
-		return nil, g.timeoutError()
+		g.markStuck(done, free)
+		return nil, &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
 	}
 }
 
-func (g *gate) timeoutError() *gateError {
-	return &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
-}
-
-// stuckStarts counts an operation past the timeout until stuckEnds, turning
+// markStuck counts an operation past the timeout until it returns, turning
 // health to NOT_SERVING on the first and back on the last, with one log line each.
-func (g *gate) stuckStarts() {
+func (g *gate) markStuck(done <-chan signResult, free func()) {
 	if g.stuck.Add(1) == 1 {
 		g.log.Error("the HSM stopped answering: an operation is stuck past the HSM timeout; refusing new signatures until it returns", "hsm_timeout", g.timeout)
 		g.setHealth(false)
 	}
-}
-
-func (g *gate) stuckEnds() {
-	if g.stuck.Add(-1) == 0 {
-		g.log.Info("the HSM answers again")
-		g.setHealth(true)
-	}
+	go func() {
+		<-done
+		free()
+		if g.stuck.Add(-1) == 0 {
+			g.log.Info("the HSM answers again")
+			g.setHealth(true)
+		}
+	}()
 }
 
 func abandoned(ctx context.Context) *gateError {

@@ -251,7 +251,6 @@ func (s *Server) Shutdown(ctx context.Context) {
 		s.grpc.Stop()
 	}
 	s.refusals.stop()
-	s.gate.close()
 }
 
 // Reload reads the keys and chains again and installs policy (nil keeps the
@@ -397,7 +396,7 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
-	sig, code, err := s.sign(ctx, p, req, func(op hsmOp) ([]byte, error) { return s.gate.do(ctx, p.UID, op) })
+	sig, code, err := s.sign(ctx, p, req)
 	s.auditSign(ctx, p, req, code, err, time.Since(start))
 	if err != nil {
 		return nil, status.Error(code, err.Error())
@@ -405,13 +404,7 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	return &agentpb.SignResponse{Signature: sig}, nil
 }
 
-// hsmOp is one operation in the key store.
-type hsmOp = func() ([]byte, error)
-
-// sign checks req and has run send the signature to the key store through
-// the gate. If run returns errAnswered, so does sign, and the caller has had
-// its answer already.
-func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, run func(hsmOp) ([]byte, error)) ([]byte, codes.Code, error) {
+func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, error) {
 	switch {
 	case req.Key == "":
 		return nil, codes.InvalidArgument, errors.New("agent: key label is empty")
@@ -457,10 +450,7 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, run
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
-	sig, err := run(func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) })
-	if err == errAnswered {
-		return nil, codes.Unavailable, err
-	}
+	sig, err := s.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) })
 	var ge *gateError
 	if errors.As(err, &ge) {
 		return nil, ge.code, ge

@@ -131,22 +131,13 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 						req = &agentpb.SignRequest{}
 					}
 					start := time.Now()
-					answer := func(sig []byte, code codes.Code, err error) {
-						s.auditSign(ctx, p, req, code, err, time.Since(start))
-						r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
-						if err != nil {
-							r.Message = err.Error()
-						}
-						results <- r // room for every item in flight: never blocks
+					sig, code, err := s.sign(ctx, p, req)
+					s.auditSign(ctx, p, req, code, err, time.Since(start))
+					r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
+					if err != nil {
+						r.Message = err.Error()
 					}
-					// The HSM call runs in this goroutine; past the HSM
-					// timeout the gate's watchdog answers instead.
-					sig, code, err := s.sign(ctx, p, req, func(op hsmOp) ([]byte, error) {
-						return s.gate.doInline(ctx, p.UID, op, func(ge *gateError) { answer(nil, ge.code, ge) })
-					})
-					if err != errAnswered {
-						answer(sig, code, err)
-					}
+					results <- r // room for every item in flight: never blocks
 				}(it.Id, it.Request)
 			}
 		case r := <-out:
