@@ -4,9 +4,18 @@ import (
 	"context"
 	"crypto"
 	"crypto/sha256"
+	"fmt"
+	"io"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
+	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/bench"
+	"github.com/hsmagent/hsmagent/agent/keytype"
 	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/hsmagent/hsmagent/hsm"
 	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
@@ -71,4 +80,140 @@ func BenchmarkTLS13Handshake(b *testing.B) {
 			b.ReportMetric(float64(r.P99.Microseconds()), "p99-µs")
 		})
 	}
+}
+
+// The benchmarks below compare the agent with in-process signing on the
+// network-HSM shape: every signature waits about 2 ms. Each runs a fixed
+// number of callers (not GOMAXPROCS-based), reports ns/op as the inverse of
+// throughput and p50-µs per call. Same signer on both sides, so the
+// difference is the agent path. Profile with e.g.
+//
+//	go test ./agent -run XXX -bench 'SignSlow/32' -count 6 -cpuprofile cpu.out
+func BenchmarkSignSlow(b *testing.B) {
+	store := server.NewMemoryStore()
+	if _, err := store.Generate("ec", keytype.ECDSAP256); err != nil {
+		b.Fatal(err)
+	}
+	slow := slowStore{store, netLatency}
+	local, err := slow.Signer("ec")
+	if err != nil {
+		b.Fatal(err)
+	}
+	a := agenttest.Start(b, slow, server.Options{Audit: discardLogger()})
+	remote, err := dialB(b, a.Socket).Signer(context.Background(), "ec")
+	if err != nil {
+		b.Fatal(err)
+	}
+	compareCallers(b, local, remote)
+}
+
+// BenchmarkSignFault is BenchmarkSignSlow on SoftHSM through the fault
+// module with 2 ms per C_Sign: crypto11 and the hsm package included.
+func BenchmarkSignFault(b *testing.B) {
+	fm := softhsmtest.NewFaultModule(b, softhsmtest.New(b))
+	tok, err := hsm.Open(fm.Config())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { tok.Close() })
+	if _, err := tok.GenerateKey("ec", hsm.ECDSAP256, nil); err != nil {
+		b.Fatal(err)
+	}
+	fm.SetSignLatency(netLatency)
+	local, err := tok.Signer("ec")
+	if err != nil {
+		b.Fatal(err)
+	}
+	a := softhsmtest.StartAgent(b, tok, server.Options{Audit: discardLogger()})
+	remote, err := dialB(b, a.Socket).Signer(context.Background(), "ec")
+	if err != nil {
+		b.Fatal(err)
+	}
+	compareCallers(b, local, remote)
+}
+
+const netLatency = 2 * time.Millisecond
+
+func compareCallers(b *testing.B, local, remote crypto.Signer) {
+	digest := sha256.Sum256([]byte("bench"))
+	for _, callers := range []int{1, 32} {
+		for _, side := range []struct {
+			name string
+			s    crypto.Signer
+		}{{"in-process", local}, {"agent", remote}} {
+			b.Run(fmt.Sprintf("%d/%s", callers, side.name), func(b *testing.B) {
+				runCallers(b, callers, func() error {
+					_, err := side.s.Sign(nil, digest[:], crypto.SHA256)
+					return err
+				})
+			})
+		}
+	}
+}
+
+// runCallers runs b.N calls of op from callers goroutines and reports the
+// median call latency and the process's CPU time per call (user and system:
+// less noisy than throughput on a shared machine).
+func runCallers(b *testing.B, callers int, op func() error) {
+	var next atomic.Int64
+	lat := make([]time.Duration, b.N)
+	var wg sync.WaitGroup
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	for range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(b.N) {
+					return
+				}
+				start := time.Now()
+				if err := op(); err != nil {
+					b.Error(err)
+					return
+				}
+				lat[i] = time.Since(start)
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/1e3/float64(b.N), "cpu-µs/op")
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-µs")
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// slowStore makes every signature of its store wait lat first, like a
+// network HSM's round trip.
+type slowStore struct {
+	server.KeyStore
+	lat time.Duration
+}
+
+func (s slowStore) Signer(label string) (crypto.Signer, error) {
+	sg, err := s.KeyStore.Signer(label)
+	if err != nil {
+		return nil, err
+	}
+	return slowSigner{sg, s.lat}, nil
+}
+
+type slowSigner struct {
+	crypto.Signer
+	lat time.Duration
+}
+
+func (s slowSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	time.Sleep(s.lat)
+	return s.Signer.Sign(r, digest, opts)
 }
