@@ -23,7 +23,7 @@ type PINChoice struct {
 }
 
 // ErrNoPIN is returned (wrapped) by the source Source gives when nothing was configured.
-var ErrNoPIN = errors.New("hsm: no PIN: pass --pin-file FILE, set HSMAGENT_PIN, add pin-source to the URI, or run on a terminal to be prompted")
+var ErrNoPIN = errors.New("hsm: no PIN: pass --pin-file FILE, set HSMAGENT_PIN, add pin-source to the URI, pass the systemd credential hsmagent-pin (LoadCredential=), or run on a terminal to be prompted")
 
 // Source returns the first configured PIN source.
 func (p PINChoice) Source() PINSource {

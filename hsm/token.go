@@ -123,7 +123,7 @@ func (t *Token) configureError(err error) error {
 		return fmt.Errorf("hsm: opening %s: %w", t.cfg.tokenName(), explain(err))
 	}
 	for _, info := range infos {
-		if info.Label == t.cfg.TokenLabel || (t.cfg.TokenSerial != "" && info.Serial == t.cfg.TokenSerial) {
+		if (t.cfg.TokenLabel != "" && info.Label == t.cfg.TokenLabel) || (t.cfg.TokenSerial != "" && info.Serial == t.cfg.TokenSerial) {
 			return fmt.Errorf("hsm: opening %s: %w", t.cfg.tokenName(), err)
 		}
 	}

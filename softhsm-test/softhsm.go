@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/hsmagent/hsmagent/hsm"
@@ -113,9 +114,17 @@ func (t *Token) InitToken(label string) error {
 	return nil
 }
 
-// Env is the environment for a child process that should see this token.
+// Env is the environment for a child process that should see this token:
+// the test's own, without any HSMAGENT_* setting of the shell that runs the
+// tests (such as softhsm-token.sh's), which would change what is tested.
 func (t *Token) Env() []string {
-	return append(os.Environ(), "SOFTHSM2_CONF="+t.ConfPath, "HSMAGENT_MODULE="+t.ModulePath)
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "HSMAGENT_") && !strings.HasPrefix(kv, "SOFTHSM2_CONF=") {
+			env = append(env, kv)
+		}
+	}
+	return append(env, "SOFTHSM2_CONF="+t.ConfPath, "HSMAGENT_MODULE="+t.ModulePath)
 }
 
 // Config selects this token with its PIN file.

@@ -156,18 +156,30 @@ func Listen(addr string) (net.Listener, error) {
 		}
 		return l, nil
 	}
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics: %q is neither host:port nor a socket path: %w", addr, err)
-	}
-	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		return nil, fmt.Errorf("metrics: %q is not a loopback address; use 127.0.0.1:PORT or a socket path (put a proxy in front to publish it)", addr)
+	if err := CheckAddr(addr); err != nil {
+		return nil, err
 	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics: listening on %q: %w", addr, err)
 	}
 	return l, nil
+}
+
+// CheckAddr checks a metrics address without listening: a socket path, or
+// a loopback host:port.
+func CheckAddr(addr string) error {
+	if strings.Contains(addr, "/") {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("metrics: %q is neither host:port nor a socket path: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return fmt.Errorf("metrics: %q is not a loopback address; use 127.0.0.1:PORT or a socket path (put a proxy in front to publish it)", addr)
+	}
+	return nil
 }
 
 // Serve serves h on l until l is closed.

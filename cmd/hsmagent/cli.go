@@ -83,7 +83,7 @@ func editDistance(a, b string) int {
 }
 
 // Go's flag package names a flag "-name" whatever the user typed.
-var flagInError = regexp.MustCompile(`(flag provided but not defined: |flag needs an argument: |for flag |for )-([^\s:=]+)`)
+var flagInError = regexp.MustCompile(`(flag provided but not defined: |flag needs an argument: |for flag |for )--?([^\s:=-][^\s:=]*)`)
 
 // flagsAsTyped rewrites a flag error to name the flag as the user typed it
 // (--frobnicate, not -frobnicate); one not found in args gets "--".

@@ -8,6 +8,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -288,11 +289,30 @@ func mergeStruct(c *cli.Context, v reflect.Value, cfg *config, prefix string) er
 			fv.SetString(c.String(flag))
 		case fv.String() != "":
 			if err := c.Set(flag, fv.String()); err != nil {
-				return usagef("config setting %q%s: %q is not valid for --%s: %v", setting, cfg.lineOf(setting), fv.String(), flag, unwrapAll(err))
+				return fmt.Errorf("config setting %q%s: %q is %s", setting, cfg.lineOf(setting), fv.String(), expected(c, flag, err))
 			}
 		}
 	}
 	return nil
+}
+
+// expected says what a flag's value must look like, for an error about a
+// value from the config file.
+func expected(c *cli.Context, flag string, err error) string {
+	for _, f := range c.Command.Flags {
+		if !slices.Contains(f.Names(), flag) {
+			continue
+		}
+		switch f.(type) {
+		case *cli.DurationFlag:
+			return "not a duration; use e.g. 3s, 500ms or 5m"
+		case *cli.IntFlag, *cli.Int64Flag, *cli.UintFlag:
+			return "not a whole number"
+		case *cli.BoolFlag:
+			return "not true or false"
+		}
+	}
+	return fmt.Sprintf("not valid for --%s: %v", flag, unwrapAll(err))
 }
 
 // unwrapAll strips the flag package's wrapping down to the cause.

@@ -51,7 +51,26 @@ func dialAgent(c *cli.Context) (*agent.Client, error) {
 	wait := c.Duration("wait-for-agent") // 0 for commands without the flag
 	ctx, cancel := context.WithTimeout(c.Context, wait+10*time.Second)
 	defer cancel()
-	return agent.Dial(ctx, c.String("socket"), agent.WithWaitForAgent(wait))
+	socket, err := agentSocket(c)
+	if err != nil {
+		return nil, err
+	}
+	return agent.Dial(ctx, socket, agent.WithWaitForAgent(wait))
+}
+
+// packagedSocket is where the package's agent listens (packaging/systemd).
+const packagedSocket = "/run/hsmagent/agent.sock"
+
+// agentSocket is the socket a command talks to: --socket, $HSMAGENT_SOCKET
+// or the config's socket, else the package's when it exists.
+func agentSocket(c *cli.Context) (string, error) {
+	if s := c.String("socket"); s != "" {
+		return s, nil
+	}
+	if _, err := os.Stat(packagedSocket); err == nil {
+		return packagedSocket, nil
+	}
+	return "", usagef("no agent socket: pass --socket PATH, set %s or put socket: in the config (none at %s)", agent.SocketEnv, packagedSocket)
 }
 
 // d1HTTPClient builds the inbound mTLS client from the flags.

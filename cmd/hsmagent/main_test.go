@@ -164,7 +164,8 @@ func TestHSMLimitsValidated(t *testing.T) {
 		{"--hsm-timeout", "0s"},
 	} {
 		code, _, stderr := runCLI(t, append([]string{"serve", "--socket", sock}, args...)...)
-		if code != 2 || !strings.Contains(stderr, "must be positive") {
+		// The error names the flag that is wrong, and only that one.
+		if code != 2 || !strings.Contains(stderr, args[0]+" "+args[1]+": must be") || strings.Count(stderr, "--") != 1 {
 			t.Errorf("%v: exit %d %q", args, code, stderr)
 		}
 	}

@@ -103,8 +103,13 @@ func serveAction(c *cli.Context) error {
 		defer auditFile.Close()
 		audit = slog.New(slog.NewJSONHandler(auditFile, nil))
 	}
-	if c.Int("max-sessions") < 1 || c.Int("max-waiting") < 1 || c.Duration("hsm-timeout") <= 0 {
-		return usagef("--max-sessions, --max-waiting and --hsm-timeout must be positive")
+	for _, f := range []string{"max-sessions", "max-waiting"} {
+		if c.Int(f) < 1 {
+			return usagef("--%s %d: must be at least 1", f, c.Int(f))
+		}
+	}
+	if c.Duration("hsm-timeout") <= 0 {
+		return usagef("--hsm-timeout %v: must be positive, e.g. 3s", c.Duration("hsm-timeout"))
 	}
 	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
 		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
@@ -115,6 +120,11 @@ func serveAction(c *cli.Context) error {
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
+	}
+	if addr := c.String("metrics-listen"); addr != "" {
+		if err := metrics.CheckAddr(addr); err != nil {
+			return usageError{err}
+		}
 	}
 	if c.Bool("check-config") {
 		infof(c, "serve: configuration valid (--check-config: token not opened, socket not created)")

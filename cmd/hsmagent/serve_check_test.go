@@ -31,7 +31,7 @@ func TestServeCheckConfig(t *testing.T) {
 		want         string
 	}{
 		{"bad rule", "socket: " + sock + "\ntoken: t\naccess:\n  - keys: [web]\n", nil, 1, "line 4"},
-		{"bad flag value", "socket: " + sock + "\ntoken: t\n", []string{"--max-sessions", "0"}, 2, "must be positive"},
+		{"bad flag value", "socket: " + sock + "\ntoken: t\n", []string{"--max-sessions", "0"}, 2, "--max-sessions 0: must be at least 1"},
 		{"no token", "socket: " + sock + "\n", nil, 2, "no token selected"},
 		{"no socket", "token: t\n", nil, 2, "no socket path"},
 	} {
@@ -39,5 +39,15 @@ func TestServeCheckConfig(t *testing.T) {
 		if code != tt.code || !strings.Contains(stderr, tt.want) {
 			t.Errorf("%s: exit %d, stderr %q; want exit %d and %q", tt.name, code, stderr, tt.code, tt.want)
 		}
+	}
+}
+
+// TestCheckConfigChecksMetricsAddress: --check-config refuses what serve
+// would refuse, the metrics address included.
+func TestCheckConfigChecksMetricsAddress(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	code, _, stderr := runCLI(t, "serve", "--socket", sock, "--token", "t", "--metrics-listen", "0.0.0.0:19465", "--check-config")
+	if code != 2 || !strings.Contains(stderr, "not a loopback address") {
+		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 }

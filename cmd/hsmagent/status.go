@@ -74,7 +74,11 @@ func statusAction(c *cli.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
 	defer cancel()
-	client, err := agent.Dial(ctx, c.String("socket"))
+	socket, err := agentSocket(c)
+	if err != nil {
+		return err
+	}
+	client, err := agent.Dial(ctx, socket)
 	if err != nil {
 		return exitError{statusUnreachable, err}
 	}
