@@ -126,9 +126,17 @@ func ChainWarnings(chain []*x509.Certificate, now time.Time) (warnings []string,
 		case now.Before(c.NotBefore):
 			return nil, fmt.Errorf("hsm: %s %q is not valid before %s", what, c.Subject, c.NotBefore.UTC().Format(time.RFC3339))
 		case c.NotAfter.Sub(now) < 30*24*time.Hour:
-			warnings = append(warnings, fmt.Sprintf("%s %q expires in %d days (%s)", what, c.Subject,
-				int(c.NotAfter.Sub(now).Hours()/24), c.NotAfter.UTC().Format(time.DateOnly)))
+			warnings = append(warnings, fmt.Sprintf("%s %q expires in %s (%s)", what, c.Subject,
+				days(int(c.NotAfter.Sub(now).Hours()/24)), c.NotAfter.UTC().Format(time.DateOnly)))
 		}
 	}
 	return warnings, nil
+}
+
+// days words a count of days: "1 day", "0 days", "12 days".
+func days(n int) string {
+	if n == 1 {
+		return "1 day"
+	}
+	return fmt.Sprintf("%d days", n)
 }

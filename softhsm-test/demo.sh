@@ -8,7 +8,12 @@ bin=$(realpath "${1:-bin/hsmagent}")
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d -t hsmagent-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+# Bold only on a terminal, and never with NO_COLOR.
+if [ -t 2 ] && [ -z "${NO_COLOR:-}" ]; then
+	step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+else
+	step() { printf '\n== %s\n' "$*" >&2; }
+fi
 
 step "throwaway SoftHSM token in $work"
 eval "$("$here/softhsm-token.sh" "$work/hsm" demo-token)"

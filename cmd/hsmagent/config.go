@@ -423,3 +423,12 @@ func (cfg *config) policy() (*server.Policy, error) {
 	}
 	return nil, err
 }
+
+// d1Hint explains, for an error about missing D1 settings, that the config
+// file given has no d1 section to take them from.
+func (cfg *config) d1Hint() string {
+	if cfg.path == "" || len(cfg.D1) > 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (config %q has no d1: section for them; see the commented one in docs/agent.example.yaml)", cfg.path)
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/hsmagent/hsmagent/agent/d1"
 	"github.com/hsmagent/hsmagent/hsm"
@@ -56,6 +57,12 @@ func csrAction(c *cli.Context) error {
 	case "d1", "D1":
 		if c.IsSet("subject") || c.IsSet("dns") || c.IsSet("ip") {
 			return usagef("--profile d1 builds the subject itself; drop --subject, --dns and --ip")
+		}
+		// Name the flag a user forgot, not the field of the subject it fills.
+		for _, f := range []string{"issuer-id", "env", "country", "state", "locality", "org", "org-unit"} {
+			if strings.TrimSpace(c.String(f)) == "" {
+				return usagef("missing --%s: the D1 profile needs --issuer-id, --env, --country, --state, --locality, --org and --org-unit", f)
+			}
 		}
 		env, err := d1.ParseEnv(c.String("env"))
 		if err != nil {

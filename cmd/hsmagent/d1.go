@@ -174,6 +174,7 @@ func jwtCommand() *cli.Command {
 			Name:  "sign",
 			Usage: "sign the given claims (a JSON object) as a compact JWS: ES256 for P-256 keys, RS256 for RSA",
 			Flags: []cli.Flag{
+				configFlag,
 				socketFlag,
 				&cli.StringFlag{Name: "key", Usage: "signing key `LABEL` (required)"},
 				&cli.StringFlag{Name: "kid", Usage: "header kid `ID` (required)"},
@@ -185,6 +186,9 @@ func jwtCommand() *cli.Command {
 }
 
 func jwtSignAction(c *cli.Context) error {
+	if _, err := commandConfig(c); err != nil {
+		return err
+	}
 	if c.String("key") == "" || c.String("kid") == "" || c.String("claims") == "" {
 		return usagef("jwt sign needs --key LABEL, --kid ID and --claims FILE|-")
 	}
@@ -264,12 +268,13 @@ func proxyCommand() *cli.Command {
 }
 
 func proxyClientAction(c *cli.Context) error {
-	if _, err := commandConfig(c, d1Client); err != nil {
+	cfg, err := commandConfig(c, d1Client)
+	if err != nil {
 		return err
 	}
 	listen, target := c.String("listen"), c.String("target")
 	if listen == "" || target == "" {
-		return usagef("proxy client needs --listen 127.0.0.1:PORT and --target https://D1-HOST")
+		return usagef("proxy client needs --listen 127.0.0.1:PORT and --target https://D1-HOST%s", cfg.d1Hint())
 	}
 	if err := proxy.CheckLoopback(listen); err != nil {
 		return usageError{err}
@@ -316,12 +321,13 @@ func proxyClientAction(c *cli.Context) error {
 }
 
 func proxyServerAction(c *cli.Context) error {
-	if _, err := commandConfig(c, d1Server); err != nil {
+	cfg, err := commandConfig(c, d1Server)
+	if err != nil {
 		return err
 	}
 	backend, label, caFile := c.String("backend"), c.String("key"), c.String("client-ca")
 	if backend == "" || label == "" || caFile == "" {
-		return usagef("proxy server needs --backend http://127.0.0.1:PORT, --key LABEL and --client-ca FILE")
+		return usagef("proxy server needs --backend http://127.0.0.1:PORT, --key LABEL and --client-ca FILE%s", cfg.d1Hint())
 	}
 	u, err := url.Parse(backend)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

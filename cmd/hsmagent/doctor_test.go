@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -415,5 +416,21 @@ func TestDoctorKeyRoles(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Log(stdout)
+	}
+}
+
+// TestDoctorServerKeyOnly: a key that only names an environment for the
+// inbound side (d1-prd-server), with no d1 section asking for PRD, is not a
+// missing mTLS client key: a warning, not a failure.
+func TestDoctorServerKeyOnly(t *testing.T) {
+	fx := softhsmtest.New(t)
+	tok := fx.Open(t)
+	if _, err := tok.GenerateKey("d1-prd-server", hsm.ECDSAP256, nil); err != nil {
+		t.Fatal(err)
+	}
+	a := softhsmtest.StartAgent(t, tok, server.Options{})
+	code, stdout, stderr := runCLI(t, "doctor", "--socket", a.Socket, "--module", fx.ModulePath, "--token", fx.Label, "--pin-file", fx.PINFile)
+	if code != 0 || !regexp.MustCompile(`WARN  PRD  key +no mTLS client key for PRD`).MatchString(stdout) {
+		t.Errorf("exit %d, stderr %q, stdout:\n%s", code, stderr, stdout)
 	}
 }

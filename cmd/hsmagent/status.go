@@ -141,7 +141,7 @@ func statusReport(keys []agent.Key, now time.Time) statusView {
 			case left <= 0:
 				v.Problems = append(v.Problems, fmt.Sprintf("the certificate of key %q expired on %s", k.Label, na.Format(time.DateOnly)))
 			case left < expiryWarning:
-				v.Problems = append(v.Problems, fmt.Sprintf("the certificate of key %q expires in %d days (%s)", k.Label, days, na.Format(time.DateOnly)))
+				v.Problems = append(v.Problems, fmt.Sprintf("the certificate of key %q expires in %d day%s (%s)", k.Label, days, plural(days), na.Format(time.DateOnly)))
 			}
 		}
 		v.Keys = append(v.Keys, kv)
@@ -167,4 +167,11 @@ func printStatus(c *cli.Context, v statusView) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", k.Label, k.Type, subject, notAfter, days)
 	}
 	return tw.Flush()
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
 }
