@@ -9,6 +9,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -103,6 +104,9 @@ func lookupGroup(name string) (int, error) {
 // socketDir creates dir if missing and returns its real path once it and the
 // directories above it are safe (see Listen).
 func socketDir(dir string) (string, error) {
+	if err := checkGivenPath(dir); err != nil {
+		return "", err
+	}
 	_, missing := os.Lstat(dir)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return "", fmt.Errorf("agent: creating socket directory: %w", err)
@@ -131,6 +135,48 @@ func socketDir(dir string) (string, error) {
 		}
 	}
 	return real, nil
+}
+
+// checkGivenPath checks the socket directory's path as clients will walk it,
+// before anything is created. The real directory is checked later, but a
+// symlink on the way, or a directory another user can write, would let that
+// user point the path (and so every client) at a socket of their own.
+func checkGivenPath(dir string) error {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("agent: socket directory %q: %w", dir, err)
+	}
+	euid := os.Geteuid()
+	cur := "/"
+	for _, part := range strings.Split(abs, "/") {
+		if part == "" {
+			continue
+		}
+		next := filepath.Join(cur, part)
+		fi, err := os.Lstat(next)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // created below cur, which passed
+		}
+		if err != nil {
+			return fmt.Errorf("agent: checking socket directory: %w", err)
+		}
+		if fi.Mode()&os.ModeSymlink != 0 {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != 0 && int(st.Uid) != euid {
+				return fmt.Errorf("agent: the socket path goes through %q, a symlink owned by uid %d (not the agent's uid %d or root), who could point it elsewhere; %s", next, st.Uid, euid, safeDirHint)
+			}
+			real, err := filepath.EvalSymlinks(next)
+			if err != nil {
+				return fmt.Errorf("agent: resolving socket directory %q: %w", next, err)
+			}
+			cur = real
+			continue
+		}
+		if err := checkDir(next, fmt.Sprintf("%q, on the socket path,", next), true); err != nil {
+			return err
+		}
+		cur = next
+	}
+	return nil
 }
 
 // checkDir refuses a directory that another user could write; name is how

@@ -106,6 +106,28 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 			p := mkdir(t, base, "p", os.ModeSticky|0o777, -1)
 			return mkdir(t, p, "d", 0o750, -1)
 		}, "", true},
+		{"path through a directory of another user, by a symlink to a safe one", true, func(t *testing.T, base string) string {
+			// What the socket path goes through decides where clients
+			// connect: its owner could swap the link for one to their own socket.
+			safe := mkdir(t, base, "safe", 0o750, -1)
+			evil := mkdir(t, base, "evil", 0o755, 65534)
+			if err := os.Symlink(safe, filepath.Join(evil, "sub")); err != nil {
+				t.Fatal(err)
+			}
+			return filepath.Join(evil, "sub", "deeper")
+		}, `evil", on the socket path, is owned by uid 65534`, false},
+		{"symlink owned by another user in a sticky directory", true, func(t *testing.T, base string) string {
+			p := mkdir(t, base, "p", os.ModeSticky|0o777, -1)
+			safe := mkdir(t, base, "safe", 0o750, -1)
+			link := filepath.Join(p, "link")
+			if err := os.Symlink(safe, link); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Lchown(link, 65534, 65534); err != nil {
+				t.Fatal(err)
+			}
+			return link
+		}, "a symlink owned by uid 65534", false},
 		{"symlink to a safe directory", false, func(t *testing.T, base string) string {
 			d := mkdir(t, base, "d", 0o750, -1)
 			if err := os.Symlink(d, filepath.Join(base, "link")); err != nil {
