@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/net/netutil"
 )
 
 // Agent is a server.Observer that keeps Prometheus metrics.
@@ -142,16 +142,13 @@ func (m *Agent) Handler() http.Handler {
 
 // Listen opens the metrics listener: a loopback TCP address (127.0.0.1:9464,
 // [::1]:9464, localhost:9464) or the path of a Unix socket (anything with a
-// "/"), created 0660. Other addresses are refused: the metrics name keys.
+// "/"), made like the agent's own socket (server.ListenWith: its directory
+// checked, mode 0660, an existing socket replaced only when nothing answers
+// it). Other addresses are refused: the metrics name keys.
 func Listen(addr string) (net.Listener, error) {
 	if strings.Contains(addr, "/") {
-		_ = os.Remove(addr) // a socket left by an earlier run; Listen refuses anything else
-		l, err := net.Listen("unix", addr)
+		l, err := server.ListenWith(addr, server.ListenOptions{Mode: 0o660})
 		if err != nil {
-			return nil, fmt.Errorf("metrics: listening on %q: %w", addr, err)
-		}
-		if err := os.Chmod(addr, 0o660); err != nil {
-			l.Close()
 			return nil, fmt.Errorf("metrics: %w", err)
 		}
 		return l, nil
@@ -182,12 +179,19 @@ func CheckAddr(addr string) error {
 	return nil
 }
 
-// Serve serves h on l until l is closed.
+// MaxConnections bounds the metrics listener's open connections: a scraper
+// needs one or two, and any local user can connect to a loopback port.
+const MaxConnections = 8
+
+// Serve serves h on l until l is closed, with at most MaxConnections open
+// and every connection bounded in time, so that connections to it cannot
+// take the agent's file descriptors or memory.
 func Serve(l net.Listener, h http.Handler) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", h)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	if err := srv.Serve(l); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10}
+	if err := srv.Serve(netutil.LimitListener(l, MaxConnections)); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil

@@ -8,11 +8,13 @@ import (
 	"crypto/x509/pkix"
 	"io"
 	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -154,4 +156,79 @@ func TestListenRefusesPublicAddresses(t *testing.T) {
 		t.Fatalf("loopback refused: %v", err)
 	}
 	l.Close()
+}
+
+// countingListener counts the connections Serve accepted.
+type countingListener struct {
+	net.Listener
+	n atomic.Int64
+}
+
+func (c *countingListener) Accept() (net.Conn, error) {
+	conn, err := c.Listener.Accept()
+	if err == nil {
+		c.n.Add(1)
+	}
+	return conn, err
+}
+
+// TestServeBoundsConnections: connections that never send a request take at
+// most MaxConnections of the agent's descriptors (any local user can open
+// them on a loopback port).
+func TestServeBoundsConnections(t *testing.T) {
+	l, err := metrics.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := &countingListener{Listener: l}
+	go metrics.Serve(cl, metrics.NewAgent(nil).Handler())
+	defer l.Close()
+	var conns []net.Conn
+	for range 5 * metrics.MaxConnections {
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if n := cl.n.Load(); n > metrics.MaxConnections {
+		t.Errorf("%d idle connections accepted; at most %d may be open", n, metrics.MaxConnections)
+	}
+}
+
+// TestListenSocketPathSafely: a metrics socket path is made like the agent's
+// socket: a file that is not a socket is never removed, nor a live socket.
+func TestListenSocketPathSafely(t *testing.T) {
+	dir := agenttest.SocketDir(t)
+	file := filepath.Join(dir, "not-a-socket")
+	if err := os.WriteFile(file, []byte("keep me"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := metrics.Listen(file); err == nil {
+		l.Close()
+		t.Fatal("a regular file at the metrics path was replaced")
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "keep me" {
+		t.Errorf("the file at the metrics path was touched: %q %v", b, err)
+	}
+	live := filepath.Join(dir, "metrics.sock")
+	first, err := metrics.Listen(live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	go metrics.Serve(first, metrics.NewAgent(nil).Handler())
+	if l, err := metrics.Listen(live); err == nil {
+		l.Close()
+		t.Fatal("a second listener took over a live metrics socket")
+	}
+	if _, err := net.Dial("unix", live); err != nil {
+		t.Errorf("the first listener's socket is gone: %v", err)
+	}
 }

@@ -29,6 +29,7 @@ const (
 	resultTimeout   = "timeout"   // the HSM did not answer within the HSM timeout
 	resultDown      = "hsm-down"  // refused at once: an operation is stuck in the HSM, or the key store says its backend is down
 	resultHSMError  = "hsm-error" // the HSM answered with an error
+	resultDenied    = "denied"    // metrics only: not allowed, whether the key exists or not
 )
 
 // gate admits operations into the key store: at most maxInFlight at once

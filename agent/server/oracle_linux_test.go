@@ -1,13 +1,16 @@
 package server_test
 
 import (
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
@@ -34,8 +37,9 @@ func TestNoExistenceOracle(t *testing.T) {
 		t.Fatal(err)
 	}
 	audit := &auditBuffer{}
+	seen := &recordingObserver{}
 	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, newMemStore(t),
-		server.Options{Policy: policy, Audit: slog.New(slog.NewTextHandler(audit, nil))})
+		server.Options{Policy: policy, Audit: slog.New(slog.NewTextHandler(audit, nil)), Observer: seen})
 	bin := copyTestBinary(t, dir)
 	ask := func(key string) string {
 		cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, "-test.run=^$")
@@ -62,4 +66,27 @@ func TestNoExistenceOracle(t *testing.T) {
 	if got := ask("rsa"); got != "OK" {
 		t.Errorf("allowed key: %q", got)
 	}
+	// Nor do the metrics, which more users may read than the audit.
+	if got := seen.String(); got != "/denied /denied rsa/ok " {
+		t.Errorf("metrics saw %q; want the two refusals alike (no label, reason denied)", got)
+	}
+}
+
+// recordingObserver keeps what the agent reports for metrics.
+type recordingObserver struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (r *recordingObserver) Signed(key, result string, _ time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fmt.Fprintf(&r.buf, "%s/%s ", key, result)
+}
+func (r *recordingObserver) KeysLoaded([]server.Key) {}
+func (r *recordingObserver) HSMServing(bool)         {}
+func (r *recordingObserver) String() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.buf.String()
 }

@@ -522,11 +522,17 @@ func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest
 	case err != nil:
 		result, level = code.String(), slog.LevelWarn
 	}
-	known := ""
-	if s.state.Load().keys[req.Key] != nil {
+	// Metrics are readable by more users than the audit: a caller refused a
+	// key learns nothing there either (no label, one reason for both causes).
+	st := s.state.Load()
+	known, metricResult := "", result
+	switch {
+	case !st.policy.Allowed(p, req.Key):
+		metricResult = resultDenied
+	case st.keys[req.Key] != nil:
 		known = req.Key
 	}
-	s.observer.Signed(known, result, d) // every request counts, audited or not
+	s.observer.Signed(known, metricResult, d) // every request counts, audited or not
 	// Refusals cost the caller nothing, so their records are rationed per
 	// uid; signatures and HSM failures are bounded by the HSM itself.
 	if err != nil && result != resultHSMError && result != resultTimeout && !s.refusals.allow(p.UID, "sign", result) {
