@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Defaults of the limits that keep one local user from denying the agent to
@@ -23,13 +25,17 @@ const (
 	DefaultStreamSendTimeout       = 30 * time.Second
 	DefaultMaxSignaturesPerUID     = 256
 	DefaultAuditRefusalBurst       = 32
+	DefaultMaxSignStreams          = 256
+	DefaultMaxSignStreamsPerUID    = 16
 )
 
 // Audit results of refusals decided by the limits.
 const (
-	resultCallerBusy    = "caller-busy"              // refused: this uid has its share of signatures waiting or in flight
-	resultTooManyConns  = "too-many-connections"     // refused at accept: the agent holds its maximum of connections
-	resultTooManyForUID = "too-many-connections-uid" // refused at accept: this uid holds its maximum of connections
+	resultCallerBusy           = "caller-busy"              // refused: this uid has its share of signatures waiting or in flight
+	resultTooManyConns         = "too-many-connections"     // refused at accept: the agent holds its maximum of connections
+	resultTooManyForUID        = "too-many-connections-uid" // refused at accept: this uid holds its maximum of connections
+	resultTooManyStreams       = "too-many-streams"         // SignStream refused: the agent holds its maximum of them
+	resultTooManyStreamsForUID = "too-many-streams-uid"     // SignStream refused: this uid holds its maximum of them
 )
 
 const (
@@ -313,4 +319,27 @@ func fdLimit(want int, log *slog.Logger) int {
 		return room
 	}
 	return want
+}
+
+// admitStream counts a SignStream of p, the agent's most expensive call to
+// keep open (its results wait in memory for a client that may never read),
+// or refuses it: a budget across all uids on top of each uid's, with the
+// same reserve for root and the agent's own user as connections have.
+func (s *Server) admitStream(ctx context.Context, p Peer) (release func(), err error) {
+	why := s.streams.admit(p.UID)
+	if why == "" {
+		return func() { s.streams.release(p.UID) }, nil
+	}
+	reason, limit := resultTooManyStreams, s.streams.max
+	if why == resultTooManyForUID {
+		reason, limit = resultTooManyStreamsForUID, s.streams.perUID
+		s.limits.hit("sign streams per uid", p.UID, limit)
+	} else {
+		s.limits.hit("sign streams", -1, limit)
+	}
+	if s.refusals.allow(p.UID, "sign-stream", reason) {
+		s.audit.write(ctx, slog.LevelWarn, "sign-stream",
+			slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("result", reason))
+	}
+	return nil, status.Errorf(codes.ResourceExhausted, "agent: %d sign streams are open (%s); close some, or sign with unary Sign calls", limit, reason)
 }

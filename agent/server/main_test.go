@@ -13,6 +13,7 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
@@ -25,6 +26,8 @@ func TestMain(m *testing.M) {
 	switch os.Getenv(helperEnv) {
 	case "sign":
 		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), false))
+	case "streams":
+		os.Exit(streamsHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), 24))
 	case "sign-message":
 		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), true))
 	case "hold":
@@ -77,5 +80,44 @@ func holdHelper(socket string, n int) int {
 	for _, c := range conns {
 		c.Close()
 	}
+	return 0
+}
+
+// streamsHelper opens n SignStreams at once (over two connections, under the
+// streams-per-connection limit) and prints how many the agent admitted
+// (still open after a second) and refused: "admitted=16 refused=8".
+func streamsHelper(socket string, n int) int {
+	var conns []*grpc.ClientConn
+	for range 2 {
+		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			fmt.Println(err)
+			return 1
+		}
+		defer conn.Close()
+		conns = append(conns, conn)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	codesSeen := make(chan codes.Code, n)
+	for i := range n {
+		go func() {
+			stream, err := agentpb.NewAgentClient(conns[i%2]).SignStream(ctx)
+			if err == nil {
+				_, err = stream.Recv()
+			}
+			codesSeen <- status.Code(err)
+		}()
+	}
+	admitted, refused := 0, 0
+	for range n {
+		switch <-codesSeen {
+		case codes.DeadlineExceeded:
+			admitted++
+		case codes.ResourceExhausted:
+			refused++
+		}
+	}
+	fmt.Printf("admitted=%d refused=%d\n", admitted, refused)
 	return 0
 }

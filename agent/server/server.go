@@ -93,6 +93,14 @@ type Options struct {
 	// and a "refusals suppressed" record with the count per reason every
 	// second. 0 means DefaultAuditRefusalBurst.
 	AuditRefusalBurst int
+	// MaxSignStreams bounds the SignStreams open at once for all callers
+	// (their unread results are what a client can make the agent hold); the
+	// last eighth is kept for root and the agent's own user. 0 means
+	// DefaultMaxSignStreams.
+	MaxSignStreams int
+	// MaxSignStreamsPerUID bounds the SignStreams one uid other than root and
+	// the agent's own may hold open. 0 means DefaultMaxSignStreamsPerUID.
+	MaxSignStreamsPerUID int
 }
 
 // Server serves the hsmagent.v1 API.
@@ -111,6 +119,7 @@ type Server struct {
 	keyChanges keyChanges    // reloads after a key was replaced in the store (keychange.go)
 	gate       *gate         // admits signatures into the key store
 	conns      *connLimits   // admits connections
+	streams    *connLimits   // admits SignStreams
 	limits     *limitLog     // logs each limit once when hit and once when cleared
 	refusals   *refusalAudit // bounds the audit records of refusals
 	listings   *refusalAudit // bounds the audit records of ListKeys and WatchKeys
@@ -170,6 +179,8 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.StreamSendTimeout, DefaultStreamSendTimeout)
 	orDefault(&opts.MaxSignaturesPerUID, DefaultMaxSignaturesPerUID)
 	orDefault(&opts.AuditRefusalBurst, DefaultAuditRefusalBurst)
+	orDefault(&opts.MaxSignStreams, DefaultMaxSignStreams)
+	orDefault(&opts.MaxSignStreamsPerUID, DefaultMaxSignStreamsPerUID)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
 	s := &Server{store: store, log: opts.Logger, audit: newAuditLog(opts.Audit), stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
 		version: opts.Version, observer: opts.Observer}
@@ -179,6 +190,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	// that a client listing often does not use up its refusals' records.
 	s.listings = newRefusalAudit(s.audit, "listings suppressed", opts.AuditRefusalBurst)
 	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
+	s.streams = newConnLimits(opts.MaxSignStreams, opts.MaxSignStreamsPerUID)
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setServing)
 	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
 	if err := s.load(opts.Policy); err != nil {

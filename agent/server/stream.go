@@ -34,6 +34,11 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		return status.Error(codes.Unauthenticated, err.Error())
 	}
 	ctx := stream.Context()
+	release, err := s.admitStream(ctx, p)
+	if err != nil {
+		return err
+	}
+	defer release()
 	requests := make(chan *agentpb.SignStreamRequest)
 	go func() {
 		// Ends when the client closes its side or the stream's context ends

@@ -50,6 +50,8 @@ type config struct {
 	IdleTimeout             string `yaml:"idle_timeout" flag:"idle-timeout"`
 	StreamSendTimeout       string `yaml:"stream_send_timeout" flag:"stream-send-timeout"`
 	MaxSignaturesPerUID     string `yaml:"max_signatures_per_uid" flag:"max-signatures-per-uid"`
+	MaxSignStreams          string `yaml:"max_sign_streams" flag:"max-sign-streams"`
+	MaxSignStreamsPerUID    string `yaml:"max_sign_streams_per_uid" flag:"max-sign-streams-per-uid"`
 	AuditRefusalBurst       string `yaml:"audit_refusal_burst" flag:"audit-refusal-burst"`
 
 	path   string              // the file, "" without one
