@@ -198,6 +198,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peerCredentials{}),
+		grpc.StatsHandler(badRequestAudit{s}),
 		grpc.MaxRecvMsgSize(wire.MaxRequestSize),
 		grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))),
 		grpc.MaxSendMsgSize(wire.MaxMessageSize),
@@ -367,6 +368,7 @@ func sameKeys(a, b *state) bool {
 
 // ListKeys implements agentpb.AgentServer.
 func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*agentpb.ListKeysResponse, error) {
+	markHandled(ctx)
 	p, err := peerFrom(ctx)
 	if err != nil {
 		return nil, status.Error(codes.Unauthenticated, err.Error())
@@ -410,6 +412,7 @@ func (s *Server) auditList(ctx context.Context, event string, p Peer, rid string
 
 // WatchKeys implements agentpb.AgentServer.
 func (s *Server) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_WatchKeysServer) error {
+	markHandled(stream.Context())
 	p, err := peerFrom(stream.Context())
 	if err != nil {
 		return status.Error(codes.Unauthenticated, err.Error())
@@ -437,6 +440,7 @@ const maxLabel = 128
 
 // Sign implements agentpb.AgentServer.
 func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.SignResponse, error) {
+	markHandled(ctx)
 	start := time.Now()
 	p, err := peerFrom(ctx)
 	if err != nil {

@@ -148,7 +148,8 @@ func checkGivenPath(dir string) error {
 	}
 	euid := os.Geteuid()
 	cur := "/"
-	for _, part := range strings.Split(abs, "/") {
+	parts := strings.Split(strings.Trim(abs, "/"), "/")
+	for i, part := range parts {
 		if part == "" {
 			continue
 		}
@@ -170,6 +171,9 @@ func checkGivenPath(dir string) error {
 			}
 			cur = real
 			continue
+		}
+		if i == len(parts)-1 {
+			return nil // the socket directory itself: checked, stricter, once resolved
 		}
 		if err := checkDir(next, fmt.Sprintf("%q, on the socket path,", next), true); err != nil {
 			return err

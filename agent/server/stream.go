@@ -29,6 +29,7 @@ const maxResponseBytes = 16<<10 - 64
 // together in the next one. On shutdown the stream stops taking requests,
 // answers those in flight and ends.
 func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
+	markHandled(stream.Context())
 	p, err := peerFrom(stream.Context())
 	if err != nil {
 		return status.Error(codes.Unauthenticated, err.Error())
@@ -47,6 +48,9 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		for {
 			msg, err := stream.Recv()
 			if err != nil {
+				if streamRecvFailed(err) {
+					s.auditMalformed(ctx, "SignStream", err)
+				}
 				return
 			}
 			select {
