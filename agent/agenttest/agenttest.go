@@ -5,8 +5,13 @@ package agenttest
 
 import (
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"io"
 	"log/slog"
+	"math/big"
 	"os"
 	"path/filepath"
 	"sync"
@@ -74,4 +79,26 @@ func (a *Agent) Stop() {
 		case <-time.After(5 * time.Second):
 		}
 	})
+}
+
+// SelfSigned returns a certificate for signer's key, signed by that key,
+// with common name cn, valid for the year up to notAfter: a chain for a key
+// of a server.MemoryStore in tests of expiry, status or metrics.
+func SelfSigned(tb testing.TB, signer crypto.Signer, cn string, notAfter time.Time) *x509.Certificate {
+	tb.Helper()
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
+		NotBefore: notAfter.AddDate(-1, 0, 0), NotAfter: notAfter}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, signer.Public(), signer)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cert
 }

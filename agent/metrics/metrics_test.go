@@ -3,11 +3,8 @@ package metrics_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -44,19 +41,12 @@ func promtool(t *testing.T) string {
 // (a made-up key label counts as "other"), and promtool accepts it.
 func TestScrape(t *testing.T) {
 	store := server.NewMemoryStore()
-	pub, err := store.Generate("ec", keytype.ECDSAP256)
-	if err != nil {
+	if _, err := store.Generate("ec", keytype.ECDSAP256); err != nil {
 		t.Fatal(err)
 	}
-	_ = pub
 	signer, _ := store.Signer("ec")
 	notAfter := time.Now().Add(40 * 24 * time.Hour).Truncate(time.Second)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "ec"}, NotBefore: time.Now(), NotAfter: notAfter}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, signer.Public(), signer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
+	cert := agenttest.SelfSigned(t, signer, "ec", notAfter)
 	store.SetChain("ec", []*x509.Certificate{cert})
 
 	var a *agenttest.Agent

@@ -6,10 +6,8 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"log/slog"
-	"math/big"
 	"strings"
 	"sync"
 	"testing"
@@ -104,16 +102,7 @@ func withCert(t *testing.T, store *server.MemoryStore, label string, notAfter ti
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: label},
-		NotBefore: notAfter.Add(-365 * day), NotAfter: notAfter}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert := agenttest.SelfSigned(t, key, label, notAfter)
 	if err := store.Add(label, key, []*x509.Certificate{cert}); err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -26,15 +25,7 @@ import (
 
 func needSetpriv(t *testing.T) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test must run as root in CI to run a client as another user")
-		}
-		t.Skip("needs root to run a client as another user")
-	}
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skip("setpriv (util-linux) is not installed")
-	}
+	needOtherUsers(t)
 }
 
 // openFDs counts this process's open file descriptors.
@@ -73,8 +64,7 @@ func TestConnectionFlood(t *testing.T) {
 			bin := copyTestBinary(t, dir)
 			fdsBefore := openFDs(t)
 
-			cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, "-test.run=^$")
-			cmd.Env = append(os.Environ(), helperEnv+"=hold", "HSMAGENT_TEST_SOCKET="+a.Socket, "HSMAGENT_TEST_CONNS=2000")
+			cmd := clientAs(bin, "hold", a.Socket, nobody, "HSMAGENT_TEST_CONNS=2000")
 			stdin, err := cmd.StdinPipe()
 			if err != nil {
 				t.Fatal(err)
@@ -168,8 +158,7 @@ func TestSignaturesFairPerUID(t *testing.T) {
 	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return codesSeen[codes.ResourceExhausted] == 92 })
 
 	// nobody's one signature waits behind root's 8, not behind 100.
-	cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, "-test.run=^$")
-	cmd.Env = append(os.Environ(), helperEnv+"=sign-message", "HSMAGENT_TEST_SOCKET="+a.Socket, "HSMAGENT_TEST_KEY=ec")
+	cmd := clientAs(bin, "sign-message", a.Socket, nobody, "HSMAGENT_TEST_KEY=ec")
 	out := make(chan string, 1)
 	go func() {
 		b, err := cmd.CombinedOutput()

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
 	"slices"
@@ -56,15 +55,7 @@ func TestReadPeerGroupsFromKernel(t *testing.T) {
 // a group rule matches the groups the client process really holds, never the
 // user database's idea of them (issue 8, item 6).
 func TestGroupRulesUseKernelGroups(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test must run as root in CI to switch users with setpriv")
-		}
-		t.Skip("needs root to run clients with other groups")
-	}
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skip("setpriv (util-linux) is not installed")
-	}
+	needOtherUsers(t)
 	member, memberGroup, found := dbOnlyMember(t)
 	rules := []server.Rule{{Keys: []string{"ec"}, Groups: []string{"4242"}}}
 	if found {
@@ -103,10 +94,7 @@ func TestGroupRulesUseKernelGroups(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			args := append(append([]string{}, tt.ids...), bin, "-test.run=^$")
-			cmd := exec.Command("setpriv", args...)
-			cmd.Env = append(os.Environ(), helperEnv+"=sign", "HSMAGENT_TEST_SOCKET="+a.Socket, "HSMAGENT_TEST_KEY="+tt.key)
-			out, err := cmd.CombinedOutput()
+			out, err := clientAs(bin, "sign", a.Socket, tt.ids, "HSMAGENT_TEST_KEY="+tt.key).CombinedOutput()
 			if got := strings.TrimSpace(string(out)); err != nil || got != tt.want {
 				t.Errorf("client got %q (%v), want %q", got, err, tt.want)
 			}
@@ -120,24 +108,6 @@ type groupCase struct {
 	ids  []string // setpriv options for uid, gid and groups
 	key  string
 	want string
-}
-
-// copyTestBinary puts the test binary where other users can run it.
-func copyTestBinary(t *testing.T, dir string) string {
-	t.Helper()
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	data, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "client")
-	if err := os.WriteFile(bin, data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return bin
 }
 
 // dbOnlyMember finds, without changing the host, a user that /etc/group lists

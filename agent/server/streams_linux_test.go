@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,15 +19,7 @@ import (
 // every stream they may (a stream's unread results are what a client can
 // make the agent keep in memory).
 func TestSignStreamsBudget(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("this test must run as root in CI to run clients as other users")
-		}
-		t.Skip("needs root to run clients as other users")
-	}
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skip("setpriv (util-linux) is not installed")
-	}
+	needOtherUsers(t)
 	dir := agenttest.SocketDir(t)
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -37,9 +28,7 @@ func TestSignStreamsBudget(t *testing.T) {
 		server.Options{MaxSignStreams: 24, MaxSignStreamsPerUID: 12})
 	bin := copyTestBinary(t, dir)
 	run := func(uid string) string {
-		cmd := exec.Command("setpriv", "--reuid="+uid, "--regid="+uid, "--clear-groups", bin, "-test.run=^$")
-		cmd.Env = append(os.Environ(), helperEnv+"=streams", "HSMAGENT_TEST_SOCKET="+a.Socket)
-		out, err := cmd.CombinedOutput()
+		out, err := clientAs(bin, "streams", a.Socket, []string{"--reuid=" + uid, "--regid=" + uid, "--clear-groups"}).CombinedOutput()
 		if err != nil {
 			t.Errorf("client %s: %v %s", uid, err, out)
 		}

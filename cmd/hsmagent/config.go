@@ -54,14 +54,16 @@ type config struct {
 	MaxSignStreamsPerUID    string `yaml:"max_sign_streams_per_uid" flag:"max-sign-streams-per-uid"`
 	AuditRefusalBurst       string `yaml:"audit_refusal_burst" flag:"audit-refusal-burst"`
 
-	path   string              // the file, "" without one
-	lines  map[string]int      // setting path ("d1.PPR.jwt.kid", "access.0") -> line of its key
-	values map[string]valuePos // setting path -> where its value starts and what it is
+	path string                // the file, "" without one
+	pos  map[string]settingPos // setting path ("d1.PPR.jwt.kid", "access.0") -> where it is
 }
 
-type valuePos struct {
-	line int
-	kind yaml.Kind
+// settingPos is where a setting stands in the file: the line of its key (or
+// list item) for errors about it, and where its value starts and its YAML
+// kind, to name the setting a decoding error points at.
+type settingPos struct {
+	line, valueLine int
+	kind            yaml.Kind
 }
 
 // d1Section configures the commands that talk to one D1 environment.
@@ -113,7 +115,7 @@ var configFlag = &cli.StringFlag{Name: "config", Usage: "YAML configuration `FIL
 // misspelt access rule is not silently ignored. Errors name the setting and
 // its line, not Go types.
 func loadConfig(path string) (*config, error) {
-	cfg := &config{path: path, lines: map[string]int{}, values: map[string]valuePos{}}
+	cfg := &config{path: path, pos: map[string]settingPos{}}
 	if path == "" {
 		return cfg, nil
 	}
@@ -144,15 +146,13 @@ func (cfg *config) record(n *yaml.Node, prefix string) {
 	case yaml.MappingNode:
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			p := join(prefix, n.Content[i].Value)
-			cfg.lines[p] = n.Content[i].Line
-			cfg.values[p] = valuePos{n.Content[i+1].Line, n.Content[i+1].Kind}
+			cfg.pos[p] = settingPos{n.Content[i].Line, n.Content[i+1].Line, n.Content[i+1].Kind}
 			cfg.record(n.Content[i+1], p)
 		}
 	case yaml.SequenceNode:
 		for i, c := range n.Content {
 			p := join(prefix, strconv.Itoa(i))
-			cfg.lines[p] = c.Line
-			cfg.values[p] = valuePos{c.Line, c.Kind}
+			cfg.pos[p] = settingPos{c.Line, c.Line, c.Kind}
 			cfg.record(c, p)
 		}
 	}
@@ -213,8 +213,8 @@ func (cfg *config) settingAt(line int, tag string) string {
 		want = yaml.MappingNode
 	}
 	best := ""
-	for p, v := range cfg.values {
-		if v.line == line && v.kind == want && (best == "" || len(p) < len(best)) {
+	for p, v := range cfg.pos {
+		if v.valueLine == line && v.kind == want && (best == "" || len(p) < len(best)) {
 			best = p
 		}
 	}
@@ -255,8 +255,8 @@ func yamlKind(tag, value string) string {
 
 // lineOf says where a setting is, for errors: " (line N)" or "".
 func (cfg *config) lineOf(setting string) string {
-	if l, ok := cfg.lines[setting]; ok {
-		return fmt.Sprintf(" (%s line %d)", cfg.path, l)
+	if at, ok := cfg.pos[setting]; ok {
+		return fmt.Sprintf(" (%s line %d)", cfg.path, at.line)
 	}
 	return ""
 }

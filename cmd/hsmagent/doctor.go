@@ -189,12 +189,12 @@ func (d *doctor) checkConfig() *config {
 	if path == "" {
 		d.warn("config", "", "no config file: the D1 targets, token URL and key names come from one",
 			"pass --config /etc/hsmagent/agent.yaml (or set HSMAGENT_CONFIG)")
-		return &config{lines: map[string]int{}, values: map[string]valuePos{}}
+		return &config{pos: map[string]settingPos{}}
 	}
 	cfg, err := loadConfig(path)
 	if err != nil {
 		d.fail("config", "", strings.TrimPrefix(err.Error(), "--config: "), fixFile)
-		return &config{lines: map[string]int{}, values: map[string]valuePos{}}
+		return &config{pos: map[string]settingPos{}}
 	}
 	if _, err := cfg.policy(); err != nil {
 		d.fail("config", "", err.Error(), fixFile)
@@ -524,8 +524,8 @@ func (d *doctor) checkJWTKey(env d1.Env, label string, k *hsm.Key) {
 // checkAgent looks at the socket, then dials the agent; it returns the
 // client when the agent answered.
 func (d *doctor) checkAgent() *agent.Client {
-	path := d.c.String("socket")
-	if path == "" {
+	path, err := agentSocket(d.c) // the same socket the other commands use
+	if err != nil {
 		d.fail("agent", "", "no socket path", fmt.Sprintf("pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv))
 		return nil
 	}

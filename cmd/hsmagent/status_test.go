@@ -8,10 +8,8 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"io"
-	"math/big"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -32,21 +30,7 @@ func addKey(t *testing.T, store *server.MemoryStore, label string, notAfter time
 	}
 	var chain []*x509.Certificate
 	if notAfter != 0 {
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(1),
-			Subject:      pkix.Name{CommonName: label + ".example"},
-			NotBefore:    time.Now().Add(-time.Hour),
-			NotAfter:     time.Now().Add(notAfter),
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cert, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		chain = []*x509.Certificate{cert}
+		chain = []*x509.Certificate{agenttest.SelfSigned(t, key, label+".example", time.Now().Add(notAfter))}
 	}
 	if err := store.Add(label, key, chain); err != nil {
 		t.Fatal(err)
