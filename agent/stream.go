@@ -14,24 +14,31 @@ const maxBatch = 64
 
 // call is one signature waiting for its result.
 type call struct {
-	req    *agentpb.SignRequest
 	result chan *agentpb.SignStreamResult // buffered; closed if the stream breaks
 }
 
 // signStream multiplexes the Client's signatures over one SignStream. A
-// sender goroutine packs the calls queued while it was busy into one message,
-// so under load a message each way serves several signatures.
+// caller that finds no send under way sends the requests queued so far
+// itself, so that a lone signature costs no goroutine switch on its way out;
+// under load one message carries the requests of many callers.
 type signStream struct {
 	stream agentpb.Agent_SignStreamClient
 	cancel context.CancelFunc
-	queue  chan *call
 	done   chan struct{} // closed when the stream broke
 
 	mu      sync.Mutex
 	pending map[uint64]*call
 	nextID  uint64
+	outbox  []*agentpb.SignStreamItem // requests not yet sent
+	sending bool
 	err     error // why the stream broke; set once
 }
+
+// maxInlineSends bounds the signatures pending on a stream for a caller to
+// send by itself. Past the agent's limit per stream it stops reading, and a
+// send may then wait for flow control longer than the caller's deadline:
+// a goroutine of the stream's sends instead.
+const maxInlineSends = 64
 
 // streams holds the current stream and opens a new one when needed.
 type streams struct {
@@ -48,13 +55,27 @@ func (c *Client) sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	if err != nil {
 		return nil, err
 	}
-	cl := &call{req: req, result: make(chan *agentpb.SignStreamResult, 1)}
-	select {
-	case st.queue <- cl:
-	case <-st.done:
-		return nil, st.failure()
-	case <-ctx.Done():
-		return nil, deadlineError(ctx)
+	cl := &call{result: make(chan *agentpb.SignStreamResult, 1)}
+	st.mu.Lock()
+	if st.err != nil {
+		st.mu.Unlock()
+		return nil, st.err
+	}
+	st.nextID++
+	st.pending[st.nextID] = cl
+	st.outbox = append(st.outbox, &agentpb.SignStreamItem{Id: st.nextID, Request: req})
+	inline, background := false, false
+	if !st.sending {
+		st.sending = true
+		inline = len(st.pending) <= maxInlineSends
+		background = !inline
+	}
+	st.mu.Unlock()
+	switch {
+	case inline:
+		c.sendQueued(st, false)
+	case background:
+		go c.sendQueued(st, true)
 	}
 	select {
 	case r, ok := <-cl.result:
@@ -129,38 +150,39 @@ func (c *Client) openStream(done chan struct{}) {
 		cancel()
 		return
 	}
-	st := &signStream{stream: stream, cancel: cancel, queue: make(chan *call, maxBatch), done: make(chan struct{}), pending: make(map[uint64]*call)}
+	st := &signStream{stream: stream, cancel: cancel, done: make(chan struct{}), pending: make(map[uint64]*call)}
 	c.streams.current = st
-	go c.send(st, ctx)
 	go c.receive(st)
 }
 
-func (c *Client) send(st *signStream, ctx context.Context) {
+// sendQueued sends the queued requests, up to maxBatch a message. Called
+// inline by a caller it sends one message and leaves the rest, if any, to a
+// goroutine; in that goroutine (all true) it sends until none is left.
+func (c *Client) sendQueued(st *signStream, all bool) {
 	for {
-		var first *call
-		select {
-		case first = <-st.queue:
-		case <-ctx.Done():
-			c.dropStream(st, ctx.Err())
+		st.mu.Lock()
+		if len(st.outbox) == 0 || st.err != nil {
+			st.sending = false
+			st.mu.Unlock()
 			return
 		}
-		msg := &agentpb.SignStreamRequest{}
-		st.mu.Lock()
-		for cl := first; cl != nil; {
-			st.nextID++
-			st.pending[st.nextID] = cl
-			msg.Items = append(msg.Items, &agentpb.SignStreamItem{Id: st.nextID, Request: cl.req})
-			cl = nil
-			if len(msg.Items) < maxBatch {
-				select {
-				case cl = <-st.queue:
-				default:
-				}
-			}
-		}
+		n := min(len(st.outbox), maxBatch)
+		msg := &agentpb.SignStreamRequest{Items: make([]*agentpb.SignStreamItem, n)}
+		copy(msg.Items, st.outbox)
+		st.outbox = append(st.outbox[:0], st.outbox[n:]...)
 		st.mu.Unlock()
 		if err := st.stream.Send(msg); err != nil {
 			c.dropStream(st, err)
+			return
+		}
+		if !all {
+			st.mu.Lock()
+			more := len(st.outbox) > 0 && st.err == nil
+			st.sending = more
+			st.mu.Unlock()
+			if more {
+				go c.sendQueued(st, true)
+			}
 			return
 		}
 	}
@@ -207,13 +229,5 @@ func (c *Client) dropStream(st *signStream, cause error) {
 		delete(st.pending, id)
 		close(cl.result)
 	}
-	// Calls still queued never reached the agent: fail them too.
-	for {
-		select {
-		case cl := <-st.queue:
-			close(cl.result)
-		default:
-			return
-		}
-	}
+	st.outbox = nil // their calls were pending too: failed above
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -93,9 +94,75 @@ type signResult struct {
 	err error
 }
 
+// errAnswered is what do returns, once op has returned, for an operation
+// whose caller already had the gate's timeout through late.
+var errAnswered = errors.New("agent: answered at the HSM timeout")
+
 // do runs op for uid when the HSM may take it. op's own error is returned
 // as is; the gate's refusals and failures are *gateError.
-func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]byte, error) {
+//
+// With late nil, op runs in a goroutine of its own and do returns at the
+// timeout or when ctx ends, whichever comes first. With late set, op runs in
+// the calling goroutine, which saves two goroutine switches per signature:
+// at the timeout late gets the gate's error at once, and do returns
+// errAnswered when op has returned.
+func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error), late func(*gateError)) ([]byte, error) {
+	free, err := g.admit(ctx, uid)
+	if err != nil {
+		return nil, err
+	}
+	if late != nil {
+		return g.inline(ctx, op, free, late)
+	}
+	done := make(chan signResult, 1)
+	go func() {
+		sig, err := op()
+		done <- signResult{sig, err}
+	}()
+	timer := time.NewTimer(g.timeout)
+	defer timer.Stop()
+	select {
+	case r := <-done:
+		free()
+		return r.sig, r.err
+	case <-ctx.Done():
+		go func() { <-done; free() }()
+		return nil, abandoned(ctx)
+	case <-timer.C:
+		g.enterStuck()
+		go func() {
+			<-done
+			free()
+			g.leaveStuck()
+		}()
+		return nil, g.timedOut()
+	}
+}
+
+func (g *gate) inline(ctx context.Context, op func() ([]byte, error), free func(), late func(*gateError)) ([]byte, error) {
+	var settled atomic.Bool // by op's return or by the timeout, whichever comes first
+	timer := time.AfterFunc(g.timeout, func() {
+		if settled.CompareAndSwap(false, true) {
+			g.enterStuck()
+			late(g.timedOut())
+		}
+	})
+	sig, err := op()
+	if !settled.CompareAndSwap(false, true) {
+		free()
+		g.leaveStuck()
+		return nil, errAnswered
+	}
+	timer.Stop()
+	free()
+	if ctx.Err() != nil { // nobody to take the signature
+		return nil, abandoned(ctx)
+	}
+	return sig, err
+}
+
+// admit waits for an HSM slot for uid; free gives it back.
+func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 	if n := g.stuck.Load(); n > 0 {
 		return nil, &gateError{codes.Unavailable, resultDown, fmt.Sprintf(
 			"agent: the HSM is not answering (%d operation(s) stuck for more than %v); failing fast until it recovers", n, g.timeout)}
@@ -107,7 +174,7 @@ func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]by
 	}
 	// The uid's place is given back with the HSM slot: an operation its
 	// caller abandoned still occupies the HSM until it returns.
-	free := func() { <-g.slots; g.leave(uid) }
+	free = func() { <-g.slots; g.leave(uid) }
 	if g.waiting.Add(1) > g.maxWaiting {
 		g.waiting.Add(-1)
 		g.leave(uid)
@@ -127,41 +194,27 @@ func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error)) ([]by
 		free()
 		return nil, abandoned(ctx)
 	}
-	done := make(chan signResult, 1)
-	go func() {
-		sig, err := op()
-		done <- signResult{sig, err}
-	}()
-	timer := time.NewTimer(g.timeout)
-	defer timer.Stop()
-	select {
-	case r := <-done:
-		free()
-		return r.sig, r.err
-	case <-ctx.Done():
-		go func() { <-done; free() }()
-		return nil, abandoned(ctx)
-	case <-timer.C:
-		g.markStuck(done, free)
-		return nil, &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
-	}
+	return free, nil
 }
 
-// markStuck counts an operation past the timeout until it returns, turning
+func (g *gate) timedOut() *gateError {
+	return &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
+}
+
+// enterStuck counts an operation past the timeout until leaveStuck, turning
 // health to NOT_SERVING on the first and back on the last, with one log line each.
-func (g *gate) markStuck(done <-chan signResult, free func()) {
+func (g *gate) enterStuck() {
 	if g.stuck.Add(1) == 1 {
 		g.log.Error("the HSM stopped answering: an operation is stuck past the HSM timeout; refusing new signatures until it returns", "hsm_timeout", g.timeout)
 		g.setHealth(false)
 	}
-	go func() {
-		<-done
-		free()
-		if g.stuck.Add(-1) == 0 {
-			g.log.Info("the HSM answers again")
-			g.setHealth(true)
-		}
-	}()
+}
+
+func (g *gate) leaveStuck() {
+	if g.stuck.Add(-1) == 0 {
+		g.log.Info("the HSM answers again")
+		g.setHealth(true)
+	}
 }
 
 func abandoned(ctx context.Context) *gateError {

@@ -448,7 +448,7 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	}
 	rid := newRequestID()
 	sendRequestID(ctx, rid)
-	sig, code, err := s.sign(ctx, p, req)
+	sig, code, err := s.sign(ctx, p, req, nil)
 	s.auditSign(ctx, p, req, rid, code, err, time.Since(start))
 	if err != nil {
 		return nil, status.Error(code, withRequestID(err.Error(), rid))
@@ -456,7 +456,10 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	return &agentpb.SignResponse{Signature: sig}, nil
 }
 
-func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]byte, codes.Code, error) {
+// sign checks req and signs it. late, if set, makes the HSM call run in the
+// calling goroutine and gets the answer if the HSM timeout passes first;
+// sign then returns errAnswered when the call has returned (see gate.do).
+func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, codes.Code, error) {
 	switch {
 	case req.Key == "":
 		return nil, codes.InvalidArgument, errors.New("agent: key label is empty")
@@ -502,7 +505,10 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest) ([]
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
-	sig, err := s.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) })
+	sig, err := s.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
+	if err == errAnswered {
+		return nil, codes.Unavailable, err
+	}
 	var ge *gateError
 	if errors.As(err, &ge) {
 		return nil, ge.code, ge

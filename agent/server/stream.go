@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
@@ -24,10 +26,13 @@ const maxBatch = 64
 // from 16 to 32 KiB, so a larger message would waste half its buffer.
 const maxResponseBytes = 16<<10 - 64
 
-// SignStream implements agentpb.AgentServer. Each item is signed in its own
-// goroutine; results that complete while a message is being sent go out
-// together in the next one. On shutdown the stream stops taking requests,
-// answers those in flight and ends.
+// SignStream implements agentpb.AgentServer. A reader goroutine takes the
+// stream's messages and starts a goroutine per item, which signs in the HSM
+// itself and queues its result. Whichever item finds no send under way
+// sends the queued results in one message, and goes on while more are
+// queued: under load a message carries many results, and no goroutine sits
+// between the HSM and the socket. On shutdown the stream stops taking
+// requests, answers those in flight and ends.
 func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 	markHandled(stream.Context())
 	p, err := peerFrom(stream.Context())
@@ -40,142 +45,249 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		return err
 	}
 	defer release()
-	requests := make(chan *agentpb.SignStreamRequest)
-	go func() {
-		// Ends when the client closes its side or the stream's context ends
-		// (which happens when this handler returns).
-		defer close(requests)
-		for {
-			msg, err := stream.Recv()
-			if err != nil {
-				if streamRecvFailed(err) {
-					s.auditMalformed(ctx, "SignStream", err)
-				}
-				return
-			}
-			select {
-			case requests <- msg:
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
+	ss := &signStream{s: s, stream: stream, ctx: ctx, p: p,
+		slots: make(chan struct{}, maxInFlightPerStream), changed: make(chan struct{}, 1), draining: make(chan struct{})}
+	// A client that stops reading (its flow-control window closed) blocks
+	// Send once gRPC holds 64 KiB for the stream: after stallAfter without
+	// a send completing, its connection is closed and what it held is freed.
+	ss.stall = time.AfterFunc(time.Hour, ss.stalled)
+	ss.stall.Stop()
+	defer ss.stall.Stop()
 
-	results := make(chan *agentpb.SignStreamResult, maxInFlightPerStream+maxBatch)
-	inFlight := 0
-	// Sends run one at a time beside the loop, so that a client that stops
-	// reading (its flow-control window closed) is noticed: after stallAfter
-	// without a send completing, its connection is closed and what it held
-	// is freed. Send blocks once gRPC holds 64 KiB for the stream.
-	sent := make(chan error, 1)
-	sending := false
-	var stall *time.Timer
-	var stalled <-chan time.Time
-	defer func() {
-		if stall != nil {
-			stall.Stop()
-		}
-	}()
-	var carry *agentpb.SignStreamResult // taken for a batch it did not fit in
-	send := func(first *agentpb.SignStreamResult) {
-		batch := []*agentpb.SignStreamResult{first}
-		size := proto.Size(first)
-	more:
-		for len(batch) < maxBatch {
-			select {
-			case r := <-results:
-				if size += proto.Size(r) + 3; size > maxResponseBytes { // 3: the field's tag and length
-					carry = r
-					break more
-				}
-				batch = append(batch, r)
-			default:
-				break more
-			}
-		}
-		inFlight -= len(batch)
-		sending = true
-		if stall == nil {
-			stall = time.NewTimer(s.stallAfter)
-			stalled = stall.C
-		} else {
-			stall.Reset(s.stallAfter)
-		}
-		go func() { sent <- stream.Send(&agentpb.SignStreamResponse{Results: batch}) }()
-	}
-	draining := false
+	received := make(chan error, 1)
+	go func() { received <- ss.receive() }()
 	stopping := s.stopping
 	for {
-		if draining && inFlight == 0 && !sending {
-			if s.isStopping() {
-				return status.Error(codes.Unavailable, "agent: shutting down")
+		select {
+		case err := <-received:
+			received = nil
+			if err != nil {
+				return ss.end(err)
+			}
+			ss.drain() // the client closed its side, or the stream broke
+		case <-stopping:
+			stopping = nil
+			ss.drain()
+		case <-ss.changed:
+		case <-ctx.Done():
+			return ss.end(ctx.Err())
+		}
+		ss.mu.Lock()
+		idle, failed := ss.isDraining && ss.pending == 0 && len(ss.outbox) == 0 && !ss.sending, ss.failed
+		ss.mu.Unlock()
+		switch {
+		case failed != nil:
+			return ss.end(failed)
+		case idle && s.isStopping():
+			return status.Error(codes.Unavailable, "agent: shutting down")
+		case idle:
+			return nil
+		}
+	}
+}
+
+// signStream is the state of one SignStream call.
+type signStream struct {
+	s      *Server
+	stream agentpb.Agent_SignStreamServer
+	ctx    context.Context
+	p      Peer
+	// slots bounds the signatures the stream may have pending or unsent:
+	// past it the reader stops reading and the client waits.
+	slots    chan struct{}
+	changed  chan struct{} // wakes the handler to look at the state again
+	draining chan struct{} // closed: take no more requests
+	stall    *time.Timer
+	sends    atomic.Int64 // sends begun and ended: odd while one is under way
+
+	mu         sync.Mutex
+	pending    int                         // items being signed
+	outbox     []*agentpb.SignStreamResult // results not yet taken for a send
+	sending    bool
+	closed     bool // the handler returned or is returning: no more sends
+	isDraining bool
+	failed     error // a send failed or stalled: the handler returns it
+}
+
+// receive reads the stream's messages and starts their items, until the
+// client closes its side (nil), the stream ends or breaks (nil), or a
+// message is refused whole (its status).
+func (ss *signStream) receive() error {
+	for {
+		msg, err := ss.stream.Recv()
+		if err != nil {
+			if streamRecvFailed(err) {
+				ss.s.auditMalformed(ss.ctx, "SignStream", err)
 			}
 			return nil
 		}
-		var in <-chan *agentpb.SignStreamRequest
-		if !draining && inFlight < maxInFlightPerStream {
-			in = requests
+		if len(msg.Items) > maxBatch {
+			rid := newRequestID()
+			ss.s.auditStream(ss.ctx, ss.p, rid, len(msg.Items))
+			return status.Error(codes.InvalidArgument,
+				withRequestID(fmt.Sprintf("agent: %d signatures in one message; at most %d", len(msg.Items), maxBatch), rid))
 		}
-		var out <-chan *agentpb.SignStreamResult
-		if !sending {
-			if carry != nil {
-				r := carry
-				carry = nil
-				send(r)
-				continue
+		for _, it := range msg.Items {
+			select {
+			case ss.slots <- struct{}{}:
+			case <-ss.draining:
+				return nil
+			case <-ss.ctx.Done():
+				return nil
 			}
-			out = results
-		}
-		select {
-		case msg, ok := <-in:
-			if !ok {
-				draining = true
-				continue
+			ss.mu.Lock()
+			if ss.isDraining {
+				ss.mu.Unlock()
+				return nil
 			}
-			items := msg.Items
-			if len(items) > maxBatch {
-				rid := newRequestID()
-				s.auditStream(ctx, p, rid, len(items))
-				return status.Error(codes.InvalidArgument,
-					withRequestID(fmt.Sprintf("agent: %d signatures in one message; at most %d", len(items), maxBatch), rid))
-			}
-			for _, it := range items {
-				inFlight++
-				go func(id uint64, req *agentpb.SignRequest) {
-					if req == nil {
-						req = &agentpb.SignRequest{}
-					}
-					start := time.Now()
-					rid := newRequestID()
-					sig, code, err := s.sign(ctx, p, req)
-					s.auditSign(ctx, p, req, rid, code, err, time.Since(start))
-					r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
-					if err != nil {
-						r.Message = withRequestID(err.Error(), rid)
-					}
-					results <- r // room for every item in flight: never blocks
-				}(it.Id, it.Request)
-			}
-		case r := <-out:
-			send(r)
-		case err := <-sent:
-			sending = false
-			stall.Stop()
-			if err != nil {
-				return err
-			}
-		case <-stalled:
-			s.limits.hit("stream send timeout", p.UID, int(s.stallAfter.Seconds()))
-			// gRPC queues the stream's end behind the data the client does
-			// not read, so only closing the connection frees what it holds.
-			closeConn(ctx)
-			return status.Errorf(codes.ResourceExhausted, "agent: the client read no results for %v; ending the stream", s.stallAfter)
-		case <-stopping:
-			draining, stopping = true, nil
-		case <-ctx.Done():
-			return ctx.Err()
+			ss.pending++
+			ss.mu.Unlock()
+			go ss.sign(it.Id, it.Request)
 		}
 	}
+}
+
+// sign signs one item and queues its result; at the HSM timeout the result
+// is queued from the gate's timer and the HSM call is left to return.
+func (ss *signStream) sign(id uint64, req *agentpb.SignRequest) {
+	if req == nil {
+		req = &agentpb.SignRequest{}
+	}
+	start := time.Now()
+	rid := newRequestID()
+	answer := func(sig []byte, code codes.Code, err error) {
+		ss.s.auditSign(ss.ctx, ss.p, req, rid, code, err, time.Since(start))
+		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
+		if err != nil {
+			r.Message = withRequestID(err.Error(), rid)
+		}
+		ss.queue(r)
+	}
+	sig, code, err := ss.s.sign(ss.ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.code, ge) })
+	if err != errAnswered {
+		answer(sig, code, err)
+	}
+}
+
+// queue adds r to the results to send, and sends them unless a send is
+// under way (whose sender will take r too).
+func (ss *signStream) queue(r *agentpb.SignStreamResult) {
+	ss.mu.Lock()
+	ss.pending--
+	ss.outbox = append(ss.outbox, r)
+	if ss.sending || ss.closed {
+		ss.mu.Unlock()
+		return
+	}
+	ss.sending = true
+	ss.mu.Unlock()
+	ss.flush()
+}
+
+// flush sends the queued results, a message at a time, until none is left.
+func (ss *signStream) flush() {
+	for {
+		ss.mu.Lock()
+		if len(ss.outbox) == 0 || ss.closed {
+			ss.sending = false
+			// The handler waits for the last send only when ending.
+			ending := ss.isDraining || ss.closed
+			ss.mu.Unlock()
+			if ending {
+				ss.wake()
+			}
+			return
+		}
+		batch := ss.takeBatch()
+		ss.mu.Unlock()
+		for range batch {
+			<-ss.slots
+		}
+		ss.sends.Add(1)
+		ss.stall.Reset(ss.s.stallAfter)
+		err := ss.stream.Send(&agentpb.SignStreamResponse{Results: batch})
+		ss.stall.Stop()
+		ss.sends.Add(1)
+		if err != nil {
+			ss.fail(err)
+			ss.mu.Lock()
+			ss.sending = false
+			ss.mu.Unlock()
+			ss.wake()
+			return
+		}
+	}
+}
+
+// takeBatch takes the results for one message off the outbox; ss.mu is held.
+func (ss *signStream) takeBatch() []*agentpb.SignStreamResult {
+	n, size := 0, 0
+	for n < len(ss.outbox) && n < maxBatch {
+		if size += proto.Size(ss.outbox[n]) + 3; size > maxResponseBytes && n > 0 { // 3: the field's tag and length
+			break
+		}
+		n++
+	}
+	batch := make([]*agentpb.SignStreamResult, n)
+	copy(batch, ss.outbox)
+	ss.outbox = append(ss.outbox[:0], ss.outbox[n:]...)
+	return batch
+}
+
+// stalled runs when a send has not completed for stallAfter.
+func (ss *signStream) stalled() {
+	if ss.sends.Load()%2 == 0 {
+		return // the send completed as the timer fired
+	}
+	ss.s.limits.hit("stream send timeout", ss.p.UID, int(ss.s.stallAfter.Seconds()))
+	ss.fail(status.Errorf(codes.ResourceExhausted, "agent: the client read no results for %v; ending the stream", ss.s.stallAfter))
+	// gRPC queues the stream's end behind the data the client does not
+	// read, so only closing the connection frees what it holds.
+	closeConn(ss.ctx)
+}
+
+func (ss *signStream) fail(err error) {
+	ss.mu.Lock()
+	if ss.failed == nil {
+		ss.failed = err
+	}
+	ss.mu.Unlock()
+	ss.wake()
+}
+
+func (ss *signStream) wake() {
+	select {
+	case ss.changed <- struct{}{}:
+	default:
+	}
+}
+
+// drain stops taking requests; those in flight are still answered.
+func (ss *signStream) drain() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if !ss.isDraining {
+		ss.isDraining = true
+		close(ss.draining)
+	}
+}
+
+// end stops all sends before the handler returns err: gRPC forbids sending
+// on a stream whose handler has returned. A send under way is waited for;
+// it ends when the stream's context does, or at the stall timeout.
+func (ss *signStream) end(err error) error {
+	ss.drain()
+	ss.mu.Lock()
+	ss.closed = true
+	sending := ss.sending
+	ss.mu.Unlock()
+	for sending {
+		<-ss.changed
+		ss.mu.Lock()
+		sending = ss.sending
+		ss.mu.Unlock()
+	}
+	return err
 }
 
 // auditStream records a SignStream message refused whole (too many items):
