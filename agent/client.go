@@ -63,7 +63,10 @@ type Client struct {
 	stopWatch context.CancelFunc
 	certs     atomic.Pointer[certCache]
 	streams   streams
-	version   atomic.Pointer[string] // the agent's version, from the last ListKeys
+	// grpcStreams: the agent takes no signing connections; sign over
+	// gRPC's SignStream instead.
+	grpcStreams atomic.Bool
+	version     atomic.Pointer[string] // the agent's version, from the last ListKeys
 }
 
 // An Option configures Dial.

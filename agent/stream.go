@@ -22,7 +22,7 @@ type call struct {
 // itself, so that a lone signature costs no goroutine switch on its way out;
 // under load one message carries the requests of many callers.
 type signStream struct {
-	stream agentpb.Agent_SignStreamClient
+	stream signStreamIO
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the stream broke
 
@@ -140,7 +140,17 @@ func (c *Client) stream(ctx context.Context) (*signStream, error) {
 // that opened it.
 func (c *Client) openStream(done chan struct{}) {
 	ctx, cancel := context.WithCancel(c.watchCtx)
-	stream, err := c.api.SignStream(ctx)
+	var stream signStreamIO
+	var err error
+	if !c.grpcStreams.Load() {
+		stream, err = dialSignConn(ctx, c.path)
+		if errors.Is(err, errNoSignConn) {
+			c.grpcStreams.Store(true) // an older agent: gRPC's SignStream from now on
+		}
+	}
+	if c.grpcStreams.Load() {
+		stream, err = c.api.SignStream(ctx)
+	}
 	c.streams.mu.Lock()
 	defer c.streams.mu.Unlock()
 	defer close(done)

@@ -38,8 +38,11 @@ func (peerCredentials) ClientHandshake(_ context.Context, _ string, conn net.Con
 }
 
 func (peerCredentials) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	if pc, ok := conn.(*peerConn); ok { // read at accept
+	switch pc := conn.(type) { // read at accept
+	case *peerConn:
 		return conn, connAuth{pc.peer, pc}, nil
+	case *replayConn:
+		return conn, connAuth{pc.peer, pc.peerConn}, nil
 	}
 	p, err := ReadPeer(conn)
 	if err != nil {

@@ -124,6 +124,7 @@ type Server struct {
 	refusals   *refusalAudit // bounds the audit records of refusals
 	listings   *refusalAudit // bounds the audit records of ListKeys and WatchKeys
 	stallAfter time.Duration // StreamSendTimeout
+	signConns  signConnSet
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -251,7 +252,7 @@ func (s *Server) Serve(l net.Listener) error {
 	// Read here, not in the goroutine, which Shutdown does not wait for:
 	// a test changing the interval would race with an earlier agent's.
 	go s.watchExpiry(expiryCheckEvery)
-	err := s.grpc.Serve(&limitListener{Listener: l, s: s})
+	err := s.grpc.Serve(newMuxListener(&limitListener{Listener: l, s: s}, s))
 	if errors.Is(err, grpc.ErrServerStopped) {
 		return nil
 	}
@@ -270,6 +271,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 	case <-ctx.Done():
 		s.grpc.Stop()
 	}
+	s.signConns.shutdown(ctx)
 	s.refusals.stop()
 	s.listings.stop()
 }

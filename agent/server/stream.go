@@ -45,6 +45,19 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		return err
 	}
 	defer release()
+	return s.serveSignStream(ctx, p, stream)
+}
+
+// signStreamIO is one end of a SignStream: the gRPC call, or a signing
+// connection (signconn.go).
+type signStreamIO interface {
+	Send(*agentpb.SignStreamResponse) error
+	Recv() (*agentpb.SignStreamRequest, error)
+}
+
+// serveSignStream serves the stream until the client ends it, it breaks or
+// the agent stops; ctx ends with the stream.
+func (s *Server) serveSignStream(ctx context.Context, p Peer, stream signStreamIO) error {
 	ss := &signStream{s: s, stream: stream, ctx: ctx, p: p,
 		slots: make(chan struct{}, maxInFlightPerStream), changed: make(chan struct{}, 1), draining: make(chan struct{})}
 	// A client that stops reading (its flow-control window closed) blocks
@@ -89,7 +102,7 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 // signStream is the state of one SignStream call.
 type signStream struct {
 	s      *Server
-	stream agentpb.Agent_SignStreamServer
+	stream signStreamIO
 	ctx    context.Context
 	p      Peer
 	// slots bounds the signatures the stream may have pending or unsent:

@@ -1,0 +1,270 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+)
+
+// Signing connections (wire.Preface) carry SignStream's messages in plain
+// frames beside gRPC on the same socket: the same admission, limits, budget,
+// audit and drain, without HTTP/2.
+
+// muxListener hands gRPC the connections that open with anything but the
+// signing preface, and serves the others itself. Connections are admitted
+// (limitListener) before their first bytes are read.
+type muxListener struct {
+	net.Listener // the limitListener
+	s            *Server
+	grpcConns    chan net.Conn
+	done         chan struct{}
+	closeOnce    sync.Once
+	err          error // why accepting stopped; set before done is closed
+}
+
+func newMuxListener(l net.Listener, s *Server) *muxListener {
+	m := &muxListener{Listener: l, s: s, grpcConns: make(chan net.Conn), done: make(chan struct{})}
+	go m.run()
+	return m
+}
+
+func (m *muxListener) run() {
+	var delay time.Duration
+	for {
+		c, err := m.Listener.Accept()
+		if te, ok := err.(interface{ Temporary() bool }); ok && te.Temporary() {
+			// Out of file descriptors, say: try again, as gRPC's own loop would.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(delay):
+				continue
+			case <-m.done:
+				return
+			}
+		}
+		if err != nil {
+			m.closeWith(err)
+			return
+		}
+		delay = 0
+		go m.route(c)
+	}
+}
+
+// Accept implements net.Listener for gRPC.
+func (m *muxListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-m.grpcConns:
+		return c, nil
+	case <-m.done:
+		if m.err != nil {
+			return nil, m.err
+		}
+		return nil, net.ErrClosed
+	}
+}
+
+func (m *muxListener) Close() error {
+	m.closeWith(nil)
+	return nil
+}
+
+func (m *muxListener) closeWith(err error) {
+	m.closeOnce.Do(func() {
+		m.err = err
+		close(m.done)
+		m.Listener.Close()
+	})
+}
+
+// route reads a connection's first bytes, within the handshake timeout, to
+// tell a signing connection from a gRPC one.
+func (m *muxListener) route(c net.Conn) {
+	pc, ok := c.(*peerConn)
+	if !ok {
+		c.Close()
+		return
+	}
+	head := make([]byte, len(wire.Preface))
+	pc.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	n, err := io.ReadFull(pc, head)
+	pc.SetReadDeadline(time.Time{})
+	if err == nil && string(head) == wire.Preface {
+		m.s.serveSignConn(pc)
+		return
+	}
+	if n == 0 {
+		pc.Close() // closed or silent before its first byte
+		return
+	}
+	// gRPC reads the bytes again, and refuses what is not HTTP/2.
+	select {
+	case m.grpcConns <- &replayConn{peerConn: pc, head: head[:n]}:
+	case <-m.done:
+		pc.Close()
+	}
+}
+
+// replayConn is a connection whose first bytes were read to route it.
+type replayConn struct {
+	*peerConn
+	head []byte
+}
+
+func (c *replayConn) Read(b []byte) (int, error) {
+	if len(c.head) > 0 {
+		n := copy(b, c.head)
+		c.head = c.head[n:]
+		return n, nil
+	}
+	return c.peerConn.Read(b)
+}
+
+// serveSignConn serves one signing connection until it ends.
+func (s *Server) serveSignConn(pc *peerConn) {
+	defer pc.Close()
+	if !s.signConns.add(pc) {
+		return // shutting down
+	}
+	defer s.signConns.remove(pc)
+	ctx, cancel := context.WithCancel(peer.NewContext(context.Background(),
+		&peer.Peer{Addr: pc.RemoteAddr(), AuthInfo: connAuth{pc.peer, pc}}))
+	defer cancel()
+	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), cancel: cancel}
+	err := fs.write([]byte(wire.Preface))
+	if err == nil {
+		var release func()
+		if release, err = s.admitStream(ctx, pc.peer); err == nil {
+			err = s.serveSignStream(ctx, pc.peer, fs)
+			release()
+		}
+	}
+	if fs.malformed != nil {
+		s.auditMalformed(ctx, "SignStream", fs.malformed)
+		err = status.Error(codes.InvalidArgument, "agent: "+fs.malformed.Error())
+	}
+	if ctx.Err() != nil {
+		return // the client is gone
+	}
+	st, _ := status.FromError(err)
+	if errors.Is(err, context.Canceled) {
+		st = status.New(codes.Canceled, err.Error())
+	}
+	b, ferr := wire.AppendFrame(nil, &agentpb.SignStreamResponse{Results: []*agentpb.SignStreamResult{
+		{Id: wire.StatusID, Code: int32(st.Code()), Message: st.Message()}}})
+	if ferr == nil {
+		pc.SetWriteDeadline(time.Now().Add(time.Second))
+		fs.write(b)
+	}
+}
+
+// frameStream is the signStreamIO of a signing connection.
+type frameStream struct {
+	conn      *peerConn
+	r         *bufio.Reader
+	buf       []byte
+	out       []byte
+	cancel    context.CancelFunc
+	malformed *wire.FrameError // set by Recv; the connection's end says why
+	wmu       sync.Mutex
+}
+
+// Recv reads the next request. The client never half-closes: the end of
+// its side is the end of the connection, and ends the stream's context so
+// that what it asked for and the HSM has not started is not signed.
+func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
+	m := &agentpb.SignStreamRequest{}
+	var err error
+	f.buf, err = wire.ReadFrame(f.r, wire.MaxRequestSize, f.buf, m)
+	if err == nil {
+		return m, nil
+	}
+	var fe *wire.FrameError
+	if errors.As(err, &fe) {
+		f.malformed = fe
+		// Ends the stream without the audit of serveSignStream's reader:
+		// serveSignConn audits it and answers InvalidArgument.
+		return nil, io.EOF
+	}
+	f.cancel()
+	return nil, io.EOF
+}
+
+func (f *frameStream) Send(m *agentpb.SignStreamResponse) error {
+	f.wmu.Lock()
+	defer f.wmu.Unlock()
+	var err error
+	if f.out, err = wire.AppendFrame(f.out[:0], m); err != nil {
+		return err
+	}
+	_, err = f.conn.Write(f.out)
+	return err
+}
+
+func (f *frameStream) write(b []byte) error {
+	f.wmu.Lock()
+	defer f.wmu.Unlock()
+	_, err := f.conn.Write(b)
+	return err
+}
+
+// signConnSet tracks the open signing connections, so that Shutdown can wait
+// for their drain and close what is left at its deadline.
+type signConnSet struct {
+	mu     sync.Mutex
+	conns  map[*peerConn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func (c *signConnSet) add(pc *peerConn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	if c.conns == nil {
+		c.conns = make(map[*peerConn]struct{})
+	}
+	c.conns[pc] = struct{}{}
+	c.wg.Add(1)
+	return true
+}
+
+func (c *signConnSet) remove(pc *peerConn) {
+	c.mu.Lock()
+	delete(c.conns, pc)
+	c.mu.Unlock()
+	c.wg.Done()
+}
+
+// shutdown takes no more connections and waits for the open ones to end
+// until ctx is done, then closes them.
+func (c *signConnSet) shutdown(ctx context.Context) {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	done := make(chan struct{})
+	go func() { c.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return
+	case <-ctx.Done():
+	}
+	c.mu.Lock()
+	for pc := range c.conns {
+		pc.Close()
+	}
+	c.mu.Unlock()
+	<-done
+}

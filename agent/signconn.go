@@ -1,0 +1,106 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// signStreamIO is the client's end of a SignStream: a signing connection
+// (wire.Preface), or the gRPC call with an agent that has none.
+type signStreamIO interface {
+	Send(*agentpb.SignStreamRequest) error
+	Recv() (*agentpb.SignStreamResponse, error)
+}
+
+// signConnTimeout bounds connecting a signing connection and the agent's
+// answer to its preface.
+const signConnTimeout = 5 * time.Second
+
+// errNoSignConn is an agent that closed a signing connection before
+// answering its preface: one that speaks only gRPC.
+var errNoSignConn = errors.New("agent: the agent does not take signing connections")
+
+// dialSignConn opens a signing connection; it is closed when ctx ends.
+func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
+	d := net.Dialer{Timeout: signConnTimeout}
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		// Unavailable, as gRPC says of a connection it cannot make.
+		return nil, status.Error(codes.Unavailable, explain(path, err).Error())
+	}
+	conn.SetDeadline(time.Now().Add(signConnTimeout))
+	if _, err := io.WriteString(conn, wire.Preface); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	r := bufio.NewReaderSize(conn, 16<<10)
+	head := make([]byte, len(wire.Preface))
+	if _, err := io.ReadFull(r, head); err != nil {
+		conn.Close()
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, errNoSignConn
+		}
+		return nil, err
+	}
+	if string(head) != wire.Preface {
+		conn.Close()
+		return nil, fmt.Errorf("agent: %q answered a signing connection with %q", path, head)
+	}
+	conn.SetDeadline(time.Time{})
+	context.AfterFunc(ctx, func() { conn.Close() })
+	return &frameStream{conn: conn, r: r}, nil
+}
+
+// frameStream is the signStreamIO of a signing connection.
+type frameStream struct {
+	conn net.Conn
+	r    *bufio.Reader
+	buf  []byte
+	mu   sync.Mutex // one Send at a time
+	out  []byte
+}
+
+func (f *frameStream) Send(m *agentpb.SignStreamRequest) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var err error
+	if f.out, err = wire.AppendFrame(f.out[:0], m); err != nil {
+		return err
+	}
+	_, err = f.conn.Write(f.out)
+	return err
+}
+
+// Recv returns the next results, or the agent's status for the stream's
+// end as a gRPC status error, so that it reads as on the gRPC call.
+func (f *frameStream) Recv() (*agentpb.SignStreamResponse, error) {
+	m := &agentpb.SignStreamResponse{}
+	var err error
+	if f.buf, err = wire.ReadFrame(f.r, wire.MaxMessageSize, f.buf, m); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, status.Error(codes.Unavailable, "agent: the agent closed the signing connection")
+		}
+		return nil, err
+	}
+	for _, r := range m.Results {
+		if r.Id == wire.StatusID {
+			f.conn.Close()
+			if r.Code == int32(codes.OK) {
+				return nil, io.EOF
+			}
+			return nil, status.Error(codes.Code(r.Code), r.Message)
+		}
+	}
+	return m, nil
+}
