@@ -3,7 +3,9 @@ package agent
 import (
 	"context"
 	"errors"
+	"math"
 	"sync"
+	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"google.golang.org/grpc/codes"
@@ -63,7 +65,7 @@ func (c *Client) sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	}
 	st.nextID++
 	st.pending[st.nextID] = cl
-	st.outbox = append(st.outbox, &agentpb.SignStreamItem{Id: st.nextID, Request: req})
+	st.outbox = append(st.outbox, &agentpb.SignStreamItem{Id: st.nextID, Request: req, TimeoutMs: timeoutMs(ctx)})
 	inline, background := false, false
 	if !st.sending {
 		st.sending = true
@@ -97,6 +99,16 @@ func (c *Client) sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 		// The result, if it comes, lands in the buffered channel and is dropped.
 		return nil, deadlineError(ctx)
 	}
+}
+
+// timeoutMs is what is left of ctx's deadline, for the agent not to send
+// the signature to the HSM once its caller has given up; 0 is no deadline.
+func timeoutMs(ctx context.Context) uint32 {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return 0
+	}
+	return uint32(min(max(time.Until(dl).Milliseconds(), 1), math.MaxUint32))
 }
 
 func (st *signStream) failure() error {

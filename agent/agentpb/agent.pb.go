@@ -567,8 +567,12 @@ func (x *SignStreamRequest) GetItems() []*SignStreamItem {
 type SignStreamItem struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Chosen by the client, echoed in the result.
-	Id            uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Request       *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	Id      uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	// How long the caller waits for this signature, in milliseconds from
+	// when the agent reads the item; 0: as long as the stream lasts. Past it
+	// the item gets DEADLINE_EXCEEDED and is never sent to the HSM.
+	TimeoutMs     uint32 `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -615,6 +619,13 @@ func (x *SignStreamItem) GetRequest() *SignRequest {
 		return x.Request
 	}
 	return nil
+}
+
+func (x *SignStreamItem) GetTimeoutMs() uint32 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
 }
 
 type SignStreamResponse struct {
@@ -757,10 +768,12 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\fSignResponse\x12\x1c\n" +
 	"\tsignature\x18\x01 \x01(\fR\tsignature\"F\n" +
 	"\x11SignStreamRequest\x121\n" +
-	"\x05items\x18\x01 \x03(\v2\x1b.hsmagent.v1.SignStreamItemR\x05items\"T\n" +
+	"\x05items\x18\x01 \x03(\v2\x1b.hsmagent.v1.SignStreamItemR\x05items\"s\n" +
 	"\x0eSignStreamItem\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x122\n" +
-	"\arequest\x18\x02 \x01(\v2\x18.hsmagent.v1.SignRequestR\arequest\"M\n" +
+	"\arequest\x18\x02 \x01(\v2\x18.hsmagent.v1.SignRequestR\arequest\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x03 \x01(\rR\ttimeoutMs\"M\n" +
 	"\x12SignStreamResponse\x127\n" +
 	"\aresults\x18\x01 \x03(\v2\x1d.hsmagent.v1.SignStreamResultR\aresults\"n\n" +
 	"\x10SignStreamResult\x12\x0e\n" +

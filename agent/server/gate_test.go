@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/agenttest"
 	"github.com/hsmagent/hsmagent/agent/server"
@@ -143,6 +144,48 @@ func TestQueueBoundedAndDepartedCallersNotSent(t *testing.T) {
 	}
 	if audit.count("result=busy") != 1 {
 		t.Errorf("busy refusal not audited:\n%s", audit.buf.String())
+	}
+}
+
+// TestStreamCallerDeadlineNotSent: a signature on a stream (the Go
+// client's path) whose caller's deadline passes while it waits for the HSM
+// is answered DeadlineExceeded, audited as abandoned, and never reaches the
+// HSM, while the stream goes on serving.
+func TestStreamCallerDeadlineNotSent(t *testing.T) {
+	store := newStallingStore(t)
+	audit := &auditBuffer{}
+	a := agenttest.Start(t, store, server.Options{MaxInFlight: 1, HSMTimeout: time.Minute,
+		Audit: slog.New(slog.NewTextHandler(audit, nil))})
+	signerWith := func(timeout time.Duration) crypto.Signer {
+		client, err := agent.Dial(context.Background(), a.Socket, agent.WithSignTimeout(timeout))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { client.Close() })
+		s, err := client.Signer(context.Background(), "ec")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	patient, hasty := signerWith(time.Minute), signerWith(300*time.Millisecond)
+	store.hold()
+	first := make(chan error, 1)
+	go func() { _, err := patient.Sign(nil, goodEC.Digest, crypto.SHA256); first <- err }()
+	waitFor(t, func() bool { return store.calls.Load() == 1 }) // the HSM's one slot is taken
+	if _, err := hasty.Sign(nil, goodEC.Digest, crypto.SHA256); err == nil || !strings.Contains(err.Error(), "DeadlineExceeded") {
+		t.Errorf("caller past its deadline: %v, want DeadlineExceeded", err)
+	}
+	waitFor(t, func() bool { return audit.count("result=abandoned") == 1 })
+	store.release()
+	if err := <-first; err != nil {
+		t.Errorf("first signature: %v", err)
+	}
+	if _, err := hasty.Sign(nil, goodEC.Digest, crypto.SHA256); err != nil {
+		t.Errorf("the same stream afterwards: %v", err)
+	}
+	if n := store.calls.Load(); n != 2 {
+		t.Errorf("%d signatures reached the HSM, want 2: the departed caller's must not", n)
 	}
 }
 

@@ -155,28 +155,35 @@ func (ss *signStream) receive() error {
 			}
 			ss.pending++
 			ss.mu.Unlock()
-			go ss.sign(it.Id, it.Request)
+			go ss.sign(it.Id, it.Request, time.Duration(it.TimeoutMs)*time.Millisecond)
 		}
 	}
 }
 
 // sign signs one item and queues its result; at the HSM timeout the result
-// is queued from the gate's timer and the HSM call is left to return.
-func (ss *signStream) sign(id uint64, req *agentpb.SignRequest) {
+// is queued from the gate's timer and the HSM call is left to return. An
+// item whose caller's timeout passes before the HSM takes it is not sent.
+func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Duration) {
 	if req == nil {
 		req = &agentpb.SignRequest{}
 	}
 	start := time.Now()
 	rid := newRequestID()
+	ctx := ss.ctx
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
 	answer := func(sig []byte, code codes.Code, err error) {
-		ss.s.auditSign(ss.ctx, ss.p, req, rid, code, err, time.Since(start))
+		ss.s.auditSign(ctx, ss.p, req, rid, code, err, time.Since(start))
 		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
 		if err != nil {
 			r.Message = withRequestID(err.Error(), rid)
 		}
 		ss.queue(r)
 	}
-	sig, code, err := ss.s.sign(ss.ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.code, ge) })
+	sig, code, err := ss.s.sign(ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.code, ge) })
 	if err != errAnswered {
 		answer(sig, code, err)
 	}
