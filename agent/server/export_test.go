@@ -18,6 +18,14 @@ func SetExpiryCheckEvery(d time.Duration) (restore func()) {
 // ExpiryBand exposes expiryBand to the tests.
 var ExpiryBand = expiryBand
 
+// SetHandshakeTimeout shortens the time a connection has to send its first
+// bytes, for the Servers made by New after the call.
+func SetHandshakeTimeout(d time.Duration) (restore func()) {
+	old := handshakeTimeout
+	handshakeTimeout = d
+	return func() { handshakeTimeout = old }
+}
+
 // ServeGRPCOnly serves l as an agent without signing connections does: gRPC
 // alone, behind the same connection limits, with no muxListener to tell a
 // signing connection from a gRPC one.
