@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -28,7 +27,8 @@ type signStreamIO interface {
 const signConnTimeout = 5 * time.Second
 
 // errNoSignConn is an agent that closed a signing connection before
-// answering its preface: one that speaks only gRPC.
+// answering its preface, or answered it with something else: one that
+// speaks only gRPC.
 var errNoSignConn = errors.New("agent: the agent does not take signing connections")
 
 // dialSignConn opens a signing connection; it is closed when ctx ends.
@@ -54,8 +54,11 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 		return nil, err
 	}
 	if string(head) != wire.Preface {
+		// An agent without signing connections answers with gRPC's
+		// greeting, an HTTP/2 SETTINGS frame written before it reads the
+		// client's preface, then closes the connection as not HTTP/2.
 		conn.Close()
-		return nil, fmt.Errorf("agent: %q answered a signing connection with %q", path, head)
+		return nil, errNoSignConn
 	}
 	conn.SetDeadline(time.Time{})
 	context.AfterFunc(ctx, func() { conn.Close() })

@@ -1,16 +1,19 @@
 package server_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"regexp"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -375,4 +378,156 @@ func patternRegexp(p string) (*regexp.Regexp, bool) {
 	}
 	b.WriteString(`$`)
 	return regexp.MustCompile(b.String()), true
+}
+
+// signConnPlan is what a fuzzed client sends on a signing connection, and
+// what the agent must answer.
+type signConnPlan struct {
+	send    []byte                            // the preface, then the data completed to a frame's end, then an oversized frame's length
+	asked   map[uint64][]*agentpb.SignRequest // the items of the frames the agent takes, by id
+	items   int                               // how many
+	tooMany bool                              // a message of more than 64 items ends it: the results of the items before it may be lost
+	wantMsg string                            // in the status
+}
+
+// planSignConn reads data as the agent does: frames, the last one completed
+// with zeros, up to the first the agent refuses; with none refused, an
+// oversized frame's length follows, so that the agent always ends the
+// connection with a status rather than wait for more.
+func planSignConn(data []byte) signConnPlan {
+	p := signConnPlan{send: []byte(wire.Preface), asked: map[uint64][]*agentpb.SignRequest{}}
+	rest := data
+	take := func(n int) []byte {
+		b := make([]byte, n)
+		copy(b, rest)
+		rest = rest[min(n, len(rest)):]
+		p.send = append(p.send, b...)
+		return b
+	}
+	refused := func(msg string) signConnPlan {
+		p.wantMsg = msg
+		p.send = append(p.send, rest...) // left unread
+		return p
+	}
+	for len(rest) > 0 {
+		n := binary.BigEndian.Uint32(take(4))
+		if n > wire.MaxRequestSize {
+			return refused(fmt.Sprintf("a frame of %d bytes", n))
+		}
+		var m agentpb.SignStreamRequest
+		if err := proto.Unmarshal(take(int(n)), &m); err != nil {
+			return refused("not a SignStreamRequest")
+		}
+		if len(m.Items) > 64 {
+			p.tooMany = true
+			return refused(fmt.Sprintf("%d signatures in one message", len(m.Items)))
+		}
+		for _, it := range m.Items {
+			req := it.Request
+			if req == nil {
+				req = &agentpb.SignRequest{}
+			}
+			p.asked[it.Id] = append(p.asked[it.Id], req)
+			p.items++
+		}
+	}
+	p.send = append(p.send, 0xff, 0xff, 0xff, 0xff)
+	p.wantMsg = "a frame of 4294967295 bytes"
+	return p
+}
+
+// FuzzSignConn sends arbitrary bytes after a signing connection's preface:
+// the agent answers each item of the frames it takes at most once, with a
+// known code (all of them unless a message of too many items ended the
+// connection), then ends the connection with an InvalidArgument status
+// that says why, and keeps serving.
+func FuzzSignConn(f *testing.F) {
+	valid := func(its ...*agentpb.SignStreamItem) []byte {
+		b, err := wire.AppendFrame(nil, &agentpb.SignStreamRequest{Items: its})
+		if err != nil {
+			f.Fatal(err)
+		}
+		return b
+	}
+	var seedItems []*agentpb.SignStreamItem
+	for i, req := range signSeeds() {
+		seedItems = append(seedItems, &agentpb.SignStreamItem{Id: uint64(i + 1), Request: req})
+	}
+	all := valid(seedItems...)
+	for _, seed := range [][]byte{
+		nil,
+		all,
+		append(valid(seedItems[:2]...), valid(seedItems[2:]...)...),
+		valid(&agentpb.SignStreamItem{Id: 0, Request: seedItems[0].Request}), // id 0, the status's
+		valid(items(1, 65, goodEC)...),
+		{0, 0, 0, 0},             // an empty message
+		{0xff, 0xff, 0xff, 0xff}, // 4 GiB
+		{0, 0},                   // half a length
+		{0, 0, 0, 10, 0x0a},      // a frame cut short
+		rawFrame([]byte{0xff, 0xff}),
+		append(all, binary.BigEndian.AppendUint32(nil, wire.MaxRequestSize+1)...),
+	} {
+		f.Add(seed)
+	}
+	store := newMemStore(f)
+	a := agenttest.Start(f, store, server.Options{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p := planSignConn(data)
+		c := &signConn{conn: dialUnix(t, a.Socket)}
+		c.r = bufio.NewReader(c.conn)
+		c.conn.SetWriteDeadline(time.Now().Add(frameTimeout))
+		go c.conn.Write(p.send) // the agent may close before it has read all: that is its answer
+		c.expectPreface(t)
+		var frames []*agentpb.SignStreamResponse
+		for {
+			m, err := c.next()
+			if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("after %d frames: %v", len(frames), err)
+			}
+			frames = append(frames, m)
+		}
+		if len(frames) == 0 {
+			t.Fatal("the agent closed the connection without a status")
+		}
+		end := frames[len(frames)-1]
+		if len(end.Results) != 1 || end.Results[0].Id != wire.StatusID || len(end.Results[0].Signature) != 0 {
+			t.Fatalf("the connection ended without a status: last frame %v", end)
+		}
+		st := end.Results[0]
+		if codes.Code(st.Code) != codes.InvalidArgument || !strings.HasPrefix(st.Message, "agent: ") || !strings.Contains(st.Message, p.wantMsg) {
+			t.Fatalf("status %v %q; want InvalidArgument \"agent: ...%s...\"", codes.Code(st.Code), st.Message, p.wantMsg)
+		}
+		answered := map[uint64]int{}
+		total := 0
+		for _, fr := range frames[:len(frames)-1] {
+			for _, r := range fr.Results {
+				reqs := p.asked[r.Id]
+				answered[r.Id]++
+				total++
+				switch {
+				case answered[r.Id] > len(reqs):
+					t.Fatalf("%d results for id %d, asked %d times", answered[r.Id], r.Id, len(reqs))
+				case !requestCodes[codes.Code(r.Code)]:
+					t.Fatalf("item %d: unexpected code %v: %s", r.Id, codes.Code(r.Code), r.Message)
+				case r.Code != 0 && !strings.HasPrefix(r.Message, "agent: "):
+					t.Fatalf("item %d: refusal without the agent's prefix: %q", r.Id, r.Message)
+				case r.Code == 0:
+					var errs []error
+					for _, req := range reqs {
+						errs = append(errs, signedFor(store, req, r.Signature))
+					}
+					if !slices.Contains(errs, nil) {
+						t.Fatalf("item %d: %v", r.Id, errors.Join(errs...))
+					}
+				}
+			}
+		}
+		if !p.tooMany && total != p.items {
+			t.Fatalf("%d results for %d items", total, p.items)
+		}
+		stillSignsOverConn(t, a.Socket, store)
+	})
 }

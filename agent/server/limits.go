@@ -38,10 +38,13 @@ const (
 	resultTooManyStreamsForUID = "too-many-streams-uid"     // SignStream refused: this uid holds its maximum of them
 )
 
+// handshakeTimeout bounds the time from accept to the client's first bytes
+// (its HTTP/2 preface, or wire.Preface): a local client sends them at once,
+// a held-open socket does not. A variable for the tests (export_test.go);
+// each Server reads it once, in New.
+var handshakeTimeout = 10 * time.Second
+
 const (
-	// handshakeTimeout bounds the time from accept to the client's HTTP/2
-	// preface: a local client sends it at once, a held-open socket does not.
-	handshakeTimeout = 10 * time.Second
 	// limitQuiet is how long a limit must go without refusing before the
 	// log says it has cleared; shorter would log twice per refusal when a
 	// flood hovers at the limit.

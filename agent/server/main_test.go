@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -8,10 +9,12 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -30,6 +33,8 @@ func TestMain(m *testing.M) {
 		os.Exit(streamsHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), 24))
 	case "sign-message":
 		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), true))
+	case "stream-mix":
+		os.Exit(streamMixHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_PLAN")))
 	case "hold":
 		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_CONNS"))
 		os.Exit(holdHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
@@ -119,5 +124,76 @@ func streamsHelper(socket string, n int) int {
 		}
 	}
 	fmt.Printf("admitted=%d refused=%d\n", admitted, refused)
+	return 0
+}
+
+// streamMixHelper opens, in the order of plan, gRPC SignStreams (g) and
+// signing connections (s), each with one request, and holds them all open
+// until it has printed, for each, "ok" if its request was answered (the
+// agent admitted the stream) or the code of the status that refused it:
+// "g:ok s:ok s:ResourceExhausted".
+func streamMixHelper(socket, plan string) int {
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req := &agentpb.SignStreamRequest{Items: []*agentpb.SignStreamItem{{Id: 1, Request: goodEC}}}
+	var held []net.Conn // open until the end
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	var out []string
+	for _, kind := range plan {
+		var answer string
+		switch kind {
+		case 'g':
+			stream, err := agentpb.NewAgentClient(conn).SignStream(ctx)
+			if err == nil {
+				err = stream.Send(req)
+			}
+			if err == nil {
+				_, err = stream.Recv()
+			}
+			answer = "ok"
+			if err != nil {
+				answer = status.Code(err).String()
+			}
+		case 's':
+			c, err := net.Dial("unix", socket)
+			if err != nil {
+				fmt.Println(err)
+				return 1
+			}
+			held = append(held, c)
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			b, _ := wire.AppendFrame([]byte(wire.Preface), req)
+			r := bufio.NewReader(c)
+			head := make([]byte, len(wire.Preface))
+			resp := &agentpb.SignStreamResponse{}
+			if _, err = c.Write(b); err == nil {
+				_, err = io.ReadFull(r, head)
+			}
+			if err == nil {
+				_, err = wire.ReadFrame(r, wire.MaxMessageSize, nil, resp)
+			}
+			switch {
+			case err != nil || string(head) != wire.Preface || len(resp.Results) != 1:
+				fmt.Printf("signing connection: %q %v %v\n", head, resp, err)
+				return 1
+			case resp.Results[0].Id == wire.StatusID:
+				answer = codes.Code(resp.Results[0].Code).String()
+			default:
+				answer = "ok"
+			}
+		}
+		out = append(out, fmt.Sprintf("%c:%s", kind, answer))
+	}
+	fmt.Println(strings.Join(out, " "))
 	return 0
 }

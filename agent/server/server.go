@@ -124,6 +124,7 @@ type Server struct {
 	refusals   *refusalAudit // bounds the audit records of refusals
 	listings   *refusalAudit // bounds the audit records of ListKeys and WatchKeys
 	stallAfter time.Duration // StreamSendTimeout
+	handshake  time.Duration // handshakeTimeout
 	signConns  signConnSet
 
 	reloadMu sync.Mutex // serialises reloads
@@ -184,7 +185,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.MaxSignStreamsPerUID, DefaultMaxSignStreamsPerUID)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
 	s := &Server{store: store, log: opts.Logger, audit: newAuditLog(opts.Audit), stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
-		version: opts.Version, observer: opts.Observer}
+		handshake: handshakeTimeout, version: opts.Version, observer: opts.Observer}
 	s.limits = newLimitLog(opts.Logger)
 	s.refusals = newRefusalAudit(s.audit, "refusals suppressed", opts.AuditRefusalBurst)
 	// Listings cost a caller nothing either, and have their own ration so
@@ -206,7 +207,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: opts.IdleTimeout}),
 		grpc.MaxConcurrentStreams(uint32(opts.MaxStreamsPerConnection)),
-		grpc.ConnectionTimeout(handshakeTimeout),
+		grpc.ConnectionTimeout(s.handshake),
 		// Small messages on a local socket: the smallest windows gRPC allows
 		// (64 KiB, and no growth by bandwidth probing) and small buffers
 		// bound what each connection and stream can make the agent hold.

@@ -24,7 +24,7 @@ import (
 // newMemStore is an in-memory store with an ECDSA P-256 key "ec" and an
 // RSA-2048 key "rsa". The contract suite proves that the PKCS#11 store
 // behaves as this one does; the SoftHSM runs of the agent are in softhsm-test.
-func newMemStore(t *testing.T) *server.MemoryStore {
+func newMemStore(t testing.TB) *server.MemoryStore {
 	t.Helper()
 	m := server.NewMemoryStore()
 	for label, kt := range map[string]keytype.Type{"ec": keytype.ECDSAP256, "rsa": keytype.RSA2048} {

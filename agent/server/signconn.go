@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
@@ -96,20 +97,22 @@ func (m *muxListener) route(c net.Conn) {
 		return
 	}
 	head := make([]byte, len(wire.Preface))
-	pc.SetReadDeadline(time.Now().Add(handshakeTimeout))
-	n, err := io.ReadFull(pc, head)
+	pc.SetReadDeadline(time.Now().Add(m.s.handshake))
+	_, err := io.ReadFull(pc, head)
 	pc.SetReadDeadline(time.Time{})
-	if err == nil && string(head) == wire.Preface {
-		m.s.serveSignConn(pc)
+	if err != nil {
+		// Closed, or silent past the handshake timeout before its first 8
+		// bytes: gRPC would wait for the rest a handshake timeout more.
+		pc.Close()
 		return
 	}
-	if n == 0 {
-		pc.Close() // closed or silent before its first byte
+	if string(head) == wire.Preface {
+		m.s.serveSignConn(pc)
 		return
 	}
 	// gRPC reads the bytes again, and refuses what is not HTTP/2.
 	select {
-	case m.grpcConns <- &replayConn{peerConn: pc, head: head[:n]}:
+	case m.grpcConns <- &replayConn{peerConn: pc, head: head}:
 	case <-m.done:
 		pc.Close()
 	}
@@ -133,14 +136,20 @@ func (c *replayConn) Read(b []byte) (int, error) {
 // serveSignConn serves one signing connection until it ends.
 func (s *Server) serveSignConn(pc *peerConn) {
 	defer pc.Close()
-	if !s.signConns.add(pc) {
-		return // shutting down
-	}
-	defer s.signConns.remove(pc)
 	ctx, cancel := context.WithCancel(peer.NewContext(context.Background(),
 		&peer.Peer{Addr: pc.RemoteAddr(), AuthInfo: connAuth{pc.peer, pc}}))
 	defer cancel()
 	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), cancel: cancel}
+	if s.isStopping() || !s.signConns.add(pc) {
+		// Shutting down: gRPC refuses new streams now, and so does this.
+		// Answered, not closed unanswered, which a client takes for an
+		// agent without signing connections.
+		if fs.write([]byte(wire.Preface)) == nil {
+			fs.end(status.Error(codes.Unavailable, "agent: shutting down"))
+		}
+		return
+	}
+	defer s.signConns.remove(pc)
 	err := fs.write([]byte(wire.Preface))
 	if err == nil {
 		var release func()
@@ -149,13 +158,19 @@ func (s *Server) serveSignConn(pc *peerConn) {
 			release()
 		}
 	}
-	if fs.malformed != nil {
-		s.auditMalformed(ctx, "SignStream", fs.malformed)
-		err = status.Error(codes.InvalidArgument, "agent: "+fs.malformed.Error())
+	if fe := fs.malformed.Load(); fe != nil {
+		// The code the client gets, in the audit record too.
+		err = status.Error(codes.InvalidArgument, "agent: "+fe.Error())
+		s.auditMalformed(ctx, "SignStream", err)
 	}
 	if ctx.Err() != nil {
 		return // the client is gone
 	}
+	fs.end(err)
+}
+
+// end sends err, the stream's end, as the connection's status.
+func (f *frameStream) end(err error) {
 	st, _ := status.FromError(err)
 	if errors.Is(err, context.Canceled) {
 		st = status.New(codes.Canceled, err.Error())
@@ -163,19 +178,21 @@ func (s *Server) serveSignConn(pc *peerConn) {
 	b, ferr := wire.AppendFrame(nil, &agentpb.SignStreamResponse{Results: []*agentpb.SignStreamResult{
 		{Id: wire.StatusID, Code: int32(st.Code()), Message: st.Message()}}})
 	if ferr == nil {
-		pc.SetWriteDeadline(time.Now().Add(time.Second))
-		fs.write(b)
+		f.conn.SetWriteDeadline(time.Now().Add(time.Second))
+		f.write(b)
 	}
 }
 
 // frameStream is the signStreamIO of a signing connection.
 type frameStream struct {
-	conn      *peerConn
-	r         *bufio.Reader
-	buf       []byte
-	out       []byte
-	cancel    context.CancelFunc
-	malformed *wire.FrameError // set by Recv; the connection's end says why
+	conn   *peerConn
+	r      *bufio.Reader
+	buf    []byte
+	out    []byte
+	cancel context.CancelFunc
+	// malformed is set by Recv, and the connection's end says why. Atomic:
+	// the stream may end (at Shutdown, say) with Recv still reading.
+	malformed atomic.Pointer[wire.FrameError]
 	wmu       sync.Mutex
 }
 
@@ -191,7 +208,7 @@ func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 	}
 	var fe *wire.FrameError
 	if errors.As(err, &fe) {
-		f.malformed = fe
+		f.malformed.Store(fe)
 		// Ends the stream without the audit of serveSignStream's reader:
 		// serveSignConn audits it and answers InvalidArgument.
 		return nil, io.EOF

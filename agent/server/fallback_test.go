@@ -1,0 +1,85 @@
+package server_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/agenttest"
+	"github.com/hsmagent/hsmagent/agent/server"
+)
+
+// TestClientFallsBackToGRPCSignStream: the Client signs through an agent
+// that has no signing connections (gRPC alone on the socket) over gRPC's
+// SignStream, after one signing connection that agent refused.
+func TestClientFallsBackToGRPCSignStream(t *testing.T) {
+	store := newMemStore(t)
+	srv, err := server.New(store, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(agenttest.SocketDir(t), "agent.sock")
+	l, err := server.Listen(path, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	counted := &countingListener{Listener: l}
+	served := make(chan error, 1)
+	go func() { served <- srv.ServeGRPCOnly(counted) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		if err := <-served; err != nil {
+			t.Error(err)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := agent.Dial(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	signer, err := c.Signer(ctx, "ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := counted.accepted.Load() // Dial's probe of the socket, and gRPC's connection
+	for i := range 3 {
+		digest := sha256.Sum256([]byte{byte(i)})
+		sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("signature %d through an agent without signing connections: %v", i, err)
+		}
+		if !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig) {
+			t.Fatalf("signature %d does not verify", i)
+		}
+	}
+	if n := counted.accepted.Load() - before; n != 1 {
+		t.Errorf("the agent accepted %d connections for the signatures; want 1: the signing connection it refused, then gRPC's SignStream on the client's connection", n)
+	}
+}
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	accepted atomic.Int64
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted.Add(1)
+	}
+	return c, err
+}
