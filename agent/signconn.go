@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"sync"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
@@ -62,7 +61,7 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 	}
 	conn.SetDeadline(time.Time{})
 	context.AfterFunc(ctx, func() { conn.Close() })
-	return &frameStream{conn: conn, r: r}, nil
+	return &frameStream{conn: conn, r: r, w: wire.FrameWriter{W: conn}}, nil
 }
 
 // frameStream is the signStreamIO of a signing connection.
@@ -70,20 +69,10 @@ type frameStream struct {
 	conn net.Conn
 	r    *bufio.Reader
 	buf  []byte
-	mu   sync.Mutex // one Send at a time
-	out  []byte
+	w    wire.FrameWriter
 }
 
-func (f *frameStream) Send(m *agentpb.SignStreamRequest) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	var err error
-	if f.out, err = wire.AppendFrame(f.out[:0], m); err != nil {
-		return err
-	}
-	_, err = f.conn.Write(f.out)
-	return err
-}
+func (f *frameStream) Send(m *agentpb.SignStreamRequest) error { return f.w.WriteFrame(m) }
 
 // Recv returns the next results, or the agent's status for the stream's
 // end as a gRPC status error, so that it reads as on the gRPC call.

@@ -418,6 +418,11 @@ func planSignConn(data []byte) signConnPlan {
 		if err := proto.Unmarshal(take(int(n)), &m); err != nil {
 			return refused("not a SignStreamRequest")
 		}
+		for _, it := range m.Items {
+			if it.Id == wire.StatusID {
+				return refused("reserved for the connection's status")
+			}
+		}
 		if len(m.Items) > 64 {
 			p.tooMany = true
 			return refused(fmt.Sprintf("%d signatures in one message", len(m.Items)))

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -139,7 +140,7 @@ func (s *Server) serveSignConn(pc *peerConn) {
 	ctx, cancel := context.WithCancel(peer.NewContext(context.Background(),
 		&peer.Peer{Addr: pc.RemoteAddr(), AuthInfo: connAuth{pc.peer, pc}}))
 	defer cancel()
-	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), cancel: cancel}
+	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), w: wire.FrameWriter{W: pc}, cancel: cancel}
 	if s.isStopping() || !s.signConns.add(pc) {
 		// Shutting down: gRPC refuses new streams now, and so does this.
 		// Answered, not closed unanswered, which a client takes for an
@@ -175,12 +176,9 @@ func (f *frameStream) end(err error) {
 	if errors.Is(err, context.Canceled) {
 		st = status.New(codes.Canceled, err.Error())
 	}
-	b, ferr := wire.AppendFrame(nil, &agentpb.SignStreamResponse{Results: []*agentpb.SignStreamResult{
+	f.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	f.w.WriteFrame(&agentpb.SignStreamResponse{Results: []*agentpb.SignStreamResult{
 		{Id: wire.StatusID, Code: int32(st.Code()), Message: st.Message()}}})
-	if ferr == nil {
-		f.conn.SetWriteDeadline(time.Now().Add(time.Second))
-		f.write(b)
-	}
 }
 
 // frameStream is the signStreamIO of a signing connection.
@@ -188,12 +186,11 @@ type frameStream struct {
 	conn   *peerConn
 	r      *bufio.Reader
 	buf    []byte
-	out    []byte
+	w      wire.FrameWriter
 	cancel context.CancelFunc
 	// malformed is set by Recv, and the connection's end says why. Atomic:
 	// the stream may end (at Shutdown, say) with Recv still reading.
 	malformed atomic.Pointer[wire.FrameError]
-	wmu       sync.Mutex
 }
 
 // Recv reads the next request. The client never half-closes: the end of
@@ -203,6 +200,14 @@ func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 	m := &agentpb.SignStreamRequest{}
 	var err error
 	f.buf, err = wire.ReadFrame(f.r, wire.MaxRequestSize, f.buf, m)
+	if err == nil {
+		for _, it := range m.Items {
+			if it.Id == wire.StatusID {
+				err = &wire.FrameError{Msg: fmt.Sprintf("a signature with id %d, which is reserved for the connection's status; ids start at 1", wire.StatusID)}
+				break
+			}
+		}
+	}
 	if err == nil {
 		return m, nil
 	}
@@ -217,23 +222,9 @@ func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 	return nil, io.EOF
 }
 
-func (f *frameStream) Send(m *agentpb.SignStreamResponse) error {
-	f.wmu.Lock()
-	defer f.wmu.Unlock()
-	var err error
-	if f.out, err = wire.AppendFrame(f.out[:0], m); err != nil {
-		return err
-	}
-	_, err = f.conn.Write(f.out)
-	return err
-}
+func (f *frameStream) Send(m *agentpb.SignStreamResponse) error { return f.w.WriteFrame(m) }
 
-func (f *frameStream) write(b []byte) error {
-	f.wmu.Lock()
-	defer f.wmu.Unlock()
-	_, err := f.conn.Write(b)
-	return err
-}
+func (f *frameStream) write(b []byte) error { return f.w.WriteRaw(b) }
 
 // signConnSet tracks the open signing connections, so that Shutdown can wait
 // for their drain and close what is left at its deadline.

@@ -249,6 +249,8 @@ func TestSignConnMalformedFrame(t *testing.T) {
 		{"a key that is not UTF-8", rawFrame([]byte{0x0a, 0x06, 0x12, 0x04, 0x0a, 0x02, 0xff, 0xfe}),
 			"not a SignStreamRequest"},
 		{"an item cut short", rawFrame([]byte{0x0a, 0x10, 0x08}), "not a SignStreamRequest"},
+		// Its result would read as the connection's status.
+		{"an item of id 0", frame(t, &agentpb.SignStreamItem{Id: 0, Request: goodEC}), "reserved for the connection's status"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			store := newMemStore(t)

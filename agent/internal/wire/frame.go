@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -70,4 +71,32 @@ func ReadFrame(r *bufio.Reader, max int, buf []byte, m proto.Message) ([]byte, e
 		return buf, &FrameError{fmt.Sprintf("a frame that is not a %s: %v", m.ProtoReflect().Descriptor().Name(), err)}
 	}
 	return buf, nil
+}
+
+// FrameWriter writes frames to w, one whole frame per Write call, so that
+// writes from several goroutines never interleave.
+type FrameWriter struct {
+	W   io.Writer
+	mu  sync.Mutex
+	buf []byte
+}
+
+// WriteFrame writes m as one frame.
+func (f *FrameWriter) WriteFrame(m proto.Message) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var err error
+	if f.buf, err = AppendFrame(f.buf[:0], m); err != nil {
+		return err
+	}
+	_, err = f.W.Write(f.buf)
+	return err
+}
+
+// WriteRaw writes b (the preface) in one Write call.
+func (f *FrameWriter) WriteRaw(b []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, err := f.W.Write(b)
+	return err
 }
