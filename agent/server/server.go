@@ -126,6 +126,7 @@ type Server struct {
 	stallAfter time.Duration // StreamSendTimeout
 	handshake  time.Duration // handshakeTimeout
 	signConns  signConnSet
+	workers    *workers
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -194,6 +195,8 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
 	s.streams = newConnLimits(opts.MaxSignStreams, opts.MaxSignStreamsPerUID)
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setServing)
+	// As many idle workers as signatures the HSM takes at once.
+	s.workers = newWorkers(opts.MaxInFlight)
 	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
 	if err := s.load(opts.Policy); err != nil {
 		return nil, err

@@ -155,7 +155,8 @@ func (ss *signStream) receive() error {
 			}
 			ss.pending++
 			ss.mu.Unlock()
-			go ss.sign(it.Id, it.Request, time.Duration(it.TimeoutMs)*time.Millisecond)
+			id, req, timeout := it.Id, it.Request, time.Duration(it.TimeoutMs)*time.Millisecond
+			ss.s.workers.run(func() { ss.sign(id, req, timeout) })
 		}
 	}
 }
