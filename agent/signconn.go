@@ -61,18 +61,29 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 	}
 	conn.SetDeadline(time.Time{})
 	context.AfterFunc(ctx, func() { conn.Close() })
-	return &frameStream{conn: conn, r: r, w: wire.FrameWriter{W: conn}}, nil
+	return &frameStream{ctx: ctx, conn: conn, r: r, w: wire.FrameWriter{W: conn}}, nil
 }
 
 // frameStream is the signStreamIO of a signing connection.
 type frameStream struct {
+	ctx  context.Context // ends when the Client closes; closes conn
 	conn net.Conn
 	r    *bufio.Reader
 	buf  []byte
 	w    wire.FrameWriter
 }
 
-func (f *frameStream) Send(m *agentpb.SignStreamRequest) error { return f.w.WriteFrame(m) }
+// Send writes m; a connection that broke (the agent stopped, say) is
+// Unavailable, as on gRPC.
+func (f *frameStream) Send(m *agentpb.SignStreamRequest) error {
+	if err := f.w.WriteFrame(m); err != nil {
+		if f.ctx.Err() != nil {
+			return f.ctx.Err() // closed by the Client
+		}
+		return status.Error(codes.Unavailable, "agent: the signing connection broke: "+err.Error())
+	}
+	return nil
+}
 
 // Recv returns the next results, or the agent's status for the stream's
 // end as a gRPC status error, so that it reads as on the gRPC call.
@@ -80,10 +91,17 @@ func (f *frameStream) Recv() (*agentpb.SignStreamResponse, error) {
 	m := &agentpb.SignStreamResponse{}
 	var err error
 	if f.buf, err = wire.ReadFrame(f.r, wire.MaxMessageSize, f.buf, m); err != nil {
+		if f.ctx.Err() != nil {
+			return nil, f.ctx.Err() // closed by the Client
+		}
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			return nil, status.Error(codes.Unavailable, "agent: the agent closed the signing connection")
 		}
-		return nil, err
+		var fe *wire.FrameError
+		if errors.As(err, &fe) {
+			return nil, status.Error(codes.Internal, "agent: the agent sent "+fe.Error())
+		}
+		return nil, status.Error(codes.Unavailable, "agent: the signing connection broke: "+err.Error())
 	}
 	for _, r := range m.Results {
 		if r.Id == wire.StatusID {
