@@ -70,6 +70,36 @@ func TestClientFallsBackToGRPCSignStream(t *testing.T) {
 	}
 }
 
+// TestClientSignsAtConnectionLimit: a Client whose gRPC connection the agent
+// admitted, at its connection limit (of the uid, or in all) with it, signs
+// over gRPC's SignStream on that connection when the agent refuses its
+// signing connection, as it did before signing connections (the tests run
+// as root, whom only the total limit binds).
+func TestClientSignsAtConnectionLimit(t *testing.T) {
+	a := agenttest.Start(t, newMemStore(t), server.Options{MaxConnections: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := agent.Dial(ctx, a.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	signer, err := c.Signer(ctx, "ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		digest := sha256.Sum256([]byte{byte(i)})
+		sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("signature %d with the Client's gRPC connection the agent's last: %v", i, err)
+		}
+		if !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig) {
+			t.Fatalf("signature %d does not verify", i)
+		}
+	}
+}
+
 // countingListener counts the connections it accepts.
 type countingListener struct {
 	net.Listener
