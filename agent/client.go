@@ -268,7 +268,10 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 	resp, err := s.client.sign(ctx, req)
 	if err != nil {
 		if ce, ok := err.(*CallError); ok {
-			ce.Op = fmt.Sprintf("signing with key %q", s.label)
+			// A copy: the error of a broken stream is every call's on it.
+			named := *ce
+			named.Op = fmt.Sprintf("signing with key %q", s.label)
+			err = &named
 		}
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"time"
@@ -30,6 +31,14 @@ const signConnTimeout = 5 * time.Second
 // speaks only gRPC.
 var errNoSignConn = errors.New("agent: the agent does not take signing connections")
 
+// errSignConnRefused is a signing connection that failed after connecting
+// and before the agent's answer to its preface, other than by errNoSignConn:
+// reset by an agent at its connection limit (of the uid, or in all) with the
+// Client's gRPC connection admitted, say. That stream goes over gRPC, whose
+// error, if it fails too, is the call's; the next stream tries a signing
+// connection again.
+var errSignConnRefused = errors.New("agent: the agent refused the signing connection")
+
 // dialSignConn opens a signing connection; it is closed when ctx ends.
 func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 	d := net.Dialer{Timeout: signConnTimeout}
@@ -41,7 +50,7 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 	conn.SetDeadline(time.Now().Add(signConnTimeout))
 	if _, err := io.WriteString(conn, wire.Preface); err != nil {
 		conn.Close()
-		return nil, err
+		return nil, fmt.Errorf("%w: %v", errSignConnRefused, err)
 	}
 	r := bufio.NewReaderSize(conn, 16<<10)
 	head := make([]byte, len(wire.Preface))
@@ -50,7 +59,7 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			return nil, errNoSignConn
 		}
-		return nil, err
+		return nil, fmt.Errorf("%w: %v", errSignConnRefused, err)
 	}
 	if string(head) != wire.Preface {
 		// An agent without signing connections answers with gRPC's

@@ -160,7 +160,7 @@ func (c *Client) openStream(done chan struct{}) {
 			c.grpcStreams.Store(true) // an older agent: gRPC's SignStream from now on
 		}
 	}
-	if c.grpcStreams.Load() {
+	if c.grpcStreams.Load() || errors.Is(err, errSignConnRefused) {
 		stream, err = c.api.SignStream(ctx)
 	}
 	c.streams.mu.Lock()

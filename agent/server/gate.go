@@ -140,15 +140,29 @@ func (g *gate) do(ctx context.Context, uid int, op func() ([]byte, error), late 
 }
 
 func (g *gate) inline(ctx context.Context, op func() ([]byte, error), free func(), late func(*gateError)) ([]byte, error) {
-	var settled atomic.Bool // by op's return or by the timeout, whichever comes first
+	// settled by op's return or by the timeout, whichever comes first. The
+	// timeout enters the stuck count under mu, so that op's return, should
+	// it come meanwhile, leaves it only after: never below zero, and health
+	// turned back to SERVING after NOT_SERVING, not before.
+	var mu sync.Mutex
+	settled := false
 	timer := time.AfterFunc(g.timeout, func() {
-		if settled.CompareAndSwap(false, true) {
-			g.enterStuck()
-			late(g.timedOut())
+		mu.Lock()
+		if settled {
+			mu.Unlock()
+			return
 		}
+		settled = true
+		g.enterStuck()
+		mu.Unlock()
+		late(g.timedOut())
 	})
 	sig, err := op()
-	if !settled.CompareAndSwap(false, true) {
+	mu.Lock()
+	timedOut := settled
+	settled = true
+	mu.Unlock()
+	if timedOut {
 		free()
 		g.leaveStuck()
 		return nil, errAnswered

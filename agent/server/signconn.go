@@ -141,7 +141,7 @@ func (s *Server) serveSignConn(pc *peerConn) {
 		&peer.Peer{Addr: pc.RemoteAddr(), AuthInfo: connAuth{pc.peer, pc}}))
 	defer cancel()
 	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), w: wire.FrameWriter{W: pc}, cancel: cancel}
-	if s.isStopping() || !s.signConns.add(pc) {
+	if s.isStopping() || !s.signConns.add(pc, cancel) {
 		// Shutting down: gRPC refuses new streams now, and so does this.
 		// Answered, not closed unanswered, which a client takes for an
 		// agent without signing connections.
@@ -230,21 +230,21 @@ func (f *frameStream) write(b []byte) error { return f.w.WriteRaw(b) }
 // for their drain and close what is left at its deadline.
 type signConnSet struct {
 	mu     sync.Mutex
-	conns  map[*peerConn]struct{}
+	conns  map[*peerConn]context.CancelFunc // ends the connection's context
 	closed bool
 	wg     sync.WaitGroup
 }
 
-func (c *signConnSet) add(pc *peerConn) bool {
+func (c *signConnSet) add(pc *peerConn, cancel context.CancelFunc) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return false
 	}
 	if c.conns == nil {
-		c.conns = make(map[*peerConn]struct{})
+		c.conns = make(map[*peerConn]context.CancelFunc)
 	}
-	c.conns[pc] = struct{}{}
+	c.conns[pc] = cancel
 	c.wg.Add(1)
 	return true
 }
@@ -257,7 +257,10 @@ func (c *signConnSet) remove(pc *peerConn) {
 }
 
 // shutdown takes no more connections and waits for the open ones to end
-// until ctx is done, then closes them.
+// until ctx is done, then closes them and ends their contexts, as gRPC's
+// Stop does its streams': closing alone ends the context only through a
+// read, and the stream's reader may have stopped already (draining), which
+// would leave its signatures waiting for the HSM, and Shutdown for them.
 func (c *signConnSet) shutdown(ctx context.Context) {
 	c.mu.Lock()
 	c.closed = true
@@ -270,7 +273,8 @@ func (c *signConnSet) shutdown(ctx context.Context) {
 	case <-ctx.Done():
 	}
 	c.mu.Lock()
-	for pc := range c.conns {
+	for pc, cancel := range c.conns {
+		cancel()
 		pc.Close()
 	}
 	c.mu.Unlock()

@@ -676,3 +676,40 @@ func TestSignConnDepartedClientNotSigned(t *testing.T) {
 		t.Errorf("%d sign records; want 6 (5 abandoned, 1 ok):\n%s", n, audit)
 	}
 }
+
+// TestSignConnShutdownDeadline: at Shutdown's deadline a signing connection
+// is cut off as gRPC's streams are: its signatures still waiting for the HSM
+// are abandoned, and Shutdown returns, even when the connection's reader had
+// already stopped (its 64 slots full as the drain began) and the HSM is hung.
+func TestSignConnShutdownDeadline(t *testing.T) {
+	store := newStallingStore(t)
+	audit := &jsonAudit{}
+	a := agenttest.Start(t, store, server.Options{MaxInFlight: 1, HSMTimeout: time.Minute, Audit: audit.logger()})
+	release := sync.OnceFunc(store.release)
+	t.Cleanup(release) // before the agent's Stop, should the test fail first
+	c := openSignConn(t, a.Socket)
+	store.hold()
+	c.send(t, items(1, 64, goodEC)...) // the stream's 64 slots: 1 in the HSM, 63 waiting
+	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return store.calls.Load() == 1 && waiting == 63 })
+	c.send(t, items(65, 1, goodEC)...) // the reader waits for a slot for this one
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	stopped := make(chan struct{})
+	go func() { a.Server.Shutdown(ctx); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Error("Shutdown did not return within 5s of its deadline of 200ms, the HSM hung")
+	}
+	// The 63 waiting when the connection was cut off are abandoned, not sent to the HSM.
+	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return waiting == 0 })
+	if n := len(audit.records(t, "msg", "sign", "result", "abandoned")); n == 0 {
+		t.Errorf("no signature audited as abandoned:\n%s", audit)
+	}
+	release()
+	<-stopped
+	if n := store.calls.Load(); n != 1 {
+		t.Errorf("%d signatures reached the HSM; want 1: none after Shutdown's deadline", n)
+	}
+}
