@@ -17,9 +17,12 @@ import (
 
 // Defaults of the limits that keep one local user from denying the agent to
 // the others (see Options).
+//
+// A Client holds two connections (gRPC, and its signing connection): the
+// connection limits are twice what the clients they are meant to fit need.
 const (
-	DefaultMaxConnections          = 1024
-	DefaultMaxConnectionsPerUID    = 64
+	DefaultMaxConnections          = 2048
+	DefaultMaxConnectionsPerUID    = 128
 	DefaultMaxStreamsPerConnection = 16
 	DefaultIdleTimeout             = 5 * time.Minute
 	DefaultStreamSendTimeout       = 30 * time.Second
