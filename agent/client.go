@@ -286,6 +286,9 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 // what the wire cannot carry: the PSS salt length is an int32 there, and a
 // larger value would arrive truncated, as another salt length.
 func signRequest(label string, pub crypto.PublicKey, digest []byte, opts crypto.SignerOpts) (*agentpb.SignRequest, error) {
+	if len(label) > wire.MaxLabel {
+		return nil, fmt.Errorf("agent: key label of %d bytes; the agent takes at most %d", len(label), wire.MaxLabel)
+	}
 	if opts == nil {
 		return nil, fmt.Errorf("agent: key %q: no hash given; use SHA-256, SHA-384 or SHA-512", label)
 	}

@@ -48,6 +48,10 @@ func TestClientRefusesBadSignRequests(t *testing.T) {
 	if err := store.Add("ec", ecKey, nil); err != nil {
 		t.Fatal(err)
 	}
+	longLabel := strings.Repeat("l", 300) // a token may hold it; the agent takes 128 bytes at most
+	if err := store.Add(longLabel, ecKey, nil); err != nil {
+		t.Fatal(err)
+	}
 	a := agenttest.Start(t, store, server.Options{Audit: slog.New(slog.NewTextHandler(sw, nil))})
 	c := dial(t, a.Socket)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -57,6 +61,10 @@ func TestClientRefusesBadSignRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	ec, err := c.Signer(ctx, "ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	long, err := c.Signer(ctx, longLabel)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,6 +86,8 @@ func TestClientRefusesBadSignRequests(t *testing.T) {
 		{"short digest", rs, d256[:31], crypto.SHA256, "digest is 31 bytes, SHA-256 needs 32"},
 		{"digest of another hash", ec, d512[:], crypto.SHA256, "digest is 64 bytes, SHA-256 needs 32"},
 		{"unsupported hash", ec, d256[:20], crypto.SHA1, "hash SHA-1 is not supported"},
+		// 64 of them would make a message over the agent's size limit, which ends the stream.
+		{"label longer than the agent takes", long, d256[:], crypto.SHA256, "key label of 300 bytes; the agent takes at most 128"},
 		{"salt at the key's maximum", rs, d256[:], &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: maxSalt}, ""},
 		{"salt 20", rs, d256[:], &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: 20}, ""},
 		{"salt auto", rs, d512[:], &rsa.PSSOptions{Hash: crypto.SHA512, SaltLength: rsa.PSSSaltLengthAuto}, ""},

@@ -442,7 +442,7 @@ func (s *Server) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_Wat
 }
 
 // maxLabel bounds key labels in requests (and so in logs).
-const maxLabel = 128
+const maxLabel = wire.MaxLabel
 
 // Sign implements agentpb.AgentServer.
 func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.SignResponse, error) {

@@ -13,6 +13,9 @@ import (
 // largest is a key list: a few keys with chains of a few certificates.
 const MaxMessageSize = 1 << 20
 
+// MaxLabel caps a key label in a request (and so in the agent's logs).
+const MaxLabel = 128
+
 // MaxRequestSize caps what a client may send in one message: a batch of 64
 // sign requests, each a label of at most 128 bytes and a digest of at most 64.
 const MaxRequestSize = 16 << 10

@@ -1,0 +1,44 @@
+package agent
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"google.golang.org/protobuf/proto"
+)
+
+// TestBatchLen: a message never carries more than the agent takes (64 items,
+// wire.MaxRequestSize bytes), whatever the labels' lengths.
+func TestBatchLen(t *testing.T) {
+	items := func(n, label int) []*agentpb.SignStreamItem {
+		var out []*agentpb.SignStreamItem
+		for i := range n {
+			out = append(out, &agentpb.SignStreamItem{Id: uint64(i + 1), TimeoutMs: 5000,
+				Request: &agentpb.SignRequest{Key: strings.Repeat("k", label), Digest: make([]byte, 64), Hash: agentpb.Hash_HASH_SHA512}})
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name         string
+		queued       []*agentpb.SignStreamItem
+		want, atMost int
+	}{
+		{"one", items(1, 10), 1, 1},
+		{"short labels: 64 at most", items(100, 10), 64, 64},
+		{"labels at the agent's limit: all 64 fit", items(64, wire.MaxLabel), 64, 64},
+		{"long labels: cut by size", items(64, 1000), 0, 15},
+		{"one item larger than a message still goes (the agent refuses it)", items(2, 20000), 1, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := batchLen(tc.queued)
+			if tc.want > 0 && n != tc.want || n < 1 || n > tc.atMost {
+				t.Fatalf("batchLen = %d, want %d (at most %d)", n, tc.want, tc.atMost)
+			}
+			if size := proto.Size(&agentpb.SignStreamRequest{Items: tc.queued[:n]}); n > 1 && size > wire.MaxRequestSize {
+				t.Errorf("a message of %d bytes; the agent takes %d", size, wire.MaxRequestSize)
+			}
+		})
+	}
+}
