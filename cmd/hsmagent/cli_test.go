@@ -107,8 +107,10 @@ func TestCLIHelps(t *testing.T) {
 	}{
 		{"long flag as typed", []string{"serve", "--frobnicate"}, "unknown flag --frobnicate"},
 		{"short flag as typed", []string{"serve", "-frobnicate"}, "unknown flag -frobnicate"},
-		{"bad value names the flag", []string{"serve", "--max-sessions", "many"}, `invalid value "many" for flag --max-sessions`},
-		{"bad value with =", []string{"serve", "--max-sessions=many"}, "for flag --max-sessions"},
+		{"bad value names the flag", []string{"serve", "--max-sessions", "many"}, `--max-sessions: "many" is not a whole number`},
+		{"bad value with =", []string{"serve", "--max-sessions=many"}, `--max-sessions: "many" is not a whole number`},
+		{"bad duration says what one is", []string{"serve", "--hsm-timeout", "3 seconds"}, `--hsm-timeout: "3 seconds" is not a duration; use e.g. 3s`},
+		{"bad duration of a subcommand", []string{"bench", "--key", "k", "--duration=3x"}, `--duration: "3x" is not a duration`},
 		{"missing value", []string{"status", "--socket"}, "flag needs an argument: --socket"},
 		{"typo in a command", []string{"stauts"}, `unknown command "stauts": did you mean "status"? run 'hsmagent --help'`},
 		{"typo in a subcommand", []string{"keys", "lsit"}, `did you mean "list"? run 'hsmagent keys --help'`},

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -56,8 +58,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			completionCommand(),
 			manCommand(),
 		}, "")),
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
-			return usageError{err}
+		OnUsageError: func(c *cli.Context, err error, _ bool) error {
+			return usageError{explainFlagError(c, err)}
 		},
 		// Errors are printed once, by main, on one line.
 		ExitErrHandler:  func(*cli.Context, error) {},
@@ -103,11 +105,40 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 1
 }
 
+// badFlagValue is how the CLI library reports a value it could not parse.
+var badFlagValue = regexp.MustCompile(`^invalid value "(.*)" for flag -{1,2}([a-z0-9-]+): parse error$`)
+
+// explainFlagError replaces the CLI library's "parse error" with what the
+// flag takes, as the config file's errors do.
+func explainFlagError(c *cli.Context, err error) error {
+	m := badFlagValue.FindStringSubmatch(err.Error())
+	if m == nil {
+		return err
+	}
+	var flags []cli.Flag
+	if c.Command != nil {
+		flags = c.Command.Flags
+	}
+	flags = append(flags, c.App.Flags...)
+	for _, f := range flags {
+		if !slices.Contains(f.Names(), m[2]) {
+			continue
+		}
+		switch f.(type) {
+		case *cli.DurationFlag:
+			return fmt.Errorf("--%s: %q is not a duration; use e.g. 3s, 500ms or 5m", m[2], m[1])
+		case *cli.IntFlag, *cli.UintFlag, *cli.Int64Flag:
+			return fmt.Errorf("--%s: %q is not a whole number", m[2], m[1])
+		}
+	}
+	return err
+}
+
 // withUsageErrors wraps every command's OnUsageError so flag errors exit 2,
 // and checks every command line before the command runs (checkCommandLine).
 func withUsageErrors(cmds []*cli.Command) []*cli.Command {
 	for _, c := range cmds {
-		c.OnUsageError = func(_ *cli.Context, err error, _ bool) error { return usageError{err} }
+		c.OnUsageError = func(c *cli.Context, err error, _ bool) error { return usageError{explainFlagError(c, err)} }
 		c.Before = chainBefore(checkCommandLine, c.Before)
 		withUsageErrors(c.Subcommands)
 	}
