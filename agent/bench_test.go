@@ -6,7 +6,13 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -216,4 +222,51 @@ type slowSigner struct {
 func (s slowSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	time.Sleep(s.lat)
 	return s.Signer.Sign(r, digest, opts)
+}
+
+// BenchmarkSocketRoundTrip is the floor under any agent in a process of its
+// own: 100 bytes to another process over a Unix socket and back, with no
+// gRPC, protobuf or HSM. It reports the CPU of both processes per round
+// trip (cpu-µs/op here, echo-cpu-µs/op there), to compare with the agent
+// path's CPU per signature beyond in-process (BenchmarkSignFault).
+func BenchmarkSocketRoundTrip(b *testing.B) {
+	sock := filepath.Join(b.TempDir(), "echo.sock")
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperEnv+"=echo", "HSMAGENT_TEST_ECHO="+sock)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	var conn net.Conn
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		var err error
+		if conn, err = net.Dial("unix", sock); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			b.Fatal(err)
+		}
+	}
+	defer conn.Close()
+	buf := make([]byte, 100)
+	roundTrip := func() error {
+		if _, err := conn.Write(buf); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(conn, buf)
+		return err
+	}
+	echoCPU := func() time.Duration {
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
+		if err != nil {
+			b.Skip("no /proc: ", err)
+		}
+		f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+2:]))
+		utime, _ := strconv.Atoi(f[11]) // utime and stime, fields 14 and 15 of stat(5), in clock ticks (100 Hz)
+		stime, _ := strconv.Atoi(f[12])
+		return time.Duration(utime+stime) * 10 * time.Millisecond
+	}
+	echo0 := echoCPU()
+	runCallers(b, 1, roundTrip)
+	b.ReportMetric(float64((echoCPU()-echo0).Nanoseconds())/1e3/float64(b.N), "echo-cpu-µs/op")
 }

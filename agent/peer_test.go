@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,6 +36,8 @@ func TestMain(m *testing.M) {
 		os.Exit(signHelper())
 	case "dial":
 		os.Exit(dialHelper())
+	case "echo":
+		os.Exit(echoHelper())
 	}
 	os.Exit(m.Run())
 }
@@ -143,4 +146,27 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.w.Write(p)
+}
+
+// echoHelper answers every 100 bytes read on one connection with the same
+// bytes, for BenchmarkSocketRoundTrip.
+func echoHelper() int {
+	l, err := net.Listen("unix", os.Getenv("HSMAGENT_TEST_ECHO"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	c, err := l.Accept()
+	if err != nil {
+		return 1
+	}
+	buf := make([]byte, 100)
+	for {
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return 0
+		}
+		if _, err := c.Write(buf); err != nil {
+			return 0
+		}
+	}
 }
