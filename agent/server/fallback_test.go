@@ -59,16 +59,7 @@ func TestClientFallsBackToGRPCSignStream(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := counted.accepted.Load() // Dial's probe of the socket, and gRPC's connection
-	for i := range 3 {
-		digest := sha256.Sum256([]byte{byte(i)})
-		sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
-		if err != nil {
-			t.Fatalf("signature %d through an agent without signing connections: %v", i, err)
-		}
-		if !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig) {
-			t.Fatalf("signature %d does not verify", i)
-		}
-	}
+	signThree(t, signer, "through an agent without signing connections")
 	if n := counted.accepted.Load() - before; n != 1 {
 		t.Errorf("the agent accepted %d connections for the signatures; want 1: the signing connection it refused, then gRPC's SignStream on the client's connection", n)
 	}
@@ -92,16 +83,7 @@ func TestClientSignsAtConnectionLimit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 3 {
-		digest := sha256.Sum256([]byte{byte(i)})
-		sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
-		if err != nil {
-			t.Fatalf("signature %d with the Client's gRPC connection the agent's last: %v", i, err)
-		}
-		if !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig) {
-			t.Fatalf("signature %d does not verify", i)
-		}
-	}
+	signThree(t, signer, "with the Client's gRPC connection the agent's last")
 }
 
 // TestClientCallsFailingTogether: calls with different keys that fail
@@ -167,4 +149,19 @@ func (l *countingListener) Accept() (net.Conn, error) {
 		l.accepted.Add(1)
 	}
 	return c, err
+}
+
+// signThree makes three ECDSA signatures with signer and verifies them.
+func signThree(t *testing.T, signer crypto.Signer, how string) {
+	t.Helper()
+	for i := range 3 {
+		digest := sha256.Sum256([]byte{byte(i)})
+		sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("signature %d %s: %v", i, how, err)
+		}
+		if !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig) {
+			t.Fatalf("signature %d %s does not verify", i, how)
+		}
+	}
 }

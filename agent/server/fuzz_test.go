@@ -245,22 +245,10 @@ func FuzzSignStream(f *testing.F) {
 			for _, r := range resp.Results {
 				got++
 				reqs, ok := want[r.Id]
-				switch {
-				case !ok:
+				if !ok {
 					t.Fatalf("result for id %d, which was not asked", r.Id)
-				case !requestCodes[codes.Code(r.Code)]:
-					t.Fatalf("item %d: unexpected code %v: %s", r.Id, codes.Code(r.Code), r.Message)
-				case r.Code != 0 && !strings.HasPrefix(r.Message, "agent: "):
-					t.Fatalf("item %d: refusal without the agent's prefix: %q", r.Id, r.Message)
-				case r.Code == 0:
-					var errs []error
-					for _, req := range reqs {
-						errs = append(errs, signedFor(store, req, r.Signature))
-					}
-					if !slices.Contains(errs, nil) {
-						t.Fatalf("item %d: %v", r.Id, errors.Join(errs...))
-					}
 				}
+				checkStreamResult(t, store, r, reqs)
 			}
 		}
 		code := status.Code(end)
@@ -512,22 +500,10 @@ func FuzzSignConn(f *testing.F) {
 				reqs := p.asked[r.Id]
 				answered[r.Id]++
 				total++
-				switch {
-				case answered[r.Id] > len(reqs):
+				if answered[r.Id] > len(reqs) {
 					t.Fatalf("%d results for id %d, asked %d times", answered[r.Id], r.Id, len(reqs))
-				case !requestCodes[codes.Code(r.Code)]:
-					t.Fatalf("item %d: unexpected code %v: %s", r.Id, codes.Code(r.Code), r.Message)
-				case r.Code != 0 && !strings.HasPrefix(r.Message, "agent: "):
-					t.Fatalf("item %d: refusal without the agent's prefix: %q", r.Id, r.Message)
-				case r.Code == 0:
-					var errs []error
-					for _, req := range reqs {
-						errs = append(errs, signedFor(store, req, r.Signature))
-					}
-					if !slices.Contains(errs, nil) {
-						t.Fatalf("item %d: %v", r.Id, errors.Join(errs...))
-					}
 				}
+				checkStreamResult(t, store, r, reqs)
 			}
 		}
 		if !p.tooMany && total != p.items {
@@ -535,4 +511,25 @@ func FuzzSignConn(f *testing.F) {
 		}
 		stillSignsOverConn(t, a.Socket, store)
 	})
+}
+
+// checkStreamResult fails t unless r is a known answer to one of reqs (the
+// requests sent under its id): a refusal with a code a request may get and
+// the agent's prefix, or a signature that verifies for one of them.
+func checkStreamResult(t *testing.T, store *server.MemoryStore, r *agentpb.SignStreamResult, reqs []*agentpb.SignRequest) {
+	t.Helper()
+	switch {
+	case !requestCodes[codes.Code(r.Code)]:
+		t.Fatalf("item %d: unexpected code %v: %s", r.Id, codes.Code(r.Code), r.Message)
+	case r.Code != 0 && !strings.HasPrefix(r.Message, "agent: "):
+		t.Fatalf("item %d: refusal without the agent's prefix: %q", r.Id, r.Message)
+	case r.Code == 0:
+		var errs []error
+		for _, req := range reqs {
+			errs = append(errs, signedFor(store, req, r.Signature))
+		}
+		if !slices.Contains(errs, nil) {
+			t.Fatalf("item %d: %v", r.Id, errors.Join(errs...))
+		}
+	}
 }
