@@ -191,6 +191,7 @@ type frameStream struct {
 	// malformed is set by Recv, and the connection's end says why. Atomic:
 	// the stream may end (at Shutdown, say) with Recv still reading.
 	malformed atomic.Pointer[wire.FrameError]
+	watching  atomic.Bool // a watchHangup is under way
 }
 
 // Recv reads the next request. The client never half-closes: the end of
@@ -223,6 +224,21 @@ func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 }
 
 func (f *frameStream) Send(m *agentpb.SignStreamResponse) error { return f.w.WriteFrame(m) }
+
+// watchHangup implements hangupWatcher, with one watch at a time: it ends
+// when the client sends more (which the next Recv then reads), hangs up
+// (which ends the stream's context) or the connection closes.
+func (f *frameStream) watchHangup() {
+	if !f.watching.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer f.watching.Store(false)
+		if peerHungUp(f.conn.UnixConn) {
+			f.cancel()
+		}
+	}()
+}
 
 func (f *frameStream) write(b []byte) error { return f.w.WriteRaw(b) }
 

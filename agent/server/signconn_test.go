@@ -677,6 +677,38 @@ func TestSignConnDepartedClientNotSigned(t *testing.T) {
 	}
 }
 
+// TestSignConnDepartedWhileFull: a client that hangs up while the agent has
+// stopped reading its connection (64 signatures pending, the most a stream
+// may have) is noticed at once: its signatures waiting for the HSM are
+// abandoned and never sent to it, not only once the next result fails to go
+// out.
+func TestSignConnDepartedWhileFull(t *testing.T) {
+	store := newStallingStore(t)
+	audit := &jsonAudit{}
+	a := agenttest.Start(t, store, server.Options{MaxInFlight: 1, HSMTimeout: time.Minute, Audit: audit.logger()})
+	release := sync.OnceFunc(store.release)
+	t.Cleanup(release) // before the agent's Stop, should the test fail first
+	c := openSignConn(t, a.Socket)
+	store.hold()
+	c.send(t, items(1, 64, goodEC)...) // the stream's 64 slots: 1 in the HSM, 63 waiting
+	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return store.calls.Load() == 1 && waiting == 63 })
+	c.send(t, items(65, 1, goodEC)...) // read, then left waiting for a slot
+	time.Sleep(100 * time.Millisecond)
+	c.conn.Close()
+	// Noticed while the HSM still holds the first: the 63 waiting leave the
+	// queue, abandoned (their records are rationed: refusals cost the
+	// caller nothing).
+	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return waiting == 0 })
+	if n := len(audit.records(t, "msg", "sign", "result", "abandoned")); n == 0 {
+		t.Errorf("no abandoned record:\n%s", audit)
+	}
+	release()
+	if n := store.calls.Load(); n != 1 {
+		t.Errorf("%d signatures reached the HSM; want 1: none of those waiting when the client left", n)
+	}
+	stillSignsOverConn(t, a.Socket, store.MemoryStore)
+}
+
 // TestSignConnShutdownDeadline: at Shutdown's deadline a signing connection
 // is cut off as gRPC's streams are: its signatures still waiting for the HSM
 // are abandoned, and Shutdown returns, even when the connection's reader had

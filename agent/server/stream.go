@@ -99,6 +99,15 @@ func (s *Server) serveSignStream(ctx context.Context, p Peer, stream signStreamI
 	}
 }
 
+// hangupWatcher is a stream that can notice its client hang up while
+// nothing reads from it: a signing connection. (gRPC's transport reads all
+// the time and ends the stream's context by itself.)
+type hangupWatcher interface {
+	// watchHangup ends the stream's context if the client hangs up before
+	// it sends anything more. It returns at once.
+	watchHangup()
+}
+
 // signStream is the state of one SignStream call.
 type signStream struct {
 	s      *Server
@@ -143,10 +152,20 @@ func (ss *signStream) receive() error {
 		for _, it := range msg.Items {
 			select {
 			case ss.slots <- struct{}{}:
-			case <-ss.draining:
-				return nil
-			case <-ss.ctx.Done():
-				return nil
+			default:
+				// Full: the reading stops until results go out. Meanwhile a
+				// stream that can tell watches for its client hanging up, so
+				// that what it asked for is not sent to the HSM after it.
+				if w, ok := ss.stream.(hangupWatcher); ok {
+					w.watchHangup()
+				}
+				select {
+				case ss.slots <- struct{}{}:
+				case <-ss.draining:
+					return nil
+				case <-ss.ctx.Done():
+					return nil
+				}
 			}
 			ss.mu.Lock()
 			if ss.isDraining {
