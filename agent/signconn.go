@@ -26,17 +26,16 @@ type signStreamIO interface {
 // answer to its preface.
 const signConnTimeout = 5 * time.Second
 
-// errNoSignConn is an agent that closed a signing connection before
-// answering its preface, or answered it with something else: one that
-// speaks only gRPC.
+// errNoSignConn is an agent that answered a signing connection's preface
+// with something else: gRPC's greeting, from an agent that speaks only gRPC.
 var errNoSignConn = errors.New("agent: the agent does not take signing connections")
 
-// errSignConnRefused is a signing connection that failed after connecting
-// and before the agent's answer to its preface, other than by errNoSignConn:
-// reset by an agent at its connection limit (of the uid, or in all) with the
-// Client's gRPC connection admitted, say. That stream goes over gRPC, whose
-// error, if it fails too, is the call's; the next stream tries a signing
-// connection again.
+// errSignConnRefused is a signing connection that ended after connecting
+// and before the agent's answer to its preface: closed or reset by an agent
+// at its connection limit (of the uid, or in all) with the Client's gRPC
+// connection admitted, say. (An agent without signing connections greets
+// first: errNoSignConn.) That stream goes over gRPC, whose error, if it
+// fails too, is the call's; the next stream tries a signing connection again.
 var errSignConnRefused = errors.New("agent: the agent refused the signing connection")
 
 // dialSignConn opens a signing connection; it is closed when ctx ends.
@@ -56,9 +55,6 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 	head := make([]byte, len(wire.Preface))
 	if _, err := io.ReadFull(r, head); err != nil {
 		conn.Close()
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return nil, errNoSignConn
-		}
 		return nil, fmt.Errorf("%w: %v", errSignConnRefused, err)
 	}
 	if string(head) != wire.Preface {

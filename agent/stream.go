@@ -10,7 +10,6 @@ import (
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/protobuf/proto"
 )
 
 // maxBatch matches the agent's limit of signatures per SignStream message.
@@ -179,20 +178,6 @@ func (c *Client) openStream(done chan struct{}) {
 	go c.receive(st)
 }
 
-// batchLen is how many of the queued items go in the next message: at most
-// maxBatch and wire.MaxRequestSize bytes, past which the agent ends the
-// stream, and at least one.
-func batchLen(queued []*agentpb.SignStreamItem) int {
-	n, size := 0, 0
-	for n < len(queued) && n < maxBatch {
-		if size += proto.Size(queued[n]) + 3; size > wire.MaxRequestSize-64 && n > 0 { // 3: the field's tag and length; 64: the message's own
-			break
-		}
-		n++
-	}
-	return n
-}
-
 // sendQueued sends the queued requests, up to maxBatch a message. Called
 // inline by a caller it sends one message and leaves the rest, if any, to a
 // goroutine; in that goroutine (all true) it sends until none is left.
@@ -204,10 +189,8 @@ func (c *Client) sendQueued(st *signStream, all bool) {
 			st.mu.Unlock()
 			return
 		}
-		n := batchLen(st.outbox)
-		msg := &agentpb.SignStreamRequest{Items: make([]*agentpb.SignStreamItem, n)}
-		copy(msg.Items, st.outbox)
-		st.outbox = append(st.outbox[:0], st.outbox[n:]...)
+		// The agent ends a stream that sends more in one message.
+		msg := &agentpb.SignStreamRequest{Items: wire.TakeBatch(&st.outbox, maxBatch, wire.MaxRequestSize)}
 		st.mu.Unlock()
 		if err := st.stream.Send(msg); err != nil {
 			c.dropStream(st, err)

@@ -145,13 +145,13 @@ func (s *Server) serveSignConn(pc *peerConn) {
 		// Shutting down: gRPC refuses new streams now, and so does this.
 		// Answered, not closed unanswered, which a client takes for an
 		// agent without signing connections.
-		if fs.write([]byte(wire.Preface)) == nil {
+		if fs.w.WriteRaw([]byte(wire.Preface)) == nil {
 			fs.end(status.Error(codes.Unavailable, "agent: shutting down"))
 		}
 		return
 	}
 	defer s.signConns.remove(pc)
-	err := fs.write([]byte(wire.Preface))
+	err := fs.w.WriteRaw([]byte(wire.Preface))
 	if err == nil {
 		var release func()
 		if release, err = s.admitStream(ctx, pc.peer); err == nil {
@@ -239,8 +239,6 @@ func (f *frameStream) watchHangup() {
 		}
 	}()
 }
-
-func (f *frameStream) write(b []byte) error { return f.w.WriteRaw(b) }
 
 // signConnSet tracks the open signing connections, so that Shutdown can wait
 // for their drain and close what is left at its deadline.

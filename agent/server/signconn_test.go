@@ -677,23 +677,40 @@ func TestSignConnDepartedClientNotSigned(t *testing.T) {
 	}
 }
 
+// fullSignConn is a signing connection the agent has stopped reading:
+// the HSM (one slot) holds its first signature, 63 wait for the HSM, and
+// the reader waits for a slot for a 65th.
+type fullSignConn struct {
+	conn    *signConn
+	agent   *agenttest.Agent
+	store   *stallingStore
+	audit   *jsonAudit
+	release func() // lets the HSM answer; once
+}
+
+func newFullSignConn(t *testing.T) fullSignConn {
+	t.Helper()
+	f := fullSignConn{store: newStallingStore(t), audit: &jsonAudit{}}
+	f.agent = agenttest.Start(t, f.store, server.Options{MaxInFlight: 1, HSMTimeout: time.Minute, Audit: f.audit.logger()})
+	f.release = sync.OnceFunc(f.store.release)
+	t.Cleanup(f.release) // before the agent's Stop, should the test fail first
+	f.conn = openSignConn(t, f.agent.Socket)
+	f.store.hold()
+	f.conn.send(t, items(1, 64, goodEC)...) // the stream's 64 slots: 1 in the HSM, 63 waiting
+	waitFor(t, func() bool { _, waiting := f.agent.Server.HSMLoad(); return f.store.calls.Load() == 1 && waiting == 63 })
+	f.conn.send(t, items(65, 1, goodEC)...) // read, then left waiting for a slot
+	time.Sleep(100 * time.Millisecond)
+	return f
+}
+
 // TestSignConnDepartedWhileFull: a client that hangs up while the agent has
 // stopped reading its connection (64 signatures pending, the most a stream
 // may have) is noticed at once: its signatures waiting for the HSM are
 // abandoned and never sent to it, not only once the next result fails to go
 // out.
 func TestSignConnDepartedWhileFull(t *testing.T) {
-	store := newStallingStore(t)
-	audit := &jsonAudit{}
-	a := agenttest.Start(t, store, server.Options{MaxInFlight: 1, HSMTimeout: time.Minute, Audit: audit.logger()})
-	release := sync.OnceFunc(store.release)
-	t.Cleanup(release) // before the agent's Stop, should the test fail first
-	c := openSignConn(t, a.Socket)
-	store.hold()
-	c.send(t, items(1, 64, goodEC)...) // the stream's 64 slots: 1 in the HSM, 63 waiting
-	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return store.calls.Load() == 1 && waiting == 63 })
-	c.send(t, items(65, 1, goodEC)...) // read, then left waiting for a slot
-	time.Sleep(100 * time.Millisecond)
+	f := newFullSignConn(t)
+	c, a, store, audit, release := f.conn, f.agent, f.store, f.audit, f.release
 	c.conn.Close()
 	// Noticed while the HSM still holds the first: the 63 waiting leave the
 	// queue, abandoned (their records are rationed: refusals cost the
@@ -714,17 +731,8 @@ func TestSignConnDepartedWhileFull(t *testing.T) {
 // are abandoned, and Shutdown returns, even when the connection's reader had
 // already stopped (its 64 slots full as the drain began) and the HSM is hung.
 func TestSignConnShutdownDeadline(t *testing.T) {
-	store := newStallingStore(t)
-	audit := &jsonAudit{}
-	a := agenttest.Start(t, store, server.Options{MaxInFlight: 1, HSMTimeout: time.Minute, Audit: audit.logger()})
-	release := sync.OnceFunc(store.release)
-	t.Cleanup(release) // before the agent's Stop, should the test fail first
-	c := openSignConn(t, a.Socket)
-	store.hold()
-	c.send(t, items(1, 64, goodEC)...) // the stream's 64 slots: 1 in the HSM, 63 waiting
-	waitFor(t, func() bool { _, waiting := a.Server.HSMLoad(); return store.calls.Load() == 1 && waiting == 63 })
-	c.send(t, items(65, 1, goodEC)...) // the reader waits for a slot for this one
-	time.Sleep(100 * time.Millisecond)
+	f := newFullSignConn(t)
+	a, store, audit, release := f.agent, f.store, f.audit, f.release
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	stopped := make(chan struct{})

@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
 
 // maxInFlightPerStream bounds the signatures one stream may have pending:
@@ -27,7 +27,7 @@ const maxBatch = 64
 const maxResponseBytes = 16<<10 - 64
 
 // SignStream implements agentpb.AgentServer. A reader goroutine takes the
-// stream's messages and starts a goroutine per item, which signs in the HSM
+// stream's messages and hands each item to a worker, which signs in the HSM
 // itself and queues its result. Whichever item finds no send under way
 // sends the queued results in one message, and goes on while more are
 // queued: under load a message carries many results, and no goroutine sits
@@ -86,7 +86,7 @@ func (s *Server) serveSignStream(ctx context.Context, p Peer, stream signStreamI
 			return ss.end(ctx.Err())
 		}
 		ss.mu.Lock()
-		idle, failed := ss.isDraining && ss.pending == 0 && len(ss.outbox) == 0 && !ss.sending, ss.failed
+		idle, failed := ss.isDraining() && ss.pending == 0 && len(ss.outbox) == 0 && !ss.sending, ss.failed
 		ss.mu.Unlock()
 		switch {
 		case failed != nil:
@@ -122,13 +122,12 @@ type signStream struct {
 	stall    *time.Timer
 	sends    atomic.Int64 // sends begun and ended: odd while one is under way
 
-	mu         sync.Mutex
-	pending    int                         // items being signed
-	outbox     []*agentpb.SignStreamResult // results not yet taken for a send
-	sending    bool
-	closed     bool // the handler returned or is returning: no more sends
-	isDraining bool
-	failed     error // a send failed or stalled: the handler returns it
+	mu      sync.Mutex
+	pending int                         // items being signed
+	outbox  []*agentpb.SignStreamResult // results not yet taken for a send
+	sending bool
+	closed  bool  // the handler returned or is returning: no more sends
+	failed  error // a send failed or stalled: the handler returns it
 }
 
 // receive reads the stream's messages and starts their items, until the
@@ -168,7 +167,7 @@ func (ss *signStream) receive() error {
 				}
 			}
 			ss.mu.Lock()
-			if ss.isDraining {
+			if ss.isDraining() {
 				ss.mu.Unlock()
 				return nil
 			}
@@ -231,14 +230,14 @@ func (ss *signStream) flush() {
 		if len(ss.outbox) == 0 || ss.closed {
 			ss.sending = false
 			// The handler waits for the last send only when ending.
-			ending := ss.isDraining || ss.closed
+			ending := ss.isDraining() || ss.closed
 			ss.mu.Unlock()
 			if ending {
 				ss.wake()
 			}
 			return
 		}
-		batch := ss.takeBatch()
+		batch := wire.TakeBatch(&ss.outbox, maxBatch, maxResponseBytes)
 		ss.mu.Unlock()
 		for range batch {
 			<-ss.slots
@@ -257,21 +256,6 @@ func (ss *signStream) flush() {
 			return
 		}
 	}
-}
-
-// takeBatch takes the results for one message off the outbox; ss.mu is held.
-func (ss *signStream) takeBatch() []*agentpb.SignStreamResult {
-	n, size := 0, 0
-	for n < len(ss.outbox) && n < maxBatch {
-		if size += proto.Size(ss.outbox[n]) + 3; size > maxResponseBytes && n > 0 { // 3: the field's tag and length
-			break
-		}
-		n++
-	}
-	batch := make([]*agentpb.SignStreamResult, n)
-	copy(batch, ss.outbox)
-	ss.outbox = append(ss.outbox[:0], ss.outbox[n:]...)
-	return batch
 }
 
 // stalled runs when a send has not completed for stallAfter.
@@ -306,9 +290,18 @@ func (ss *signStream) wake() {
 func (ss *signStream) drain() {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
-	if !ss.isDraining {
-		ss.isDraining = true
+	if !ss.isDraining() {
 		close(ss.draining)
+	}
+}
+
+// isDraining reports whether drain has run; ss.mu orders it with pending.
+func (ss *signStream) isDraining() bool {
+	select {
+	case <-ss.draining:
+		return true
+	default:
+		return false
 	}
 }
 

@@ -100,3 +100,21 @@ func (f *FrameWriter) WriteRaw(b []byte) error {
 	_, err := f.W.Write(b)
 	return err
 }
+
+// TakeBatch takes off the front of *queue the items of one message: at
+// most maxItems of them and maxBytes of message (3 bytes each for the
+// repeated field's tag and length), and at least one.
+func TakeBatch[T proto.Message](queue *[]T, maxItems, maxBytes int) []T {
+	q := *queue
+	n, size := 0, 0
+	for n < len(q) && n < maxItems {
+		if size += proto.Size(q[n]) + 3; size > maxBytes && n > 0 {
+			break
+		}
+		n++
+	}
+	batch := make([]T, n)
+	copy(batch, q)
+	*queue = append(q[:0], q[n:]...)
+	return batch
+}

@@ -1,17 +1,17 @@
-package agent
+package wire
 
 import (
 	"strings"
 	"testing"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
-	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"google.golang.org/protobuf/proto"
 )
 
-// TestBatchLen: a message never carries more than the agent takes (64 items,
-// wire.MaxRequestSize bytes), whatever the labels' lengths.
-func TestBatchLen(t *testing.T) {
+// TestTakeBatch: a message never carries more than the agent takes (64
+// items, MaxRequestSize bytes), whatever the labels' lengths, and what is
+// taken leaves the queue in order.
+func TestTakeBatch(t *testing.T) {
 	items := func(n, label int) []*agentpb.SignStreamItem {
 		var out []*agentpb.SignStreamItem
 		for i := range n {
@@ -27,17 +27,24 @@ func TestBatchLen(t *testing.T) {
 	}{
 		{"one", items(1, 10), 1, 1},
 		{"short labels: 64 at most", items(100, 10), 64, 64},
-		{"labels at the agent's limit: all 64 fit", items(64, wire.MaxLabel), 64, 64},
+		{"labels at the agent's limit: all 64 fit", items(64, MaxLabel), 64, 64},
 		{"long labels: cut by size", items(64, 1000), 0, 15},
 		{"one item larger than a message still goes (the agent refuses it)", items(2, 20000), 1, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			n := batchLen(tc.queued)
+			queue := tc.queued
+			batch := TakeBatch(&queue, 64, MaxRequestSize)
+			n := len(batch)
 			if tc.want > 0 && n != tc.want || n < 1 || n > tc.atMost {
-				t.Fatalf("batchLen = %d, want %d (at most %d)", n, tc.want, tc.atMost)
+				t.Fatalf("took %d, want %d (at most %d)", n, tc.want, tc.atMost)
 			}
-			if size := proto.Size(&agentpb.SignStreamRequest{Items: tc.queued[:n]}); n > 1 && size > wire.MaxRequestSize {
-				t.Errorf("a message of %d bytes; the agent takes %d", size, wire.MaxRequestSize)
+			if size := proto.Size(&agentpb.SignStreamRequest{Items: batch}); n > 1 && size > MaxRequestSize {
+				t.Errorf("a message of %d bytes; the agent takes %d", size, MaxRequestSize)
+			}
+			if len(queue) != len(tc.queued)-n {
+				t.Errorf("left %d in the queue; want %d", len(queue), len(tc.queued)-n)
+			} else if len(queue) > 0 && queue[0].Id != uint64(n+1) {
+				t.Errorf("the queue goes on with id %d; want %d", queue[0].Id, n+1)
 			}
 		})
 	}
