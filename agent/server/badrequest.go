@@ -41,8 +41,16 @@ func (b badRequestAudit) TagRPC(ctx context.Context, info *stats.RPCTagInfo) con
 }
 
 func (b badRequestAudit) HandleRPC(ctx context.Context, st stats.RPCStats) {
+	if _, ok := st.(*stats.InPayload); ok {
+		firstMessageArrived(ctx)
+		return
+	}
 	end, ok := st.(*stats.End)
-	if !ok || end.Error == nil {
+	if !ok {
+		return
+	}
+	firstMessageArrived(ctx) // releases the timer
+	if end.Error == nil {
 		return
 	}
 	if h, ok := ctx.Value(handledKey{}).(*handled); !ok || h.yes.Load() {
@@ -53,7 +61,15 @@ func (b badRequestAudit) HandleRPC(ctx context.Context, st stats.RPCStats) {
 	if !strings.HasPrefix(method, "/hsmagent.v1.") || auditEvents[event] == "" {
 		return // the health service, or no such method: no decision on keys
 	}
-	b.s.auditMalformed(ctx, event, end.Error)
+	switch {
+	case errors.Is(context.Cause(ctx), errNoRequest):
+		b.s.auditRefusedCall(ctx, event, resultNoRequest, end.Error)
+	case status.Code(end.Error) == codes.Canceled:
+		// The client reset the call before its request: it asked for
+		// nothing, and a reset flood must not fill the audit trail.
+	default:
+		b.s.auditMalformed(ctx, event, end.Error)
+	}
 }
 
 func (badRequestAudit) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
@@ -64,19 +80,25 @@ var auditEvents = map[string]string{"Sign": "sign", "SignStream": "sign-stream",
 
 // auditMalformed records a request refused before or while it was decoded.
 func (s *Server) auditMalformed(ctx context.Context, event string, err error) {
+	s.auditRefusedCall(ctx, event, resultMalformed, err)
+}
+
+// auditRefusedCall records a call that ended before any request in it was
+// looked at, with result and the code the client got.
+func (s *Server) auditRefusedCall(ctx context.Context, event, result string, err error) {
 	p, perr := peerFrom(ctx)
 	if perr != nil {
 		return
 	}
 	if event == "Sign" {
-		s.observer.Signed("", resultMalformed, 0)
+		s.observer.Signed("", result, 0)
 	}
-	if !s.refusals.allow(p.UID, event, resultMalformed) {
+	if !s.refusals.allow(p.UID, event, result) {
 		return
 	}
 	s.audit.write(ctx, slog.LevelWarn, auditEvents[event],
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
-		slog.String("result", resultMalformed), slog.String("code", status.Code(err).String()),
+		slog.String("result", result), slog.String("code", status.Code(err).String()),
 		slog.String("request_id", newRequestID()))
 }
 

@@ -260,6 +260,7 @@ func FuzzSignStream(f *testing.F) {
 		case len(data) > wire.MaxRequestSize && code == codes.ResourceExhausted:
 		case decodeErr != nil && code == codes.Internal:
 		case decodeErr == nil && len(msg.Items) > 64 && code == codes.InvalidArgument:
+		case decodeErr == nil && len(msg.Items) == 0 && code == codes.InvalidArgument && got == 0:
 		default:
 			t.Fatalf("stream ended with %v (%d items, decode error %v)", end, len(msg.Items), decodeErr)
 		}
@@ -410,6 +411,9 @@ func planSignConn(data []byte) signConnPlan {
 			if it.Id == wire.StatusID {
 				return refused("reserved for the connection's status")
 			}
+		}
+		if len(m.Items) == 0 {
+			return refused("no signatures")
 		}
 		if len(m.Items) > 64 {
 			p.tooMany = true

@@ -204,6 +204,8 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	s.grpc = grpc.NewServer(
 		grpc.Creds(peerCredentials{}),
 		grpc.StatsHandler(badRequestAudit{s}),
+		grpc.InTapHandle(requestTap(s.handshake)),
+		grpc.MaxHeaderListSize(maxHeaderListSize),
 		grpc.MaxRecvMsgSize(wire.MaxRequestSize),
 		grpc.NumStreamWorkers(uint32(4*runtime.GOMAXPROCS(0))),
 		grpc.MaxSendMsgSize(wire.MaxMessageSize),

@@ -249,6 +249,9 @@ func TestSignConnMalformedFrame(t *testing.T) {
 		{"a key that is not UTF-8", rawFrame([]byte{0x0a, 0x06, 0x12, 0x04, 0x0a, 0x02, 0xff, 0xfe}),
 			"not a SignStreamRequest"},
 		{"an item cut short", rawFrame([]byte{0x0a, 0x10, 0x08}), "not a SignStreamRequest"},
+		// Nothing to sign never blocks the reader: refused, not looped on.
+		{"an empty frame", rawFrame(nil), "no signatures"},
+		{"a frame of an unknown field only", rawFrame([]byte{0x78, 0x01}), "no signatures"},
 		// Its result would read as the connection's status.
 		{"an item of id 0", frame(t, &agentpb.SignStreamItem{Id: 0, Request: goodEC}), "reserved for the connection's status"},
 	} {
@@ -514,7 +517,9 @@ func TestSignConnsShareStreamBudget(t *testing.T) {
 			err = stream.Send(&agentpb.SignStreamRequest{Items: items(1, 1, goodEC)})
 		}
 		var resp *agentpb.SignStreamResponse
-		if err == nil {
+		// io.EOF from Send means the agent ended the stream first (a
+		// refusal at admission races the request): Recv has its status.
+		if err == nil || err == io.EOF {
 			resp, err = stream.Recv()
 		}
 		if err == nil && (len(resp.Results) != 1 || resp.Results[0].Code != 0) {
@@ -752,4 +757,46 @@ func TestSignConnShutdownDeadline(t *testing.T) {
 	if n := store.calls.Load(); n != 1 {
 		t.Errorf("%d signatures reached the HSM; want 1: none after Shutdown's deadline", n)
 	}
+}
+
+// TestSignStreamEmptyMessage: a gRPC SignStream message with no items is
+// refused like an empty frame on a signing connection: the request before it
+// is answered, then the stream ends InvalidArgument with a malformed record.
+// Without it a client looping on empty messages kept the reader spinning
+// past the back-pressure that bounds real requests.
+func TestSignStreamEmptyMessage(t *testing.T) {
+	store := newMemStore(t)
+	audit := &jsonAudit{}
+	a := agenttest.Start(t, store, server.Options{Audit: audit.logger()})
+	api, _ := rawClient(t, a.Socket)
+	ctx, cancel := context.WithTimeout(context.Background(), frameTimeout)
+	defer cancel()
+	stream, err := api.SignStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&agentpb.SignStreamRequest{Items: items(1, 1, goodEC)}); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if err := stream.Send(&agentpb.SignStreamRequest{}); err != nil {
+			break // ended already
+		}
+	}
+	var results []*agentpb.SignStreamResult
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if st := status.Convert(err); st.Code() != codes.InvalidArgument || !strings.Contains(st.Message(), "no signatures") {
+				t.Errorf("the stream ended %v %q; want InvalidArgument, no signatures", st.Code(), st.Message())
+			}
+			break
+		}
+		results = append(results, resp.Results...)
+	}
+	if len(results) != 1 || results[0].Code != 0 {
+		t.Errorf("results %v; want item 1 signed", results)
+	}
+	waitFor(t, func() bool { return len(audit.records(t, "msg", "sign-stream", "result", "malformed")) == 1 })
+	stillSignsOverConn(t, a.Socket, store)
 }

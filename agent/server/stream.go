@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -45,7 +46,12 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 		return err
 	}
 	defer release()
-	return s.serveSignStream(ctx, p, stream)
+	err = s.serveSignStream(ctx, p, stream)
+	if errors.Is(context.Cause(ctx), errNoRequest) {
+		err = status.Error(codes.DeadlineExceeded, errNoRequest.Error())
+		s.auditRefusedCall(ctx, "SignStream", resultNoRequest, err)
+	}
+	return err
 }
 
 // signStreamIO is one end of a SignStream: the gRPC call, or a signing
@@ -86,11 +92,13 @@ func (s *Server) serveSignStream(ctx context.Context, p Peer, stream signStreamI
 			return ss.end(ctx.Err())
 		}
 		ss.mu.Lock()
-		idle, failed := ss.isDraining() && ss.pending == 0 && len(ss.outbox) == 0 && !ss.sending, ss.failed
+		idle, failed, refused := ss.isDraining() && ss.pending == 0 && len(ss.outbox) == 0 && !ss.sending, ss.failed, ss.refused
 		ss.mu.Unlock()
 		switch {
 		case failed != nil:
 			return ss.end(failed)
+		case idle && refused != nil:
+			return ss.end(refused)
 		case idle && s.isStopping():
 			return status.Error(codes.Unavailable, "agent: shutting down")
 		case idle:
@@ -128,6 +136,7 @@ type signStream struct {
 	sending bool
 	closed  bool  // the handler returned or is returning: no more sends
 	failed  error // a send failed or stalled: the handler returns it
+	refused error // the stream's end once drained: a message refused after its requests
 }
 
 // receive reads the stream's messages and starts their items, until the
@@ -140,6 +149,18 @@ func (ss *signStream) receive() error {
 			if streamRecvFailed(err) {
 				ss.s.auditMalformed(ss.ctx, "SignStream", err)
 			}
+			return nil
+		}
+		if len(msg.Items) == 0 {
+			// Nothing to sign costs the reader nothing to refuse but never
+			// blocks it either: a client sending these in a loop would burn
+			// the agent's CPU past the back-pressure of the slots.
+			// The requests before it are answered, then the stream ends.
+			err := status.Error(codes.InvalidArgument, "agent: a message with no signatures in it")
+			ss.s.auditMalformed(ss.ctx, "SignStream", err)
+			ss.mu.Lock()
+			ss.refused = err
+			ss.mu.Unlock()
 			return nil
 		}
 		if len(msg.Items) > maxBatch {
