@@ -30,6 +30,8 @@ type Agent struct {
 	expiry     *prometheus.GaugeVec
 	keys       prometheus.Gauge
 	serving    prometheus.Gauge
+	audit      prometheus.Gauge
+	auditDowns prometheus.Counter
 	reloads    prometheus.Counter
 	reopens    *prometheus.CounterVec
 
@@ -60,6 +62,10 @@ func NewAgent(load func() (inFlight, waiting int)) *Agent {
 		}, []string{"key"}),
 		keys:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_keys", Help: "Keys the agent serves."}),
 		serving: prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_hsm_serving", Help: "1 while the HSM answers within the HSM timeout, 0 while an operation is stuck."}),
+		audit: prometheus.NewGauge(prometheus.GaugeOpts{Name: "hsmagent_audit_writable",
+			Help: "1 while the audit trail takes records, 0 while it cannot be written (requests are refused unless audit_fail_open)."}),
+		auditDowns: prometheus.NewCounter(prometheus.CounterOpts{Name: "hsmagent_audit_outages_total",
+			Help: "Times the audit trail stopped taking records."}),
 		reloads: prometheus.NewCounter(prometheus.CounterOpts{Name: "hsmagent_key_loads_total", Help: "Times the keys and chains were read from the key store (start and reloads)."}),
 		reopens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hsmagent_hsm_reopens_total", Help: "Attempts to reopen the HSM token after a lost session or during an outage, by result (ok, failed).",
@@ -67,9 +73,10 @@ func NewAgent(load func() (inFlight, waiting int)) *Agent {
 		labels: map[string]bool{},
 	}
 	m.serving.Set(1)
+	m.audit.Set(1)
 	m.reopens.WithLabelValues("ok")
 	m.reopens.WithLabelValues("failed")
-	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.reloads, m.reopens,
+	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.audit, m.auditDowns, m.reloads, m.reopens,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if load != nil {
 		m.registry.MustRegister(
@@ -133,6 +140,16 @@ func (m *Agent) HSMServing(serving bool) {
 	} else {
 		m.serving.Set(0)
 	}
+}
+
+// AuditWritable implements server.Observer.
+func (m *Agent) AuditWritable(writable bool) {
+	if writable {
+		m.audit.Set(1)
+		return
+	}
+	m.audit.Set(0)
+	m.auditDowns.Inc()
 }
 
 // Handler serves the metrics in the Prometheus text format.

@@ -4,13 +4,16 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -21,26 +24,134 @@ import (
 // no number: seq has no gaps among the records written. Refusals left out by
 // the rationing take no number either; the "refusals suppressed" records
 // count them.
+//
+// The trail fails closed: when a record cannot be written (a full disk, a
+// read-only remount), the decision it records is not carried out: the
+// caller gets Unavailable instead of its signature, and until a probe
+// record written every auditProbeEvery goes through, requests are refused
+// before the HSM is asked. A failed record gives its seq back, so the file
+// shows no gap for what was refused. With failOpen the agent signs on
+// without records and the numbers skipped show as gaps.
 type auditLog struct {
-	h   slog.Handler
+	h        slog.Handler
+	log      *slog.Logger // operational log: one line per outage
+	failOpen bool
+	onChange func(writable bool) // health and metrics
+	stop     chan struct{}       // closed by Shutdown: ends the probe
+
+	down    atomic.Bool
+	refused atomic.Int64 // decisions refused or unrecorded during this outage
+
 	mu  sync.Mutex
 	seq uint64
 }
 
-func newAuditLog(l *slog.Logger) *auditLog { return &auditLog{h: l.Handler()} }
+// auditProbeEvery is how often a trail that failed is tried again.
+var auditProbeEvery = time.Second
 
-// write writes one record with attrs, then seq.
-func (a *auditLog) write(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) {
+// errAuditDown is what write returns while the trail cannot be written.
+var errAuditDown = errors.New("agent: the audit trail cannot be written")
+
+func newAuditLog(l, log *slog.Logger, failOpen bool, onChange func(bool)) *auditLog {
+	return &auditLog{h: l.Handler(), log: log, failOpen: failOpen, onChange: onChange, stop: make(chan struct{})}
+}
+
+// refusing reports whether decisions are refused now for want of a trail.
+func (a *auditLog) refusing() bool { return !a.failOpen && a.down.Load() }
+
+// refuse counts a decision refused for want of a record.
+func (a *auditLog) refuse() error {
+	a.refused.Add(1)
+	return errAuditDown
+}
+
+// write writes one record with attrs, then seq. It returns errAuditDown if
+// the record was not written and the decision it records must not stand.
+func (a *auditLog) write(ctx context.Context, level slog.Level, msg string, attrs ...slog.Attr) error {
 	if !a.h.Enabled(ctx, level) {
-		return
+		return nil
+	}
+	if a.refusing() {
+		return a.refuse()
 	}
 	r := slog.NewRecord(time.Now(), level, msg, 0)
 	r.AddAttrs(attrs...)
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.seq++
 	r.AddAttrs(slog.Uint64("seq", a.seq))
-	_ = a.h.Handle(ctx, r) // nowhere better to report it: the sink is the log
+	err := a.h.Handle(ctx, r)
+	if err != nil && !a.failOpen {
+		a.seq-- // nothing was decided under this number
+	}
+	a.mu.Unlock()
+	if err == nil {
+		return nil
+	}
+	a.refused.Add(1)
+	a.failed(err)
+	if a.failOpen {
+		return nil
+	}
+	return errAuditDown
+}
+
+// failed starts an outage, once: a log line, health, and the probe.
+func (a *auditLog) failed(err error) {
+	if !a.down.CompareAndSwap(false, true) {
+		return
+	}
+	if a.failOpen {
+		a.log.Error("the audit trail cannot be written; SIGNING CONTINUES WITHOUT AUDIT RECORDS (audit_fail_open)", "err", err)
+	} else {
+		a.log.Error("the audit trail cannot be written; refusing every request until it can", "err", err)
+	}
+	a.onChange(false)
+	go a.probe()
+}
+
+// probe writes an "audit resumed" record every auditProbeEvery until one
+// goes through, which ends the outage.
+func (a *auditLog) probe() {
+	t := time.NewTicker(auditProbeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.stop:
+			return
+		case <-t.C:
+		}
+		r := slog.NewRecord(time.Now(), slog.LevelWarn, "audit resumed", 0)
+		a.mu.Lock()
+		a.seq++
+		r.AddAttrs(slog.Int64("refused", a.refused.Load()), slog.Bool("fail_open", a.failOpen), slog.Uint64("seq", a.seq))
+		err := a.h.Handle(context.Background(), r)
+		if err != nil {
+			a.seq--
+		}
+		a.mu.Unlock()
+		if err != nil {
+			continue
+		}
+		n := a.refused.Swap(0)
+		a.down.Store(false)
+		a.log.Info("the audit trail is written again; serving", "refused_meanwhile", n)
+		a.onChange(true)
+		return
+	}
+}
+
+func (a *auditLog) close() {
+	select {
+	case <-a.stop:
+	default:
+		close(a.stop)
+	}
+}
+
+// auditUnavailable is the refusal of a request whose record cannot be written.
+func auditUnavailable() *gateError {
+	return &gateError{codes.Unavailable, resultAuditDown,
+		"agent: the audit trail cannot be written, so nothing is signed; see the agent's log"}
 }
 
 // newRequestID returns 16 hex characters, random, so that ids are unique
@@ -92,11 +203,19 @@ func openAppend(path string) (*os.File, error) {
 	return f, nil
 }
 
-// Write implements io.Writer; one call is one record.
+// Write implements io.Writer; one call is one record. A record cut short
+// (the disk filled in the middle of it) is cut off again, so that the next
+// record does not land on the end of a broken line.
 func (a *AuditFile) Write(p []byte) (int, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.f.Write(p)
+	n, err := a.f.Write(p)
+	if err != nil && n > 0 {
+		if st, serr := a.f.Stat(); serr == nil && st.Size() >= int64(n) {
+			a.f.Truncate(st.Size() - int64(n))
+		}
+	}
+	return n, err
 }
 
 // Reopen opens the path again and switches to it. On error the current file

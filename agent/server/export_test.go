@@ -36,3 +36,10 @@ func (s *Server) ServeGRPCOnly(l net.Listener) error {
 	}
 	return err
 }
+
+// SetAuditProbeEvery shortens the retry of an audit trail that failed.
+func SetAuditProbeEvery(d time.Duration) (restore func()) {
+	old := auditProbeEvery
+	auditProbeEvery = d
+	return func() { auditProbeEvery = old }
+}

@@ -25,12 +25,13 @@ const (
 // Audit results of a signature that did not complete.
 const (
 	resultOK        = "ok"
-	resultBusy      = "busy"      // refused: too many requests waiting for the HSM
-	resultAbandoned = "abandoned" // the caller went away before the HSM answered
-	resultTimeout   = "timeout"   // the HSM did not answer within the HSM timeout
-	resultDown      = "hsm-down"  // refused at once: an operation is stuck in the HSM, or the key store says its backend is down
-	resultHSMError  = "hsm-error" // the HSM answered with an error
-	resultDenied    = "denied"    // metrics only: not allowed, whether the key exists or not
+	resultBusy      = "busy"       // refused: too many requests waiting for the HSM
+	resultAbandoned = "abandoned"  // the caller went away before the HSM answered
+	resultTimeout   = "timeout"    // the HSM did not answer within the HSM timeout
+	resultDown      = "hsm-down"   // refused at once: an operation is stuck in the HSM, or the key store says its backend is down
+	resultHSMError  = "hsm-error"  // the HSM answered with an error
+	resultDenied    = "denied"     // metrics only: not allowed, whether the key exists or not
+	resultAuditDown = "audit-down" // refused: the audit trail cannot be written
 )
 
 // gate admits operations into the key store: at most maxInFlight at once

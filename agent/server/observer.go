@@ -14,6 +14,9 @@ type Observer interface {
 	KeysLoaded(keys []Key)
 	// HSMServing is called when the HSM stops answering and when it is back.
 	HSMServing(serving bool)
+	// AuditWritable is called when the audit trail stops taking records
+	// and when it takes them again.
+	AuditWritable(writable bool)
 }
 
 type nopObserver struct{}
@@ -21,6 +24,7 @@ type nopObserver struct{}
 func (nopObserver) Signed(string, string, time.Duration) {}
 func (nopObserver) KeysLoaded([]Key)                     {}
 func (nopObserver) HSMServing(bool)                      {}
+func (nopObserver) AuditWritable(bool)                   {}
 
 // HSMLoad reports the signatures inside the key store now and those waiting for it.
 func (s *Server) HSMLoad() (inFlight, waiting int) {

@@ -74,6 +74,7 @@ func (r *recordingObserver) Signed(key, result string, _ time.Duration) {
 }
 func (r *recordingObserver) KeysLoaded([]server.Key) {}
 func (r *recordingObserver) HSMServing(bool)         {}
+func (r *recordingObserver) AuditWritable(bool)      {}
 func (r *recordingObserver) String() string {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -38,8 +38,15 @@ type Options struct {
 	// Logger receives operational logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Audit receives one record per decision (signature, refusal, listing),
-	// numbered by a seq field; nil means Logger.
+	// numbered by a seq field; nil means Logger. A record its handler fails
+	// to write fails the request it records (Unavailable), and the agent
+	// refuses requests, reporting NOT_SERVING, until the trail can be
+	// written again.
 	Audit *slog.Logger
+	// AuditFailOpen keeps signing while the audit trail cannot be written:
+	// the records are lost (their seq numbers show as gaps), the log says
+	// so once per outage. Off by default: no signature without its record.
+	AuditFailOpen bool
 	// Policy says who may use which key; nil means only the agent's own user and root.
 	Policy *Policy
 	// MaxInFlight bounds the signatures inside the key store at once: the
@@ -128,6 +135,10 @@ type Server struct {
 	signConns  signConnSet
 	workers    *workers
 
+	hsmStuck     atomic.Bool // an HSM operation is stuck past the timeout
+	auditFailing atomic.Bool // the audit trail cannot be written
+	healthMu     sync.Mutex  // orders health updates
+
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
 	stopping chan struct{} // closed by Shutdown: ends watch streams
@@ -185,8 +196,12 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.MaxSignStreams, DefaultMaxSignStreams)
 	orDefault(&opts.MaxSignStreamsPerUID, DefaultMaxSignStreamsPerUID)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
-	s := &Server{store: store, log: opts.Logger, audit: newAuditLog(opts.Audit), stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
+	s := &Server{store: store, log: opts.Logger, stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
 		handshake: handshakeTimeout, version: opts.Version, observer: opts.Observer}
+	s.audit = newAuditLog(opts.Audit, opts.Logger, opts.AuditFailOpen, s.setAuditWritable)
+	if opts.AuditFailOpen {
+		opts.Logger.Warn("audit_fail_open is set: if the audit trail cannot be written, signatures go on WITHOUT audit records")
+	}
 	s.limits = newLimitLog(opts.Logger)
 	s.refusals = newRefusalAudit(s.audit, "refusals suppressed", opts.AuditRefusalBurst)
 	// Listings cost a caller nothing either, and have their own ration so
@@ -194,7 +209,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	s.listings = newRefusalAudit(s.audit, "listings suppressed", opts.AuditRefusalBurst)
 	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
 	s.streams = newConnLimits(opts.MaxSignStreams, opts.MaxSignStreamsPerUID)
-	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setServing)
+	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setHSMServing)
 	// As many idle workers as signatures the HSM takes at once.
 	s.workers = newWorkers(opts.MaxInFlight)
 	s.expiry = newExpiryWatch(opts.Now, opts.Logger)
@@ -242,15 +257,36 @@ func orDefault[T int | time.Duration](v *T, def T) {
 // HSM timeout: what the agent's health and systemd's watchdog follow.
 func (s *Server) HSMAnswering() bool { return s.gate.stuck.Load() == 0 }
 
-// setServing reports the agent's health: NOT_SERVING while the HSM is stuck.
-func (s *Server) setServing(serving bool) {
+// AuditWritable reports whether the audit trail takes records (or the
+// agent signs without it, AuditFailOpen).
+func (s *Server) AuditWritable() bool { return !s.audit.refusing() }
+
+// setHSMServing is the gate's report: false while an operation is stuck.
+func (s *Server) setHSMServing(serving bool) {
+	s.hsmStuck.Store(!serving)
+	s.observer.HSMServing(serving)
+	s.updateHealth()
+}
+
+// setAuditWritable is the audit trail's report: false during an outage.
+func (s *Server) setAuditWritable(writable bool) {
+	s.auditFailing.Store(!writable)
+	s.observer.AuditWritable(writable)
+	s.updateHealth()
+}
+
+// updateHealth reports the agent's health: NOT_SERVING while the HSM is
+// stuck, or while the audit trail cannot be written and requests are
+// refused for it.
+func (s *Server) updateHealth() {
+	s.healthMu.Lock()
+	defer s.healthMu.Unlock()
 	st := healthpb.HealthCheckResponse_SERVING
-	if !serving {
+	if s.hsmStuck.Load() || (s.auditFailing.Load() && !s.audit.failOpen) {
 		st = healthpb.HealthCheckResponse_NOT_SERVING
 	}
 	s.health.SetServingStatus("", st)
 	s.health.SetServingStatus(agentpb.Agent_ServiceDesc.ServiceName, st)
-	s.observer.HSMServing(serving)
 }
 
 // Serve accepts connections on l until Shutdown.
@@ -280,6 +316,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 	s.signConns.shutdown(ctx)
 	s.refusals.stop()
 	s.listings.stop()
+	s.audit.close()
 }
 
 // Reload reads the keys and chains again and installs policy (nil keeps the
@@ -385,7 +422,9 @@ func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*age
 	rid := newRequestID()
 	sendRequestID(ctx, rid)
 	resp, hidden := s.state.Load().visibleTo(p)
-	s.auditList(ctx, "list", p, rid, len(resp.Keys), hidden)
+	if err := s.auditList(ctx, "list", p, rid, len(resp.Keys), hidden); err != nil {
+		return nil, status.Error(codes.Unavailable, withRequestID(auditUnavailable().Error(), rid))
+	}
 	return resp, nil
 }
 
@@ -405,15 +444,18 @@ func (st *state) visibleTo(p Peer) (*agentpb.ListKeysResponse, int) {
 
 // auditList records a listing: the keys shown and the keys hidden from the
 // caller (how many, not which: the record is about the caller's view).
-func (s *Server) auditList(ctx context.Context, event string, p Peer, rid string, visible, hidden int) {
+func (s *Server) auditList(ctx context.Context, event string, p Peer, rid string, visible, hidden int) error {
 	reason := "ok"
 	if hidden > 0 {
 		reason = "keys-hidden"
 	}
-	if !s.listings.allow(p.UID, event, reason) {
-		return
+	if s.audit.refusing() {
+		return s.audit.refuse() // not even a rationed listing goes unrecorded
 	}
-	s.audit.write(ctx, slog.LevelInfo, event,
+	if !s.listings.allow(p.UID, event, reason) {
+		return nil
+	}
+	return s.audit.write(ctx, slog.LevelInfo, event,
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.Int("visible", visible), slog.Int("hidden", hidden), slog.String("request_id", rid))
 }
@@ -429,7 +471,9 @@ func (s *Server) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_Wat
 	for {
 		st := s.state.Load()
 		resp, hidden := st.visibleTo(p)
-		s.auditList(stream.Context(), "watch", p, rid, len(resp.Keys), hidden)
+		if err := s.auditList(stream.Context(), "watch", p, rid, len(resp.Keys), hidden); err != nil {
+			return status.Error(codes.Unavailable, withRequestID(auditUnavailable().Error(), rid))
+		}
 		if err := stream.Send(resp); err != nil {
 			return err
 		}
@@ -457,7 +501,9 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	rid := newRequestID()
 	sendRequestID(ctx, rid)
 	sig, code, err := s.sign(ctx, p, req, nil)
-	s.auditSign(ctx, p, req, rid, code, err, time.Since(start))
+	if aerr := s.auditSign(ctx, p, req, rid, code, err, time.Since(start)); aerr != nil && err == nil {
+		sig, code, err = nil, codes.Unavailable, aerr // no signature leaves without its record
+	}
 	if err != nil {
 		return nil, status.Error(code, withRequestID(err.Error(), rid))
 	}
@@ -473,6 +519,9 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, lat
 		return nil, codes.InvalidArgument, errors.New("agent: key label is empty")
 	case len(req.Key) > maxLabel:
 		return nil, codes.InvalidArgument, fmt.Errorf("agent: key label longer than %d bytes", maxLabel)
+	}
+	if s.audit.refusing() {
+		return nil, codes.Unavailable, auditUnavailable()
 	}
 	st := s.state.Load()
 	e := st.keys[req.Key]
@@ -540,7 +589,9 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, lat
 	return sig, codes.OK, nil
 }
 
-func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, code codes.Code, err error, d time.Duration) {
+// auditSign records a sign request's outcome. Its error, when the record
+// of a signature could not be written, means the signature must not go out.
+func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, code codes.Code, err error, d time.Duration) error {
 	result := resultOK
 	level := slog.LevelInfo
 	var ge *gateError
@@ -567,14 +618,17 @@ func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest
 	// Refusals cost the caller nothing, so their records are rationed per
 	// uid; signatures and HSM failures are bounded by the HSM itself.
 	if err != nil && result != resultHSMError && result != resultTimeout && !s.refusals.allow(p.UID, "sign", result) {
-		return
+		return nil
 	}
 	label := req.Key
 	if len(label) > maxLabel {
 		label = label[:maxLabel]
 	}
-	s.audit.write(ctx, level, "sign",
+	if aerr := s.audit.write(ctx, level, "sign",
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.String("key", label), slog.String("hash", req.Hash.String()),
-		slog.String("result", result), slog.Duration("duration", d), slog.String("request_id", rid))
+		slog.String("result", result), slog.Duration("duration", d), slog.String("request_id", rid)); aerr != nil {
+		return auditUnavailable()
+	}
+	return nil
 }

@@ -216,7 +216,9 @@ func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Dur
 		defer cancel()
 	}
 	answer := func(sig []byte, code codes.Code, err error) {
-		ss.s.auditSign(ctx, ss.p, req, rid, code, err, time.Since(start))
+		if aerr := ss.s.auditSign(ctx, ss.p, req, rid, code, err, time.Since(start)); aerr != nil && err == nil {
+			sig, code, err = nil, codes.Unavailable, aerr // no signature leaves without its record
+		}
 		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
 		if err != nil {
 			r.Message = withRequestID(err.Error(), rid)

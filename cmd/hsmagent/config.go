@@ -35,6 +35,7 @@ type config struct {
 	LogFormat     string        `yaml:"log_format" flag:"log-format"`
 	LogLevel      string        `yaml:"log_level" flag:"log-level"`
 	AuditLog      string        `yaml:"audit_log" flag:"audit-log"`
+	AuditFailOpen string        `yaml:"audit_fail_open" flag:"audit-fail-open" command:"serve"`
 	MetricsListen string        `yaml:"metrics_listen" flag:"metrics-listen" command:"serve"`
 	MaxSessions   string        `yaml:"max_sessions" flag:"max-sessions"`
 	MaxWaiting    string        `yaml:"max_waiting" flag:"max-waiting"`

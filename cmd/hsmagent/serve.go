@@ -39,6 +39,7 @@ close the token and exit 0.`,
 			&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text", EnvVars: []string{"HSMAGENT_LOG_FORMAT"}},
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
 			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
+			&cli.BoolFlag{Name: "audit-fail-open", Usage: "keep signing when the audit trail cannot be written (records lost, said once per outage in the log); by default nothing is signed without its record", EnvVars: []string{"HSMAGENT_AUDIT_FAIL_OPEN"}},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics at /metrics on loopback `ADDR` (127.0.0.1:9464) or a Unix socket path (default: off)", EnvVars: []string{"HSMAGENT_METRICS_LISTEN"}},
 			&cli.IntFlag{Name: "max-sessions", Usage: "signatures in the HSM at once: its PKCS#11 session pool", Value: server.DefaultMaxInFlight, EnvVars: []string{"HSMAGENT_MAX_SESSIONS"}},
 			&cli.IntFlag{Name: "max-waiting", Usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", Value: server.DefaultMaxWaiting, EnvVars: []string{"HSMAGENT_MAX_WAITING"}},
@@ -113,7 +114,7 @@ func serveAction(c *cli.Context) error {
 	}
 	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
 		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
-		Version: version}
+		AuditFailOpen: c.Bool("audit-fail-open"), Version: version}
 	if err := limitOptions(c, &opts); err != nil {
 		return err
 	}
