@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -18,7 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/net/netutil"
 )
 
 // Agent is a server.Observer that keeps Prometheus metrics.
@@ -157,20 +157,50 @@ func (m *Agent) Handler() http.Handler {
 	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
 }
 
-// Listen opens the metrics listener: a loopback TCP address (127.0.0.1:9464,
-// [::1]:9464, localhost:9464) or the path of a Unix socket (anything with a
-// "/"), made like the agent's own socket (server.ListenWith: its directory
-// checked, mode 0660, an existing socket replaced only when nothing answers
-// it). Other addresses are refused: the metrics name keys.
+// ListenOptions say how a metrics listener is made.
+type ListenOptions struct {
+	// Mode is a metrics socket's permission bits; 0 means 0600 without a
+	// Group (the agent's user and root only) and 0660 with one.
+	Mode os.FileMode
+	// Group owns a metrics socket: the operators' group that may scrape.
+	Group string
+	// TCP accepts a loopback TCP address. Every local user can connect to
+	// one and read what the metrics say: each key's label, its
+	// certificate's expiry and its signature counts.
+	TCP bool
+}
+
+// ErrTCPNotAllowed is returned for a TCP address without ListenOptions.TCP.
+var ErrTCPNotAllowed = errors.New("metrics: a TCP port is readable by every local user")
+
+// Listen opens a metrics listener as the proxies use it: a loopback TCP
+// address (127.0.0.1:9464, [::1]:9464, localhost:9464) or the path of a
+// Unix socket of mode 0660.
 func Listen(addr string) (net.Listener, error) {
+	return ListenWith(addr, ListenOptions{Mode: 0o660, TCP: true})
+}
+
+// ListenWith opens the metrics listener: the path of a Unix socket
+// (anything with a "/"), made like the agent's own socket
+// (server.ListenWith: its directory checked, an existing socket replaced
+// only when nothing answers it), or with o.TCP a loopback TCP address.
+// Other addresses are refused: the metrics name keys.
+func ListenWith(addr string, o ListenOptions) (net.Listener, error) {
 	if strings.Contains(addr, "/") {
-		l, err := server.ListenWith(addr, server.ListenOptions{Mode: 0o660})
+		mode := o.Mode
+		if mode == 0 {
+			mode = 0o600
+			if o.Group != "" {
+				mode = 0o660
+			}
+		}
+		l, err := server.ListenWith(addr, server.ListenOptions{Mode: mode, Group: o.Group})
 		if err != nil {
 			return nil, fmt.Errorf("metrics: %w", err)
 		}
 		return l, nil
 	}
-	if err := CheckAddr(addr); err != nil {
+	if err := CheckAddrWith(addr, o); err != nil {
 		return nil, err
 	}
 	l, err := net.Listen("tcp", addr)
@@ -180,9 +210,12 @@ func Listen(addr string) (net.Listener, error) {
 	return l, nil
 }
 
-// CheckAddr checks a metrics address without listening: a socket path, or
-// a loopback host:port.
-func CheckAddr(addr string) error {
+// CheckAddr checks a proxy's metrics address without listening: a socket
+// path, or a loopback host:port.
+func CheckAddr(addr string) error { return CheckAddrWith(addr, ListenOptions{TCP: true}) }
+
+// CheckAddrWith checks a metrics address without listening.
+func CheckAddrWith(addr string, o ListenOptions) error {
 	if strings.Contains(addr, "/") {
 		return nil
 	}
@@ -193,22 +226,39 @@ func CheckAddr(addr string) error {
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return fmt.Errorf("metrics: %q is not a loopback address; use 127.0.0.1:PORT or a socket path (put a proxy in front to publish it)", addr)
 	}
+	if !o.TCP {
+		return fmt.Errorf("%w (key labels, certificate expiry, signature counts per key): %q; use a socket path "+
+			"such as /run/hsmagent/metrics.sock with metrics_group for the scrapers, or accept that with metrics_tcp: true", ErrTCPNotAllowed, addr)
+	}
 	return nil
 }
 
-// MaxConnections bounds the metrics listener's open connections: a scraper
-// needs one or two, and any local user can connect to a loopback port.
-const MaxConnections = 8
+// Limits of the metrics listener: a scraper needs one or two connections,
+// and any user who can reach the listener can open them.
+const (
+	// MaxConnections bounds the open connections. When all are taken a new
+	// one closes the one idle the longest, so that connections kept open
+	// with a rare request cannot lock the scrapers out.
+	MaxConnections = 8
+	// MaxRequestsPerConnection and MaxConnectionAge end a keep-alive
+	// connection (Connection: close on the answer) after so many requests
+	// or so long.
+	MaxRequestsPerConnection = 100
+	MaxConnectionAge         = time.Minute
+)
 
 // Serve serves h on l until l is closed, with at most MaxConnections open
-// and every connection bounded in time, so that connections to it cannot
-// take the agent's file descriptors or memory.
+// and every connection bounded in time and requests, so that connections to
+// it cannot take the agent's file descriptors or memory, or blind the
+// scrapes.
 func Serve(l net.Listener, h http.Handler) error {
+	bl := newBoundedListener(l, MaxConnections)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", h)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10}
-	if err := srv.Serve(netutil.LimitListener(l, MaxConnections)); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
+	srv := &http.Server{Handler: bl.limitRequests(mux), ReadHeaderTimeout: 2 * time.Second, ReadTimeout: 5 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10,
+		ConnState: bl.connState, ConnContext: bl.connContext}
+	if err := srv.Serve(bl); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil

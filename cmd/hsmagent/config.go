@@ -37,6 +37,8 @@ type config struct {
 	AuditLog      string        `yaml:"audit_log" flag:"audit-log"`
 	AuditFailOpen string        `yaml:"audit_fail_open" flag:"audit-fail-open" command:"serve"`
 	MetricsListen string        `yaml:"metrics_listen" flag:"metrics-listen" command:"serve"`
+	MetricsGroup  string        `yaml:"metrics_group" flag:"metrics-group" command:"serve"`
+	MetricsTCP    string        `yaml:"metrics_tcp" flag:"metrics-tcp" command:"serve"`
 	MaxSessions   string        `yaml:"max_sessions" flag:"max-sessions"`
 	MaxWaiting    string        `yaml:"max_waiting" flag:"max-waiting"`
 	HSMTimeout    string        `yaml:"hsm_timeout" flag:"hsm-timeout"`

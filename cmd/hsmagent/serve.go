@@ -40,7 +40,9 @@ close the token and exit 0.`,
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
 			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
 			&cli.BoolFlag{Name: "audit-fail-open", Usage: "keep signing when the audit trail cannot be written (records lost, said once per outage in the log); by default nothing is signed without its record", EnvVars: []string{"HSMAGENT_AUDIT_FAIL_OPEN"}},
-			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics at /metrics on loopback `ADDR` (127.0.0.1:9464) or a Unix socket path (default: off)", EnvVars: []string{"HSMAGENT_METRICS_LISTEN"}},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics at /metrics on a Unix socket `PATH` (mode 0600, or 0660 with --metrics-group) or, with --metrics-tcp, a loopback ADDR such as 127.0.0.1:9464 (default: off)", EnvVars: []string{"HSMAGENT_METRICS_LISTEN"}},
+			&cli.StringFlag{Name: "metrics-group", Usage: "`GROUP` owning the metrics socket: its members (the scrapers) may read it", EnvVars: []string{"HSMAGENT_METRICS_GROUP"}},
+			&cli.BoolFlag{Name: "metrics-tcp", Usage: "allow a loopback TCP --metrics-listen, which every local user can read: key labels, certificate expiry and signature counts per key", EnvVars: []string{"HSMAGENT_METRICS_TCP"}},
 			&cli.IntFlag{Name: "max-sessions", Usage: "signatures in the HSM at once: its PKCS#11 session pool", Value: server.DefaultMaxInFlight, EnvVars: []string{"HSMAGENT_MAX_SESSIONS"}},
 			&cli.IntFlag{Name: "max-waiting", Usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", Value: server.DefaultMaxWaiting, EnvVars: []string{"HSMAGENT_MAX_WAITING"}},
 			&cli.BoolFlag{Name: "check-config", Usage: "load the config, build the access policy, validate the flags and exit 0, without opening the token or listening"},
@@ -122,8 +124,9 @@ func serveAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	metricsOpts := metrics.ListenOptions{Group: c.String("metrics-group"), TCP: c.Bool("metrics-tcp")}
 	if addr := c.String("metrics-listen"); addr != "" {
-		if err := metrics.CheckAddr(addr); err != nil {
+		if err := metrics.CheckAddrWith(addr, metricsOpts); err != nil {
 			return usageError{err}
 		}
 	}
@@ -132,7 +135,7 @@ func serveAction(c *cli.Context) error {
 		return nil
 	}
 	var srv *server.Server
-	m, stopMetrics, err := startMetrics(c.String("metrics-listen"), &opts, func() (int, int) { return srv.HSMLoad() }, log)
+	m, stopMetrics, err := startMetrics(c.String("metrics-listen"), metricsOpts, &opts, func() (int, int) { return srv.HSMLoad() }, log)
 	if err != nil {
 		return err
 	}
@@ -200,11 +203,11 @@ func reopenAudit(f *server.AuditFile, log *slog.Logger) {
 
 // startMetrics opens the metrics listener when addr is set and makes the
 // server's observer the Prometheus one; the returned func closes it.
-func startMetrics(addr string, opts *server.Options, load func() (int, int), log *slog.Logger) (*metrics.Agent, func(), error) {
+func startMetrics(addr string, lo metrics.ListenOptions, opts *server.Options, load func() (int, int), log *slog.Logger) (*metrics.Agent, func(), error) {
 	if addr == "" {
 		return nil, func() {}, nil
 	}
-	l, err := metrics.Listen(addr)
+	l, err := metrics.ListenWith(addr, lo)
 	if err != nil {
 		return nil, nil, usageError{err}
 	}

@@ -51,3 +51,26 @@ func TestCheckConfigChecksMetricsAddress(t *testing.T) {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 }
+
+// TestCheckConfigMetricsTCPNeedsOptIn: a loopback TCP metrics address,
+// which every local user can read, is refused unless --metrics-tcp (or
+// metrics_tcp: true) says the operator accepts that; a socket path is not.
+func TestCheckConfigMetricsTCPNeedsOptIn(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	base := []string{"serve", "--socket", sock, "--token", "t", "--check-config", "--metrics-listen"}
+	code, _, stderr := runCLI(t, append(base, "127.0.0.1:19465")...)
+	if code != 2 || !strings.Contains(stderr, "readable by every local user") || !strings.Contains(stderr, "metrics_tcp: true") {
+		t.Errorf("TCP without the opt-in: exit %d, stderr %q; want exit 2 naming the exposure and metrics_tcp", code, stderr)
+	}
+	if code, _, stderr := runCLI(t, append(base, "127.0.0.1:19465", "--metrics-tcp")...); code != 0 {
+		t.Errorf("TCP with --metrics-tcp: exit %d, stderr %q", code, stderr)
+	}
+	if code, _, stderr := runCLI(t, append(base, filepath.Join(t.TempDir(), "m.sock"))...); code != 0 {
+		t.Errorf("a socket path: exit %d, stderr %q", code, stderr)
+	}
+	cfg := filepath.Join(t.TempDir(), "agent.yaml")
+	os.WriteFile(cfg, []byte("metrics_listen: 127.0.0.1:19465\nmetrics_tcp: true\n"), 0o644)
+	if code, _, stderr := runCLI(t, "serve", "--socket", sock, "--token", "t", "--check-config", "--config", cfg); code != 0 {
+		t.Errorf("metrics_tcp: true in the config: exit %d, stderr %q", code, stderr)
+	}
+}
