@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,13 +36,14 @@ const (
 )
 
 // gate admits operations into the key store: at most maxInFlight at once
-// (the HSM's sessions), at most maxWaiting queued behind them, at most
+// (the HSM's sessions, handed out fairly across uids with a reserve for
+// root and the agent's user: fairSlots), at most maxWaiting queued behind them, at most
 // perUID of one uid waiting or in flight (so that one caller cannot fill the
 // queue and starve the others), none for a caller that has gone, and none
 // while an operation is stuck in the HSM past the timeout. It is the only
 // place that waits for the HSM.
 type gate struct {
-	slots      chan struct{}
+	slots      *fairSlots
 	waiting    atomic.Int64
 	maxWaiting int64
 	perUID     int
@@ -57,7 +59,9 @@ type gate struct {
 }
 
 func newGate(maxInFlight, maxWaiting, perUID int, timeout time.Duration, log *slog.Logger, limits *limitLog, setHealth func(bool)) *gate {
-	return &gate{slots: make(chan struct{}, maxInFlight), maxWaiting: int64(maxWaiting), perUID: perUID, timeout: timeout,
+	self := os.Geteuid()
+	exempt := func(uid int) bool { return uid == 0 || uid == self } // as connLimits.exempt
+	return &gate{slots: newFairSlots(maxInFlight, exempt), maxWaiting: int64(maxWaiting), perUID: perUID, timeout: timeout,
 		log: log, limits: limits, setHealth: setHealth, byUID: make(map[int]int), failures: sampler{interval: time.Second}}
 }
 
@@ -189,7 +193,7 @@ func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 	}
 	// The uid's place is given back with the HSM slot: an operation its
 	// caller abandoned still occupies the HSM until it returns.
-	free = func() { <-g.slots; g.leave(uid) }
+	free = func() { g.slots.release(); g.leave(uid) }
 	if g.waiting.Add(1) > g.maxWaiting {
 		g.waiting.Add(-1)
 		g.leave(uid)
@@ -197,14 +201,12 @@ func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 		return nil, &gateError{codes.ResourceExhausted, resultBusy, fmt.Sprintf(
 			"agent: %d signatures are already waiting for the HSM; try again later", g.maxWaiting)}
 	}
-	select {
-	case g.slots <- struct{}{}:
-		g.waiting.Add(-1)
-	case <-ctx.Done():
+	if err := g.slots.acquire(ctx, uid); err != nil {
 		g.waiting.Add(-1)
 		g.leave(uid)
 		return nil, abandoned(ctx)
 	}
+	g.waiting.Add(-1)
 	if ctx.Err() != nil { // gone while we took the slot: never send it to the HSM
 		free()
 		return nil, abandoned(ctx)

@@ -68,7 +68,7 @@ func TestInlineTimeoutAsOpReturns(t *testing.T) {
 	if n := g.stuck.Load(); n != 0 {
 		t.Errorf("stuck count %d after the operation returned; want 0", n)
 	}
-	if len(g.slots) != 0 || len(g.byUID) != 0 {
-		t.Errorf("slot or uid count not given back: %d slots, %v", len(g.slots), g.byUID)
+	if g.slots.inFlight() != 0 || len(g.byUID) != 0 {
+		t.Errorf("slot or uid count not given back: %d slots, %v", g.slots.inFlight(), g.byUID)
 	}
 }

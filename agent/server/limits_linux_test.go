@@ -232,3 +232,49 @@ func TestRefusalAuditBounded(t *testing.T) {
 		t.Errorf("%d audit records for %d refusals; want a handful:\n%s", lines, refusals, audit.buf.String())
 	}
 }
+
+// TestHSMReserveForRoot: another uid with every signature it may have
+// waiting holds at most max_sessions less an eighth of the HSM's sessions;
+// root's signature takes a reserved one at once instead of queueing behind
+// that uid's backlog (issue 18, item 5).
+func TestHSMReserveForRoot(t *testing.T) {
+	needSetpriv(t)
+	policy, err := server.NewPolicy([]server.Rule{{Keys: []string{"ec"}, Users: []string{"0", "65534"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := agenttest.SocketDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	store := newStallingStore(t)
+	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, store,
+		server.Options{Policy: policy, MaxInFlight: 8, MaxWaiting: 64, MaxSignaturesPerUID: 64, HSMTimeout: time.Minute})
+	bin := copyTestBinary(t, dir)
+	api, _ := rawClient(t, a.Socket)
+	store.hold()
+	release := sync.OnceFunc(store.release)
+	defer release()
+
+	cmd := clientAs(bin, "sign-many", a.Socket, nobody, "HSMAGENT_TEST_KEY=ec", "HSMAGENT_TEST_N=14")
+	out := make(chan string, 1)
+	go func() {
+		b, err := cmd.CombinedOutput()
+		out <- fmt.Sprintf("%s%v", b, err)
+	}()
+	waitFor(t, func() bool { inHSM, waiting := a.Server.HSMLoad(); return inHSM+waiting == 14 })
+	time.Sleep(100 * time.Millisecond) // would take more sessions if it could
+	if n := store.calls.Load(); n != 7 {
+		t.Fatalf("nobody's 14 signatures (the streams of one connection) hold %d of 8 sessions; want 7 (one kept for root and the agent's user)", n)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := api.Sign(context.Background(), goodEC); done <- err }()
+	waitFor(t, func() bool { return store.calls.Load() == 8 })
+	release()
+	if err := <-done; err != nil {
+		t.Errorf("root's signature: %v", err)
+	}
+	if got := strings.TrimSpace(<-out); !strings.HasPrefix(got, "ok=14") {
+		t.Errorf("nobody's signatures: %q; want ok=14", got)
+	}
+}

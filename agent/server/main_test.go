@@ -35,6 +35,9 @@ func TestMain(m *testing.M) {
 		os.Exit(signHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), true))
 	case "stream-mix":
 		os.Exit(streamMixHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_PLAN")))
+	case "sign-many":
+		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_N"))
+		os.Exit(signManyHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), n))
 	case "hold":
 		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_CONNS"))
 		os.Exit(holdHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
@@ -60,6 +63,36 @@ func signHelper(socket, key string, withMessage bool) int {
 		return 0
 	}
 	fmt.Println(status.Code(err))
+	return 0
+}
+
+// signManyHelper asks for n signatures at once on one connection and
+// prints how many succeeded: "ok=N".
+func signManyHelper(socket, key string, n int) int {
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	digest := sha256.Sum256([]byte("x"))
+	api := agentpb.NewAgentClient(conn)
+	done := make(chan error, n)
+	for range n {
+		go func() {
+			_, err := api.Sign(ctx, &agentpb.SignRequest{Key: key, Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256})
+			done <- err
+		}()
+	}
+	ok := 0
+	for range n {
+		if <-done == nil {
+			ok++
+		}
+	}
+	fmt.Printf("ok=%d\n", ok)
 	return 0
 }
 

@@ -28,5 +28,5 @@ func (nopObserver) AuditWritable(bool)                   {}
 
 // HSMLoad reports the signatures inside the key store now and those waiting for it.
 func (s *Server) HSMLoad() (inFlight, waiting int) {
-	return len(s.gate.slots), int(s.gate.waiting.Load())
+	return s.gate.slots.inFlight(), int(s.gate.waiting.Load())
 }
