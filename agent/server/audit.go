@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -195,12 +197,70 @@ func OpenAuditFile(path string) (*AuditFile, error) {
 	return &AuditFile{path: path, f: f}, nil
 }
 
+// openAppend opens the audit file as the socket is made: in a directory no
+// one else can write (or a sticky one), never through a symbolic link,
+// never blocking (a FIFO planted at the path is refused, not waited on),
+// and only a regular file that no one else can write.
 func openAppend(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	fail := func(format string, a ...any) error {
+		return fmt.Errorf("server: audit log %q: %s", path, fmt.Sprintf(format, a...))
+	}
+	if err := checkAuditDir(filepath.Dir(path)); err != nil {
+		return nil, fail("%v", err)
+	}
+	fd, err := syscall.Open(path, syscall.O_WRONLY|syscall.O_APPEND|syscall.O_CREAT|syscall.O_NOFOLLOW|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0o600)
+	switch {
+	case errors.Is(err, syscall.ELOOP):
+		return nil, fail("is a symbolic link; give the path of a regular file")
+	case errors.Is(err, syscall.ENXIO):
+		return nil, fail("is a FIFO or socket, not a regular file")
+	case err != nil:
+		return nil, fail("opening: %v", err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("server: opening audit log %q: %w", path, err)
+		f.Close()
+		return nil, fail("%v", err)
+	}
+	st, _ := fi.Sys().(*syscall.Stat_t)
+	switch euid := os.Geteuid(); {
+	case !fi.Mode().IsRegular():
+		err = fail("is not a regular file (%v)", fi.Mode().Type())
+	case st != nil && int(st.Uid) != euid && st.Uid != 0:
+		err = fail("is owned by uid %d, not the agent's uid %d or root; chown it or remove it", st.Uid, euid)
+	case fi.Mode().Perm()&0o022 != 0:
+		err = fail("is writable by others (mode %04o); chmod go-w %q", fi.Mode().Perm(), path)
+	}
+	if err == nil {
+		err = syscall.SetNonblock(fd, false)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
 	}
 	return f, nil
+}
+
+// checkAuditDir refuses a directory that another user could use to put a
+// link or a FIFO at the audit file's path.
+func checkAuditDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("its directory: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || !fi.IsDir() {
+		return fmt.Errorf("%q is not a directory", dir)
+	}
+	euid := os.Geteuid()
+	if owner := int(st.Uid); owner != 0 && owner != euid {
+		return fmt.Errorf("its directory %q is owned by uid %d, not the agent's uid %d or root: its owner could replace the file; use a directory such as /var/log/hsmagent", dir, owner, euid)
+	}
+	if fi.Mode()&os.ModeSticky == 0 && fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("its directory %q is writable by others (mode %04o): they could replace the file; chmod go-w %q", dir, fi.Mode().Perm(), dir)
+	}
+	return nil
 }
 
 // Write implements io.Writer; one call is one record. A record cut short
