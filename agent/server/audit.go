@@ -205,6 +205,9 @@ func openAppend(path string) (*os.File, error) {
 	fail := func(format string, a ...any) error {
 		return fmt.Errorf("server: audit log %q: %s", path, fmt.Sprintf(format, a...))
 	}
+	if path == os.DevNull { // records thrown away on purpose (hsmagent bench)
+		return os.OpenFile(path, os.O_WRONLY, 0)
+	}
 	if err := checkAuditDir(filepath.Dir(path)); err != nil {
 		return nil, fail("%v", err)
 	}
