@@ -258,7 +258,9 @@ func (*WatchKeysRequest) Descriptor() ([]byte, []int) {
 type ListKeysResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Keys  []*Key                 `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
-	// revision increases with every reload that changed a key or chain.
+	// revision increases with every reload that changed what this caller
+	// sees: a key or chain it may use, or the access rules. Keys it may not
+	// use never move it.
 	Revision      uint64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

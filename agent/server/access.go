@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/user"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -46,6 +47,24 @@ type resolvedRule struct {
 	uids   []int
 	gids   []int
 	source Rule
+}
+
+// sameAs reports whether q decides as p does: the same rules, resolved to
+// the same ids. (A reload re-reads the rules whether they changed or not.)
+func (p *Policy) sameAs(q *Policy) bool {
+	if p == q {
+		return true
+	}
+	if p == nil || q == nil || p.ownUID != q.ownUID || len(p.rules) != len(q.rules) {
+		return false
+	}
+	for i := range p.rules {
+		a, b := p.rules[i], q.rules[i]
+		if !reflect.DeepEqual(a.source, b.source) || !slices.Equal(a.uids, b.uids) || !slices.Equal(a.gids, b.gids) {
+			return false
+		}
+	}
+	return true
 }
 
 // NewPolicy resolves user and group names now, so that a rule naming a user

@@ -32,13 +32,23 @@ const (
 	DefaultMaxSignStreamsPerUID    = 16
 )
 
+// Bounds of the WatchKeys streams: a Go client holds one; each is a
+// goroutine and what gRPC holds for a watcher that does not read. Root and
+// the agent's own user are exempt per uid and keep the last eighth.
+const (
+	maxWatchers       = 512
+	maxWatchersPerUID = 32
+)
+
 // Audit results of refusals decided by the limits.
 const (
-	resultCallerBusy           = "caller-busy"              // refused: this uid has its share of signatures waiting or in flight
-	resultTooManyConns         = "too-many-connections"     // refused at accept: the agent holds its maximum of connections
-	resultTooManyForUID        = "too-many-connections-uid" // refused at accept: this uid holds its maximum of connections
-	resultTooManyStreams       = "too-many-streams"         // SignStream refused: the agent holds its maximum of them
-	resultTooManyStreamsForUID = "too-many-streams-uid"     // SignStream refused: this uid holds its maximum of them
+	resultTooManyWatchers       = "too-many-watchers"        // WatchKeys refused: the agent holds its maximum of them
+	resultTooManyWatchersForUID = "too-many-watchers-uid"    // WatchKeys refused: this uid holds its maximum of them
+	resultCallerBusy            = "caller-busy"              // refused: this uid has its share of signatures waiting or in flight
+	resultTooManyConns          = "too-many-connections"     // refused at accept: the agent holds its maximum of connections
+	resultTooManyForUID         = "too-many-connections-uid" // refused at accept: this uid holds its maximum of connections
+	resultTooManyStreams        = "too-many-streams"         // SignStream refused: the agent holds its maximum of them
+	resultTooManyStreamsForUID  = "too-many-streams-uid"     // SignStream refused: this uid holds its maximum of them
 )
 
 // handshakeTimeout bounds the time from accept to the client's first bytes
@@ -348,4 +358,20 @@ func (s *Server) admitStream(ctx context.Context, p Peer) (release func(), err e
 			slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("result", reason))
 	}
 	return nil, status.Errorf(codes.ResourceExhausted, "agent: %d sign streams are open (%s); close some, or sign with unary Sign calls", limit, reason)
+}
+
+// refuseWatch answers a WatchKeys over the watcher limits.
+func (s *Server) refuseWatch(ctx context.Context, p Peer, rid, why string) error {
+	reason, limit := resultTooManyWatchers, s.watchers.max
+	if why == resultTooManyForUID {
+		reason, limit = resultTooManyWatchersForUID, s.watchers.perUID
+		s.limits.hit("key watchers per uid", p.UID, limit)
+	} else {
+		s.limits.hit("key watchers", -1, limit)
+	}
+	if s.refusals.allow(p.UID, "watch", reason) {
+		s.audit.write(ctx, slog.LevelWarn, "watch", slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
+			slog.String("result", reason), slog.String("request_id", rid))
+	}
+	return status.Error(codes.ResourceExhausted, withRequestID(fmt.Sprintf("agent: %d key watchers are open (%s); close some", limit, reason), rid))
 }

@@ -38,6 +38,11 @@ func TestMain(m *testing.M) {
 	case "sign-many":
 		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_N"))
 		os.Exit(signManyHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), os.Getenv("HSMAGENT_TEST_KEY"), n))
+	case "watches":
+		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_N"))
+		os.Exit(watchesHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
+	case "list-revision":
+		os.Exit(listRevisionHelper(os.Getenv("HSMAGENT_TEST_SOCKET")))
 	case "hold":
 		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_CONNS"))
 		os.Exit(holdHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
@@ -93,6 +98,68 @@ func signManyHelper(socket, key string, n int) int {
 		}
 	}
 	fmt.Printf("ok=%d\n", ok)
+	return 0
+}
+
+// watchesHelper opens n WatchKeys streams at once (on connections of 8
+// streams each) and prints how many got their first list and how many were
+// refused: "admitted=32 refused=8".
+func watchesHelper(socket string, n int) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	results := make(chan codes.Code, n)
+	var api agentpb.AgentClient
+	for i := range n {
+		if i%8 == 0 {
+			conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				fmt.Println(err)
+				return 1
+			}
+			defer conn.Close()
+			api = agentpb.NewAgentClient(conn)
+		}
+		go func(api agentpb.AgentClient) {
+			stream, err := api.WatchKeys(ctx, &agentpb.WatchKeysRequest{})
+			if err == nil {
+				_, err = stream.Recv()
+			}
+			results <- status.Code(err)
+		}(api)
+	}
+	admitted, refused := 0, 0
+	for range n {
+		switch <-results {
+		case codes.OK:
+			admitted++
+		case codes.ResourceExhausted:
+			refused++
+		}
+	}
+	fmt.Printf("admitted=%d refused=%d\n", admitted, refused)
+	return 0
+}
+
+// listRevisionHelper prints the revision and labels ListKeys gives it.
+func listRevisionHelper(socket string) int {
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := agentpb.NewAgentClient(conn).ListKeys(ctx, &agentpb.ListKeysRequest{})
+	if err != nil {
+		fmt.Println(status.Code(err))
+		return 0
+	}
+	var labels []string
+	for _, k := range resp.Keys {
+		labels = append(labels, k.Label)
+	}
+	fmt.Printf("revision=%d keys=%s\n", resp.Revision, strings.Join(labels, ","))
 	return 0
 }
 

@@ -126,6 +126,7 @@ type Server struct {
 	keyChanges keyChanges    // reloads after a key was replaced in the store (keychange.go)
 	gate       *gate         // admits signatures into the key store
 	conns      *connLimits   // admits connections
+	watchers   *connLimits   // admits WatchKeys streams
 	streams    *connLimits   // admits SignStreams
 	limits     *limitLog     // logs each limit once when hit and once when cleared
 	refusals   *refusalAudit // bounds the audit records of refusals
@@ -152,12 +153,17 @@ type state struct {
 	labels   []string
 	revision uint64
 	changed  chan struct{} // closed when this state is replaced
+	// What a caller's revision is made of (visibleTo): when the rules last
+	// changed, and when each key it no longer has was removed.
+	policyAt uint64
+	gone     map[string]uint64
 }
 
 type entry struct {
-	signer crypto.Signer
-	rsaPub *rsa.PublicKey // nil for EC keys
-	proto  *agentpb.Key
+	signer    crypto.Signer
+	rsaPub    *rsa.PublicKey // nil for EC keys
+	proto     *agentpb.Key
+	changedAt uint64 // the revision that brought this key or chain
 }
 
 // New loads the store's keys and returns a server ready to Serve.
@@ -209,6 +215,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	s.listings = newRefusalAudit(s.audit, "listings suppressed", opts.AuditRefusalBurst)
 	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
 	s.streams = newConnLimits(opts.MaxSignStreams, opts.MaxSignStreamsPerUID)
+	s.watchers = newConnLimits(maxWatchers, maxWatchersPerUID)
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setHSMServing)
 	// As many idle workers as signatures the HSM takes at once.
 	s.workers = newWorkers(opts.MaxInFlight)
@@ -328,7 +335,7 @@ func (s *Server) Reload(policy *Policy) error {
 	return s.load(policy)
 }
 
-// Revision counts the reloads that changed a key or a chain.
+// Revision counts the reloads that changed a key, a chain or the access rules.
 func (s *Server) Revision() uint64 { return s.state.Load().revision }
 
 func (s *Server) load(policy *Policy) error {
@@ -368,10 +375,32 @@ func (s *Server) load(policy *Policy) error {
 		next.labels = append(next.labels, k.Label)
 	}
 	sort.Strings(next.labels)
+	next.gone = map[string]uint64{}
 	if old != nil {
-		next.revision = old.revision
-		if !sameKeys(old, next) {
+		next.revision, next.policyAt = old.revision, old.policyAt
+		policyChanged := !old.policy.sameAs(policy)
+		if policyChanged || !sameKeys(old, next) {
 			next.revision++
+		}
+		if policyChanged {
+			next.policyAt = next.revision
+		}
+		for label, at := range old.gone {
+			next.gone[label] = at
+		}
+		for label := range old.keys {
+			if next.keys[label] == nil {
+				next.gone[label] = next.revision
+			}
+		}
+	}
+	for label, e := range next.keys {
+		delete(next.gone, label)
+		e.changedAt = next.revision
+		if old != nil {
+			if prev := old.keys[label]; prev != nil && proto.Equal(prev.proto, e.proto) {
+				e.changedAt = prev.changedAt
+			}
 		}
 	}
 	s.state.Store(next)
@@ -429,16 +458,27 @@ func (s *Server) ListKeys(ctx context.Context, _ *agentpb.ListKeysRequest) (*age
 }
 
 // visibleTo returns the keys p may use and how many others it does not see.
+// The revision is p's own: the last reload that changed what p sees (a key
+// or chain it may use, added, changed or removed, or the rules), so that it
+// says nothing of keys p may not use.
 func (st *state) visibleTo(p Peer) (*agentpb.ListKeysResponse, int) {
-	resp := &agentpb.ListKeysResponse{Revision: st.revision}
+	resp := &agentpb.ListKeysResponse{}
+	rev := st.policyAt
 	hidden := 0
 	for _, label := range st.labels {
-		if st.policy.Allowed(p, label) {
-			resp.Keys = append(resp.Keys, st.keys[label].proto)
+		if e := st.keys[label]; st.policy.Allowed(p, label) {
+			resp.Keys = append(resp.Keys, e.proto)
+			rev = max(rev, e.changedAt)
 		} else {
 			hidden++
 		}
 	}
+	for label, at := range st.gone {
+		if at > rev && st.policy.Allowed(p, label) {
+			rev = at
+		}
+	}
+	resp.Revision = rev
 	return resp, hidden
 }
 
@@ -468,14 +508,25 @@ func (s *Server) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_Wat
 		return status.Error(codes.Unauthenticated, err.Error())
 	}
 	rid := newRequestID() // one for the watch: its records are its sends
+	if reason := s.watchers.admit(p.UID); reason != "" {
+		return s.refuseWatch(stream.Context(), p, rid, reason)
+	}
+	defer s.watchers.release(p.UID)
+	sent := false
+	var last uint64
 	for {
 		st := s.state.Load()
-		resp, hidden := st.visibleTo(p)
-		if err := s.auditList(stream.Context(), "watch", p, rid, len(resp.Keys), hidden); err != nil {
-			return status.Error(codes.Unavailable, withRequestID(auditUnavailable().Error(), rid))
-		}
-		if err := stream.Send(resp); err != nil {
-			return err
+		// Only a change in what the caller sees is sent: a reload that
+		// changed nothing for it queues nothing, and a watcher that reads
+		// slowly gets the latest list when it reads, not every one between.
+		if resp, hidden := st.visibleTo(p); !sent || resp.Revision != last {
+			if err := s.auditList(stream.Context(), "watch", p, rid, len(resp.Keys), hidden); err != nil {
+				return status.Error(codes.Unavailable, withRequestID(auditUnavailable().Error(), rid))
+			}
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			sent, last = true, resp.Revision
 		}
 		select {
 		case <-st.changed:
