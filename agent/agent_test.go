@@ -402,3 +402,38 @@ func TestConcurrentSignersGetTheirOwnSignatures(t *testing.T) {
 		}
 	}
 }
+
+// TestSignAcrossIdleCloses: with the agent closing idle signing
+// connections as fast as it can (1 ms), signatures made with pauses
+// between them all succeed: a request that went out as the agent closed the
+// connection, which the agent never read, is sent again on a new one.
+func TestSignAcrossIdleCloses(t *testing.T) {
+	store := server.NewMemoryStore()
+	if _, err := store.Generate("ec", keytype.ECDSAP256); err != nil {
+		t.Fatal(err)
+	}
+	a := agenttest.Start(t, store, server.Options{IdleTimeout: time.Millisecond})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := agent.Dial(ctx, a.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := c.Signer(ctx, "ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("idle"))
+	failed := 0
+	for i := range 200 {
+		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
+			failed++
+			t.Logf("signature %d: %v", i, err)
+		}
+		time.Sleep(time.Duration(i%3) * time.Millisecond)
+	}
+	if failed > 0 {
+		t.Errorf("%d of 200 signatures failed across idle closes; want none", failed)
+	}
+}

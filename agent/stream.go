@@ -10,6 +10,7 @@ import (
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // maxBatch matches the agent's limit of signatures per SignStream message.
@@ -18,6 +19,10 @@ const maxBatch = 64
 // call is one signature waiting for its result.
 type call struct {
 	result chan *agentpb.SignStreamResult // buffered; closed if the stream breaks
+	// unread, set before result is closed: the agent never read the
+	// request (its send failed, or the agent closed the stream saying it
+	// answered all it read), so it may go again on a new stream.
+	unread bool
 }
 
 // signStream multiplexes the Client's signatures over one SignStream. A
@@ -35,6 +40,10 @@ type signStream struct {
 	outbox  []*agentpb.SignStreamItem // requests not yet sent
 	sending bool
 	err     error // why the stream broke; set once
+	// unread: the agent closed the stream saying it had answered every
+	// request it read (Aborted: an idle signing connection), so a call
+	// left unanswered was never read.
+	unread bool
 }
 
 // maxInlineSends bounds the signatures pending on a stream for a caller to
@@ -52,17 +61,27 @@ type streams struct {
 }
 
 // sign sends req over the current stream, opening one if needed, and waits
-// for the result until ctx is done.
+// for the result until ctx is done. A request the agent never read, on a
+// stream it closed for idleness as the request went out, goes once more on
+// a new stream.
 func (c *Client) sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.SignStreamResult, error) {
+	r, unread, err := c.signOn(ctx, req)
+	if unread {
+		r, _, err = c.signOn(ctx, req)
+	}
+	return r, err
+}
+
+func (c *Client) signOn(ctx context.Context, req *agentpb.SignRequest) (_ *agentpb.SignStreamResult, unread bool, _ error) {
 	st, err := c.stream(ctx)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	cl := &call{result: make(chan *agentpb.SignStreamResult, 1)}
 	st.mu.Lock()
 	if st.err != nil {
 		st.mu.Unlock()
-		return nil, st.err
+		return nil, true, st.err // never sent
 	}
 	st.nextID++
 	st.pending[st.nextID] = cl
@@ -83,22 +102,22 @@ func (c *Client) sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	select {
 	case r, ok := <-cl.result:
 		if !ok {
-			return nil, st.failure()
+			return st.failure(cl)
 		}
-		return r, nil
+		return r, false, nil
 	case <-st.done:
 		// A call queued as the stream broke may never be sent or answered.
 		select {
 		case r, ok := <-cl.result:
 			if ok {
-				return r, nil
+				return r, false, nil
 			}
 		default:
 		}
-		return nil, st.failure()
+		return st.failure(cl)
 	case <-ctx.Done():
 		// The result, if it comes, lands in the buffered channel and is dropped.
-		return nil, deadlineError(ctx)
+		return nil, false, deadlineError(ctx)
 	}
 }
 
@@ -112,10 +131,12 @@ func timeoutMs(ctx context.Context) uint32 {
 	return uint32(min(max(time.Until(dl).Milliseconds(), 1), math.MaxUint32))
 }
 
-func (st *signStream) failure() error {
+// failure is what a call on a broken stream returns: its error and
+// whether the agent never read it.
+func (st *signStream) failure(cl *call) (*agentpb.SignStreamResult, bool, error) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	return st.err
+	return nil, cl.unread, st.err
 }
 
 func deadlineError(ctx context.Context) error {
@@ -193,6 +214,13 @@ func (c *Client) sendQueued(st *signStream, all bool) {
 		msg := &agentpb.SignStreamRequest{Items: wire.TakeBatch(&st.outbox, maxBatch, wire.MaxRequestSize)}
 		st.mu.Unlock()
 		if err := st.stream.Send(msg); err != nil {
+			st.mu.Lock()
+			for _, it := range msg.Items { // a frame cut short is never read
+				if cl := st.pending[it.Id]; cl != nil {
+					cl.unread = true
+				}
+			}
+			st.mu.Unlock()
 			c.dropStream(st, err)
 			return
 		}
@@ -242,13 +270,20 @@ func (c *Client) dropStream(st *signStream, cause error) {
 		return // already dropped
 	}
 	st.err = callError("signing", cause)
+	st.unread = status.Code(cause) == codes.Aborted
 	if errors.Is(cause, context.Canceled) {
 		st.err = errors.New("agent: the client was closed")
 	}
 	close(st.done)
+	for _, it := range st.outbox { // queued, never sent
+		if cl := st.pending[it.Id]; cl != nil {
+			cl.unread = true
+		}
+	}
+	st.outbox = nil // their calls are pending too: failed below
 	for id, cl := range st.pending {
 		delete(st.pending, id)
+		cl.unread = cl.unread || st.unread
 		close(cl.result)
 	}
-	st.outbox = nil // their calls were pending too: failed above
 }

@@ -9,10 +9,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -154,6 +157,40 @@ func (a *auditLog) close() {
 func auditUnavailable() *gateError {
 	return &gateError{codes.Unavailable, resultAuditDown,
 		"agent: the audit trail cannot be written, so nothing is signed; see the agent's log"}
+}
+
+// auditLabel is a caller's label as its record keeps it: cut at maxLabel
+// bytes on a character boundary (a cut character would make the line
+// invalid UTF-8), with characters that are not printable, line and
+// paragraph separators among them, written as \uXXXX so that no viewer
+// breaks the record's line on them.
+func auditLabel(label string) string {
+	if len(label) > maxLabel {
+		cut := maxLabel
+		for cut > 0 && !utf8.RuneStart(label[cut]) {
+			cut--
+		}
+		label = label[:cut]
+	}
+	clean := true
+	for _, r := range label {
+		if !unicode.IsPrint(r) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return label
+	}
+	var b strings.Builder
+	for _, r := range label {
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+		} else {
+			fmt.Fprintf(&b, "\\u%04x", r)
+		}
+	}
+	return b.String()
 }
 
 // newRequestID returns 16 hex characters, random, so that ids are unique

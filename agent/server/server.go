@@ -83,7 +83,8 @@ type Options struct {
 	// 0 means DefaultMaxStreamsPerConnection.
 	MaxStreamsPerConnection int
 	// IdleTimeout closes a connection that has had no call open for this
-	// long. 0 means DefaultIdleTimeout.
+	// long, and a signing connection that has sent nothing for this long.
+	// 0 means DefaultIdleTimeout.
 	IdleTimeout time.Duration
 	// StreamSendTimeout ends a SignStream whose client has read nothing for
 	// this long while results wait for it, so that a client that never reads
@@ -132,6 +133,7 @@ type Server struct {
 	refusals   *refusalAudit // bounds the audit records of refusals
 	listings   *refusalAudit // bounds the audit records of ListKeys and WatchKeys
 	stallAfter time.Duration // StreamSendTimeout
+	idleAfter  time.Duration // IdleTimeout
 	handshake  time.Duration // handshakeTimeout
 	signConns  signConnSet
 	workers    *workers
@@ -203,7 +205,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.MaxSignStreamsPerUID, DefaultMaxSignStreamsPerUID)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
 	s := &Server{store: store, log: opts.Logger, stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
-		handshake: handshakeTimeout, version: opts.Version, observer: opts.Observer}
+		idleAfter: opts.IdleTimeout, handshake: handshakeTimeout, version: opts.Version, observer: opts.Observer}
 	s.audit = newAuditLog(opts.Audit, opts.Logger, opts.AuditFailOpen, s.setAuditWritable)
 	if opts.AuditFailOpen {
 		opts.Logger.Warn("audit_fail_open is set: if the audit trail cannot be written, signatures go on WITHOUT audit records")
@@ -671,10 +673,7 @@ func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest
 	if err != nil && result != resultHSMError && result != resultTimeout && !s.refusals.allow(p.UID, "sign", result) {
 		return nil
 	}
-	label := req.Key
-	if len(label) > maxLabel {
-		label = label[:maxLabel]
-	}
+	label := auditLabel(req.Key)
 	if aerr := s.audit.write(ctx, level, "sign",
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.String("key", label), slog.String("hash", req.Hash.String()),

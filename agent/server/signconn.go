@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -140,7 +141,7 @@ func (s *Server) serveSignConn(pc *peerConn) {
 	ctx, cancel := context.WithCancel(peer.NewContext(context.Background(),
 		&peer.Peer{Addr: pc.RemoteAddr(), AuthInfo: connAuth{pc.peer, pc}}))
 	defer cancel()
-	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), w: wire.FrameWriter{W: pc}, cancel: cancel}
+	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), w: wire.FrameWriter{W: pc}, cancel: cancel, idleAfter: s.idleAfter}
 	if s.isStopping() || !s.signConns.add(pc, cancel) {
 		// Shutting down: gRPC refuses new streams now, and so does this.
 		// Answered, not closed unanswered, which a client takes for an
@@ -158,6 +159,11 @@ func (s *Server) serveSignConn(pc *peerConn) {
 			err = s.serveSignStream(ctx, pc.peer, fs)
 			release()
 		}
+	}
+	if fs.idle.Load() && err == nil {
+		// Only what the client had not sent goes unanswered: it may send
+		// it again on a new connection, and the Go client does.
+		err = status.Errorf(codes.Aborted, "agent: the signing connection sent nothing for %v; closed, every request on it answered", s.idleAfter)
 	}
 	if fe := fs.malformed.Load(); fe != nil {
 		// The code the client gets, in the audit record too.
@@ -192,6 +198,8 @@ type frameStream struct {
 	// the stream may end (at Shutdown, say) with Recv still reading.
 	malformed atomic.Pointer[wire.FrameError]
 	watching  atomic.Bool // a watchHangup is under way
+	idleAfter time.Duration
+	idle      atomic.Bool // Recv ended the stream: nothing came for idleAfter
 }
 
 // Recv reads the next request. The client never half-closes: the end of
@@ -200,7 +208,14 @@ type frameStream struct {
 func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 	m := &agentpb.SignStreamRequest{}
 	var err error
+	// Bounds the wait for the next frame (and a frame trickled in); a
+	// connection that sends nothing is not kept for ever.
+	f.conn.SetReadDeadline(time.Now().Add(f.idleAfter))
 	f.buf, err = wire.ReadFrame(f.r, wire.MaxRequestSize, f.buf, m)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		f.idle.Store(true)
+		return nil, io.EOF // drained: what was asked is answered, then Aborted
+	}
 	if err == nil {
 		for _, it := range m.Items {
 			if it.Id == wire.StatusID {

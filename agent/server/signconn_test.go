@@ -800,3 +800,35 @@ func TestSignStreamEmptyMessage(t *testing.T) {
 	waitFor(t, func() bool { return len(audit.records(t, "msg", "sign-stream", "result", "malformed")) == 1 })
 	stillSignsOverConn(t, a.Socket, store)
 }
+
+// TestSignConnIdleClosed: a signing connection that sends nothing for the
+// idle timeout is ended with Aborted after every request on it was answered
+// (a connection that only sent the preface too), so idle connections do not
+// hold their place for ever (issue 18, item 8).
+func TestSignConnIdleClosed(t *testing.T) {
+	store := newMemStore(t)
+	a := agenttest.Start(t, store, server.Options{IdleTimeout: 300 * time.Millisecond})
+	for _, tc := range []struct {
+		name string
+		send int
+	}{{"after a signature", 1}, {"after the preface only", 0}} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := openSignConn(t, a.Socket)
+			if tc.send > 0 {
+				c.send(t, items(1, tc.send, goodEC)...)
+			}
+			start := time.Now()
+			results, st := c.end(t)
+			if len(results) != tc.send {
+				t.Errorf("%d results before the end; want %d", len(results), tc.send)
+			}
+			if st.Code() != codes.Aborted || !strings.Contains(st.Message(), "sent nothing for 300ms") {
+				t.Errorf("the idle connection ended %v %q; want Aborted, sent nothing for 300ms", st.Code(), st.Message())
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("closed after %v with an idle timeout of 300ms", d)
+			}
+		})
+	}
+	stillSignsOverConn(t, a.Socket, store)
+}
