@@ -26,20 +26,10 @@ import (
 // gap in seq.
 func TestServeAuditFailsClosed(t *testing.T) {
 	fx := New(t)
-	fx.ok(t, fx.args([]string{"keys", "generate"}, "--label", "web", "--type", "ecdsa-p256")...)
 	path := filepath.Join(t.TempDir(), "audit.log")
-	d := fx.startDaemon(t, "--audit-log", path)
+	d, client, signer := fx.auditedAgent(t, path)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	client, err := agent.Dial(ctx, d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	signer, err := client.Signer(ctx, "web")
-	if err != nil {
-		t.Fatal(err)
-	}
 	digest := sha256.Sum256([]byte("audit me"))
 	sign := func() error { _, err := signer.Sign(nil, digest[:], crypto.SHA256); return err }
 	if err := sign(); err != nil {
@@ -118,4 +108,25 @@ func setFileSizeLimit(t *testing.T, pid int, n uint64) {
 	if err := unix.Prlimit(pid, unix.RLIMIT_FSIZE, &lim, nil); err != nil {
 		t.Fatalf("setting the agent's file-size limit: %v", err)
 	}
+}
+
+// auditedAgent starts an agent writing its audit to path with one key,
+// "web", and returns it with a client and the key's signer (a list record,
+// seq 1, is written by then).
+func (fx *Token) auditedAgent(t *testing.T, path string) (*daemon, *agent.Client, crypto.Signer) {
+	t.Helper()
+	fx.ok(t, fx.args([]string{"keys", "generate"}, "--label", "web", "--type", "ecdsa-p256")...)
+	d := fx.startDaemon(t, "--audit-log", path)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	client, err := agent.Dial(ctx, d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	signer, err := client.Signer(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, client, signer
 }

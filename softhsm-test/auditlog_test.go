@@ -1,7 +1,6 @@
 package softhsmtest
 
 import (
-	"context"
 	"crypto"
 	"crypto/sha256"
 	"encoding/json"
@@ -22,21 +21,8 @@ import (
 // file stopped. A refused signature's error names its record.
 func TestServeAuditLogReopenedOnSIGHUP(t *testing.T) {
 	fx := New(t)
-	fx.ok(t, fx.args([]string{"keys", "generate"}, "--label", "web", "--type", "ecdsa-p256")...)
 	path := filepath.Join(t.TempDir(), "audit.log")
-	d := fx.startDaemon(t, "--audit-log", path)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	client, err := agent.Dial(ctx, d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	signer, err := client.Signer(ctx, "web") // a list record, then a sign record
-	if err != nil {
-		t.Fatal(err)
-	}
+	d, _, signer := fx.auditedAgent(t, path) // a list record; a sign record next
 	digest := sha256.Sum256([]byte("audit me"))
 	if _, err := signer.Sign(nil, digest[:], crypto.SHA256); err != nil {
 		t.Fatal(err)
@@ -48,7 +34,7 @@ func TestServeAuditLogReopenedOnSIGHUP(t *testing.T) {
 	d.waitFor(t, "reloaded")
 	// Deleted from the token: the agent refuses the next signature itself.
 	fx.ok(t, fx.args([]string{"keys", "delete"}, "--label", "web", "--yes")...)
-	_, err = signer.Sign(nil, digest[:], crypto.SHA256)
+	_, err := signer.Sign(nil, digest[:], crypto.SHA256)
 	var ce *agent.CallError
 	if !errors.As(err, &ce) || ce.RequestID == "" {
 		t.Fatalf("signature with a deleted key: %v; want a CallError with a request id", err)

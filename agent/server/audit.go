@@ -43,6 +43,7 @@ type auditLog struct {
 	failOpen bool
 	onChange func(writable bool) // health and metrics
 	stop     chan struct{}       // closed by Shutdown: ends the probe
+	every    time.Duration       // auditProbeEvery, read once
 
 	down    atomic.Bool
 	refused atomic.Int64 // decisions refused or unrecorded during this outage
@@ -51,14 +52,15 @@ type auditLog struct {
 	seq uint64
 }
 
-// auditProbeEvery is how often a trail that failed is tried again.
+// auditProbeEvery is how often a trail that failed is tried again. A
+// variable for the tests (export_test.go); each Server reads it once.
 var auditProbeEvery = time.Second
 
 // errAuditDown is what write returns while the trail cannot be written.
 var errAuditDown = errors.New("agent: the audit trail cannot be written")
 
 func newAuditLog(l, log *slog.Logger, failOpen bool, onChange func(bool)) *auditLog {
-	return &auditLog{h: l.Handler(), log: log, failOpen: failOpen, onChange: onChange, stop: make(chan struct{})}
+	return &auditLog{h: l.Handler(), log: log, failOpen: failOpen, onChange: onChange, stop: make(chan struct{}), every: auditProbeEvery}
 }
 
 // refusing reports whether decisions are refused now for want of a trail.
@@ -117,7 +119,7 @@ func (a *auditLog) failed(err error) {
 // probe writes an "audit resumed" record every auditProbeEvery until one
 // goes through, which ends the outage.
 func (a *auditLog) probe() {
-	t := time.NewTicker(auditProbeEvery)
+	t := time.NewTicker(a.every)
 	defer t.Stop()
 	for {
 		select {

@@ -346,32 +346,41 @@ func (s *Server) admitStream(ctx context.Context, p Peer) (release func(), err e
 	if why == "" {
 		return func() { s.streams.release(p.UID) }, nil
 	}
-	reason, limit := resultTooManyStreams, s.streams.max
-	if why == resultTooManyForUID {
-		reason, limit = resultTooManyStreamsForUID, s.streams.perUID
-		s.limits.hit("sign streams per uid", p.UID, limit)
-	} else {
-		s.limits.hit("sign streams", -1, limit)
-	}
-	if s.refusals.allow(p.UID, "sign-stream", reason) {
-		s.audit.write(ctx, slog.LevelWarn, "sign-stream",
-			slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("result", reason))
-	}
+	reason, limit := s.overBudget(ctx, p, streamBudget, s.streams, why)
 	return nil, status.Errorf(codes.ResourceExhausted, "agent: %d sign streams are open (%s); close some, or sign with unary Sign calls", limit, reason)
 }
 
 // refuseWatch answers a WatchKeys over the watcher limits.
 func (s *Server) refuseWatch(ctx context.Context, p Peer, rid, why string) error {
-	reason, limit := resultTooManyWatchers, s.watchers.max
-	if why == resultTooManyForUID {
-		reason, limit = resultTooManyWatchersForUID, s.watchers.perUID
-		s.limits.hit("key watchers per uid", p.UID, limit)
-	} else {
-		s.limits.hit("key watchers", -1, limit)
-	}
-	if s.refusals.allow(p.UID, "watch", reason) {
-		s.audit.write(ctx, slog.LevelWarn, "watch", slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
-			slog.String("result", reason), slog.String("request_id", rid))
-	}
+	reason, limit := s.overBudget(ctx, p, watchBudget, s.watchers, why, slog.String("request_id", rid))
 	return status.Error(codes.ResourceExhausted, withRequestID(fmt.Sprintf("agent: %d key watchers are open (%s); close some", limit, reason), rid))
+}
+
+// budget names a kind of long call counted by a connLimits: its audit
+// event, the limits' names in the log, and the audit results of refusals.
+type budget struct {
+	event, name           string
+	overTotal, overForUID string
+}
+
+var (
+	streamBudget = budget{"sign-stream", "sign streams", resultTooManyStreams, resultTooManyStreamsForUID}
+	watchBudget  = budget{"watch", "key watchers", resultTooManyWatchers, resultTooManyWatchersForUID}
+)
+
+// overBudget logs (once per limit) and audits (rationed) a call refused by
+// l for why, and returns the audit result and the limit it hit.
+func (s *Server) overBudget(ctx context.Context, p Peer, b budget, l *connLimits, why string, attrs ...slog.Attr) (reason string, limit int) {
+	reason, limit = b.overTotal, l.max
+	if why == resultTooManyForUID {
+		reason, limit = b.overForUID, l.perUID
+		s.limits.hit(b.name+" per uid", p.UID, limit)
+	} else {
+		s.limits.hit(b.name, -1, limit)
+	}
+	if s.refusals.allow(p.UID, b.event, reason) {
+		s.audit.write(ctx, slog.LevelWarn, b.event, append([]slog.Attr{slog.Int("uid", p.UID), slog.Int("gid", p.GID),
+			slog.Int("pid", p.PID), slog.String("result", reason)}, attrs...)...)
+	}
+	return reason, limit
 }

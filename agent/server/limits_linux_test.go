@@ -122,21 +122,9 @@ func TestConnectionFlood(t *testing.T) {
 // TestSignaturesFairPerUID: a caller with its share of signatures waiting
 // is refused at once, and another uid's signature still gets through.
 func TestSignaturesFairPerUID(t *testing.T) {
-	needSetpriv(t)
-	policy, err := server.NewPolicy([]server.Rule{{Keys: []string{"ec"}, Users: []string{"0", "65534"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := agenttest.SocketDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	store := newStallingStore(t)
-	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, store,
-		server.Options{Policy: policy, MaxInFlight: 4, MaxWaiting: 64, MaxSignaturesPerUID: 8, HSMTimeout: time.Minute})
-	bin := copyTestBinary(t, dir)
+	a, bin := stalledAgentForNobody(t, store, server.Options{MaxInFlight: 4, MaxWaiting: 64, MaxSignaturesPerUID: 8})
 	api, _ := rawClient(t, a.Socket)
-	store.hold()
 
 	// Root floods: 8 get in, the other 92 are refused at once.
 	var wg sync.WaitGroup
@@ -238,21 +226,9 @@ func TestRefusalAuditBounded(t *testing.T) {
 // root's signature takes a reserved one at once instead of queueing behind
 // that uid's backlog (issue 18, item 5).
 func TestHSMReserveForRoot(t *testing.T) {
-	needSetpriv(t)
-	policy, err := server.NewPolicy([]server.Rule{{Keys: []string{"ec"}, Users: []string{"0", "65534"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := agenttest.SocketDir(t)
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	store := newStallingStore(t)
-	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, store,
-		server.Options{Policy: policy, MaxInFlight: 8, MaxWaiting: 64, MaxSignaturesPerUID: 64, HSMTimeout: time.Minute})
-	bin := copyTestBinary(t, dir)
+	a, bin := stalledAgentForNobody(t, store, server.Options{MaxInFlight: 8, MaxWaiting: 64, MaxSignaturesPerUID: 64})
 	api, _ := rawClient(t, a.Socket)
-	store.hold()
 	release := sync.OnceFunc(store.release)
 	defer release()
 
@@ -277,4 +253,24 @@ func TestHSMReserveForRoot(t *testing.T) {
 	if got := strings.TrimSpace(<-out); !strings.HasPrefix(got, "ok=14") {
 		t.Errorf("nobody's signatures: %q; want ok=14", got)
 	}
+}
+
+// stalledAgentForNobody starts an agent on store, held (nothing signs until
+// store.release), whose socket root and nobody may reach and whose rules
+// let both use key "ec"; bin is the test binary where nobody can run it.
+func stalledAgentForNobody(t *testing.T, store *stallingStore, opts server.Options) (*agenttest.Agent, string) {
+	t.Helper()
+	needSetpriv(t)
+	policy, err := server.NewPolicy([]server.Rule{{Keys: []string{"ec"}, Users: []string{"0", "65534"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := agenttest.SocketDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	opts.Policy, opts.HSMTimeout = policy, time.Minute
+	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, store, opts)
+	store.hold()
+	return a, copyTestBinary(t, dir)
 }
