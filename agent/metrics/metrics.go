@@ -89,12 +89,13 @@ func NewAgent(load func() (inFlight, waiting int)) *Agent {
 }
 
 // Signed implements server.Observer.
-func (m *Agent) Signed(key, result string, d time.Duration) {
+func (m *Agent) Signed(key string, o server.Outcome, d time.Duration) {
 	if key == "" {
 		key = "other"
 	}
+	result := o.Metric()
 	m.signatures.WithLabelValues(key, result).Inc()
-	if result == "ok" {
+	if o == server.Signed {
 		m.latency.WithLabelValues(key).Observe(d.Seconds())
 		return
 	}

@@ -18,7 +18,6 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -157,7 +156,7 @@ func (a *auditLog) close() {
 
 // auditUnavailable is the refusal of a request whose record cannot be written.
 func auditUnavailable() *gateError {
-	return &gateError{codes.Unavailable, resultAuditDown,
+	return &gateError{AuditDown,
 		"agent: the audit trail cannot be written, so nothing is signed; see the agent's log"}
 }
 

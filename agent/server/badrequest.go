@@ -13,10 +13,6 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// resultMalformed is the audit result of a request gRPC refused before a
-// handler saw it: a message that does not decode, or one over the size cap.
-const resultMalformed = "malformed"
-
 // badRequestAudit is a gRPC stats handler that gives a record (rationed like
 // other refusals) to the calls no handler saw: gRPC answers those itself,
 // so without it a malformed request would leave no trace.
@@ -63,7 +59,7 @@ func (b badRequestAudit) HandleRPC(ctx context.Context, st stats.RPCStats) {
 	}
 	switch {
 	case errors.Is(context.Cause(ctx), errNoRequest):
-		b.s.auditRefusedCall(ctx, event, resultNoRequest, end.Error)
+		b.s.auditRefusedCall(ctx, event, NoRequest, end.Error)
 	case status.Code(end.Error) == codes.Canceled:
 		// The client reset the call before its request: it asked for
 		// nothing, and a reset flood must not fill the audit trail.
@@ -80,25 +76,25 @@ var auditEvents = map[string]string{"Sign": "sign", "SignStream": "sign-stream",
 
 // auditMalformed records a request refused before or while it was decoded.
 func (s *Server) auditMalformed(ctx context.Context, event string, err error) {
-	s.auditRefusedCall(ctx, event, resultMalformed, err)
+	s.auditRefusedCall(ctx, event, Malformed, err)
 }
 
 // auditRefusedCall records a call that ended before any request in it was
-// looked at, with result and the code the client got.
-func (s *Server) auditRefusedCall(ctx context.Context, event, result string, err error) {
+// looked at, with its outcome and the code the client got.
+func (s *Server) auditRefusedCall(ctx context.Context, event string, o Outcome, err error) {
 	p, perr := peerFrom(ctx)
 	if perr != nil {
 		return
 	}
 	if event == "Sign" {
-		s.observer.Signed("", result, 0)
+		s.observer.Signed("", o, 0)
 	}
-	if !s.refusals.allow(p.UID, event, result) {
+	if !s.refusals.allow(p.UID, event, o.String()) {
 		return
 	}
 	s.audit.write(ctx, slog.LevelWarn, auditEvents[event],
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
-		slog.String("result", result), slog.String("code", status.Code(err).String()),
+		slog.String("result", o.String()), slog.String("code", status.Code(err).String()),
 		slog.String("request_id", newRequestID()))
 }
 

@@ -14,10 +14,6 @@ import (
 // that send one large header each; the Go client sends well under 1 KiB.
 const maxHeaderListSize = 16 << 10
 
-// resultNoRequest is the audit result of a call ended because its request
-// did not arrive within the handshake timeout.
-const resultNoRequest = "no-request"
-
 // errNoRequest is the cause of a call's context ended by firstMessage.
 var errNoRequest = errors.New("agent: the call's request did not arrive in time")
 

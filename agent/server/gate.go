@@ -9,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"google.golang.org/grpc/codes"
 )
 
 // Defaults for Options.MaxInFlight, MaxWaiting and HSMTimeout. A network
@@ -21,18 +19,6 @@ const (
 	DefaultMaxInFlight = 64
 	DefaultMaxWaiting  = 1024
 	DefaultHSMTimeout  = 3 * time.Second
-)
-
-// Audit results of a signature that did not complete.
-const (
-	resultOK        = "ok"
-	resultBusy      = "busy"       // refused: too many requests waiting for the HSM
-	resultAbandoned = "abandoned"  // the caller went away before the HSM answered
-	resultTimeout   = "timeout"    // the HSM did not answer within the HSM timeout
-	resultDown      = "hsm-down"   // refused at once: an operation is stuck in the HSM, or the key store says its backend is down
-	resultHSMError  = "hsm-error"  // the HSM answered with an error
-	resultDenied    = "denied"     // metrics only: not allowed, whether the key exists or not
-	resultAuditDown = "audit-down" // refused: the audit trail cannot be written
 )
 
 // gate admits operations into the key store: at most maxInFlight at once
@@ -84,12 +70,11 @@ func (g *gate) leave(uid int) {
 	}
 }
 
-// gateError is a refusal or failure decided by the agent (the gate, or the
-// access check) with the result its audit record keeps.
+// gateError is a refusal or failure decided by the agent (the gate, the
+// access check, the audit trail) with its outcome.
 type gateError struct {
-	code   codes.Code
-	result string
-	msg    string
+	outcome Outcome
+	msg     string
 }
 
 func (e *gateError) Error() string { return e.msg }
@@ -183,12 +168,12 @@ func (g *gate) inline(ctx context.Context, op func() ([]byte, error), free func(
 // admit waits for an HSM slot for uid; free gives it back.
 func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 	if n := g.stuck.Load(); n > 0 {
-		return nil, &gateError{codes.Unavailable, resultDown, fmt.Sprintf(
+		return nil, &gateError{HSMDown, fmt.Sprintf(
 			"agent: the HSM is not answering (%d operation(s) stuck for more than %v); failing fast until it recovers", n, g.timeout)}
 	}
 	if !g.enter(uid) {
 		g.limits.hit("signatures per uid", uid, g.perUID)
-		return nil, &gateError{codes.ResourceExhausted, resultCallerBusy, fmt.Sprintf(
+		return nil, &gateError{CallerBusy, fmt.Sprintf(
 			"agent: uid %d already has %d signatures waiting for the HSM or in it; try again later", uid, g.perUID)}
 	}
 	// The uid's place is given back with the HSM slot: an operation its
@@ -198,7 +183,7 @@ func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 		g.waiting.Add(-1)
 		g.leave(uid)
 		g.limits.hit("signatures waiting", -1, int(g.maxWaiting))
-		return nil, &gateError{codes.ResourceExhausted, resultBusy, fmt.Sprintf(
+		return nil, &gateError{Busy, fmt.Sprintf(
 			"agent: %d signatures are already waiting for the HSM; try again later", g.maxWaiting)}
 	}
 	if err := g.slots.acquire(ctx, uid); err != nil {
@@ -215,7 +200,7 @@ func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 }
 
 func (g *gate) timedOut() *gateError {
-	return &gateError{codes.Unavailable, resultTimeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
+	return &gateError{Timeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}
 }
 
 // enterStuck counts an operation past the timeout until leaveStuck, turning
@@ -235,9 +220,9 @@ func (g *gate) leaveStuck() {
 }
 
 func abandoned(ctx context.Context) *gateError {
-	code := codes.Canceled
+	o := Cancelled
 	if ctx.Err() == context.DeadlineExceeded {
-		code = codes.DeadlineExceeded
+		o = Expired
 	}
-	return &gateError{code, resultAbandoned, "agent: the caller went away before the HSM signed"}
+	return &gateError{o, "agent: the caller went away before the HSM signed"}
 }

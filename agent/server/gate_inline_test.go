@@ -46,7 +46,7 @@ func TestInlineTimeoutAsOpReturns(t *testing.T) {
 	if err != errAnswered {
 		t.Errorf("do returned %v; want errAnswered after the timeout's answer", err)
 	}
-	if ge := <-answered; ge.result != resultTimeout {
+	if ge := <-answered; ge.outcome != Timeout {
 		t.Errorf("late answer %v; want the timeout", ge)
 	}
 	deadline := time.Now().Add(5 * time.Second)

@@ -5,13 +5,7 @@ import (
 	"fmt"
 	"sync"
 	"time"
-
-	"google.golang.org/grpc/codes"
 )
-
-// resultKeyChanged is the audit result of a signature refused because the key
-// under the label was replaced in the store since the agent loaded it.
-const resultKeyChanged = "key-changed"
 
 // keyChangeReloadInterval spaces the reloads that key changes trigger, so
 // that a store which keeps reporting a change cannot make every request reload.
@@ -65,7 +59,7 @@ func (s *Server) keyChanged(label string, e *entry, err error) *gateError {
 	if start {
 		go s.reloadAfterKeyChange()
 	}
-	return &gateError{codes.FailedPrecondition, resultKeyChanged, fmt.Sprintf(
+	return &gateError{KeyChanged, fmt.Sprintf(
 		"agent: key %q was replaced in the key store since the agent loaded it; the agent is reloading its keys: fetch the public key again (ListKeys or WatchKeys) before signing", label)}
 }
 

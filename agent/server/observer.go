@@ -6,10 +6,10 @@ import "time"
 // has the Prometheus one). Its methods are called on the request path and
 // must not block.
 type Observer interface {
-	// Signed is called once per sign request with its audit result; key is
-	// the label when the agent has such a key and "" otherwise, so that a
-	// caller's made-up labels never reach a metric.
-	Signed(key, result string, d time.Duration)
+	// Signed is called once per sign request with its outcome; key is the
+	// label when the agent has such a key (and did not deny it) and ""
+	// otherwise, so that a caller's made-up labels never reach a metric.
+	Signed(key string, o Outcome, d time.Duration)
 	// KeysLoaded is called with the keys served, at start and after every reload.
 	KeysLoaded(keys []Key)
 	// HSMServing is called when the HSM stops answering and when it is back.
@@ -21,10 +21,10 @@ type Observer interface {
 
 type nopObserver struct{}
 
-func (nopObserver) Signed(string, string, time.Duration) {}
-func (nopObserver) KeysLoaded([]Key)                     {}
-func (nopObserver) HSMServing(bool)                      {}
-func (nopObserver) AuditWritable(bool)                   {}
+func (nopObserver) Signed(string, Outcome, time.Duration) {}
+func (nopObserver) KeysLoaded([]Key)                      {}
+func (nopObserver) HSMServing(bool)                       {}
+func (nopObserver) AuditWritable(bool)                    {}
 
 // HSMLoad reports the signatures inside the key store now and those waiting for it.
 func (s *Server) HSMLoad() (inFlight, waiting int) {

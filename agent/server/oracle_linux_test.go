@@ -67,10 +67,10 @@ type recordingObserver struct {
 	buf strings.Builder
 }
 
-func (r *recordingObserver) Signed(key, result string, _ time.Duration) {
+func (r *recordingObserver) Signed(key string, o server.Outcome, _ time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	fmt.Fprintf(&r.buf, "%s/%s ", key, result)
+	fmt.Fprintf(&r.buf, "%s/%s ", key, o.Metric())
 }
 func (r *recordingObserver) KeysLoaded([]server.Key) {}
 func (r *recordingObserver) HSMServing(bool)         {}

@@ -553,12 +553,12 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 	}
 	rid := newRequestID()
 	sendRequestID(ctx, rid)
-	sig, code, err := s.sign(ctx, p, req, nil)
-	if aerr := s.auditSign(ctx, p, req, rid, code, err, time.Since(start)); aerr != nil && err == nil {
-		sig, code, err = nil, codes.Unavailable, aerr // no signature leaves without its record
+	sig, o, err := s.sign(ctx, p, req, nil)
+	if aerr := s.auditSign(ctx, p, req, rid, o, err, time.Since(start)); aerr != nil && err == nil {
+		sig, o, err = nil, AuditDown, aerr // no signature leaves without its record
 	}
 	if err != nil {
-		return nil, status.Error(code, withRequestID(err.Error(), rid))
+		return nil, status.Error(o.Code(), withRequestID(err.Error(), rid))
 	}
 	return &agentpb.SignResponse{Signature: sig}, nil
 }
@@ -566,42 +566,41 @@ func (s *Server) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.S
 // sign checks req and signs it. late, if set, makes the HSM call run in the
 // calling goroutine and gets the answer if the HSM timeout passes first;
 // sign then returns errAnswered when the call has returned (see gate.do).
-func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, codes.Code, error) {
+func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, Outcome, error) {
 	switch {
 	case req.Key == "":
-		return nil, codes.InvalidArgument, errors.New("agent: key label is empty")
+		return nil, Invalid, errors.New("agent: key label is empty")
 	case len(req.Key) > maxLabel:
-		return nil, codes.InvalidArgument, fmt.Errorf("agent: key label longer than %d bytes", maxLabel)
+		return nil, Invalid, fmt.Errorf("agent: key label longer than %d bytes", maxLabel)
 	}
 	if s.audit.refusing() {
-		return nil, codes.Unavailable, auditUnavailable()
+		return nil, AuditDown, auditUnavailable()
 	}
 	st := s.state.Load()
 	e := st.keys[req.Key]
 	if !st.policy.Allowed(p, req.Key) {
 		// One answer whether the key exists or not, so that a caller learns
 		// nothing of the keys it may not use; the audit keeps the real reason.
-		result := codes.PermissionDenied.String()
+		o := Denied
 		if e == nil {
-			result = codes.NotFound.String()
+			o = DeniedNotFound
 		}
-		return nil, codes.PermissionDenied, &gateError{codes.PermissionDenied, result,
-			fmt.Sprintf("agent: key %q not found or not allowed for uid %d", req.Key, p.UID)}
+		return nil, o, fmt.Errorf("agent: key %q not found or not allowed for uid %d", req.Key, p.UID)
 	}
 	if e == nil {
-		return nil, codes.NotFound, fmt.Errorf("agent: key %q not found", req.Key)
+		return nil, NotFound, fmt.Errorf("agent: key %q not found", req.Key)
 	}
 	hash, ok := wire.GoHash(req.Hash)
 	if !ok {
-		return nil, codes.InvalidArgument, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
+		return nil, Invalid, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
 	}
 	if len(req.Digest) != hash.Size() {
-		return nil, codes.InvalidArgument, fmt.Errorf("agent: digest is %d bytes, %v needs %d", len(req.Digest), hash, hash.Size())
+		return nil, Invalid, fmt.Errorf("agent: digest is %d bytes, %v needs %d", len(req.Digest), hash, hash.Size())
 	}
 	var opts crypto.SignerOpts = hash
 	switch {
 	case e.rsaPub == nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED:
-		return nil, codes.InvalidArgument, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
+		return nil, Invalid, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
 	case e.rsaPub != nil && req.Padding == agentpb.Padding_PADDING_PSS:
 		salt := int(req.PssSaltLength)
 		maxSalt := keytype.MaxPSSSaltLength(e.rsaPub, hash)
@@ -609,75 +608,56 @@ func (s *Server) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, lat
 		case salt == 0:
 			salt = rsa.PSSSaltLengthEqualsHash
 		case salt < 0 || salt > maxSalt:
-			return nil, codes.InvalidArgument, fmt.Errorf("agent: PSS salt length %d is outside 1..%d for key %q", salt, maxSalt, req.Key)
+			return nil, Invalid, fmt.Errorf("agent: PSS salt length %d is outside 1..%d for key %q", salt, maxSalt, req.Key)
 		}
 		opts = &rsa.PSSOptions{Hash: hash, SaltLength: salt}
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
-		return nil, codes.InvalidArgument, fmt.Errorf("agent: padding %v is not supported", req.Padding)
+		return nil, Invalid, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
 	sig, err := s.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
 	if err == errAnswered {
-		return nil, codes.Unavailable, err
+		return nil, Timeout, err
 	}
 	var ge *gateError
 	if errors.As(err, &ge) {
-		return nil, ge.code, ge
+		return nil, ge.outcome, ge
 	}
 	if isKeyChanged(err) {
 		ke := s.keyChanged(req.Key, e, err)
-		return nil, ke.code, ke
+		return nil, ke.outcome, ke
 	}
 	if err != nil {
 		if backendDown(err) {
 			// The key store logs the outage once; a line per request would flood.
 			s.log.Debug("signing failed: the HSM is unavailable", "key", req.Key, "err", err)
-			return nil, codes.Unavailable, &gateError{codes.Unavailable, resultDown, err.Error()}
+			return nil, HSMDown, err
 		}
 		// Details go to the log, at most a line a second; the caller learns that the HSM failed.
 		if n, ok := s.gate.failures.allow(); ok {
 			s.log.Error("signing failed", "key", req.Key, "err", err, "similar_failures_not_logged", n)
 		}
-		return nil, codes.Internal, fmt.Errorf("agent: the HSM failed to sign with key %q; see the agent's log", req.Key)
+		return nil, HSMError, fmt.Errorf("agent: the HSM failed to sign with key %q; see the agent's log", req.Key)
 	}
-	return sig, codes.OK, nil
+	return sig, Signed, nil
 }
 
-// auditSign records a sign request's outcome. Its error, when the record
+// auditSign records a sign request's outcome o. Its error, when the record
 // of a signature could not be written, means the signature must not go out.
-func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, code codes.Code, err error, d time.Duration) error {
-	result := resultOK
-	level := slog.LevelInfo
-	var ge *gateError
-	switch {
-	case errors.As(err, &ge):
-		result, level = ge.result, slog.LevelWarn
-	case code == codes.Internal:
-		result, level = resultHSMError, slog.LevelWarn
-	case err != nil:
-		result, level = code.String(), slog.LevelWarn
-	}
+func (s *Server) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, o Outcome, err error, d time.Duration) error {
 	// Metrics are readable by more users than the audit: a caller refused a
-	// key learns nothing there either (no label, one reason for both causes).
-	// (sign answers PermissionDenied only from its access check, so the
-	// check is not run a second time here.)
-	known, metricResult := "", result
-	switch {
-	case code == codes.PermissionDenied:
-		metricResult = resultDenied
-	case s.state.Load().keys[req.Key] != nil:
+	// key learns nothing there either (no label, one label for both denials).
+	known := ""
+	if o != Denied && o != DeniedNotFound && s.state.Load().keys[req.Key] != nil {
 		known = req.Key
 	}
-	s.observer.Signed(known, metricResult, d) // every request counts, audited or not
-	// Refusals cost the caller nothing, so their records are rationed per
-	// uid; signatures and HSM failures are bounded by the HSM itself.
-	if err != nil && result != resultHSMError && result != resultTimeout && !s.refusals.allow(p.UID, "sign", result) {
+	s.observer.Signed(known, o, d) // every request counts, audited or not
+	if o.rationed() && !s.refusals.allow(p.UID, "sign", o.String()) {
 		return nil
 	}
-	label := auditLabel(req.Key)
-	if aerr := s.audit.write(ctx, level, "sign",
+	if aerr := s.audit.write(ctx, o.Level(), "sign",
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
-		slog.String("key", label), slog.String("hash", req.Hash.String()),
-		slog.String("result", result), slog.Duration("duration", d), slog.String("request_id", rid)); aerr != nil {
+		slog.String("key", auditLabel(req.Key)), slog.String("hash", req.Hash.String()),
+		slog.String("result", o.String()), slog.Duration("duration", d), slog.String("request_id", rid)); aerr != nil {
 		return auditUnavailable()
 	}
 	return nil

@@ -49,7 +49,7 @@ func (s *Server) SignStream(stream agentpb.Agent_SignStreamServer) error {
 	err = s.serveSignStream(ctx, p, stream)
 	if errors.Is(context.Cause(ctx), errNoRequest) {
 		err = status.Error(codes.DeadlineExceeded, errNoRequest.Error())
-		s.auditRefusedCall(ctx, "SignStream", resultNoRequest, err)
+		s.auditRefusedCall(ctx, "SignStream", NoRequest, err)
 	}
 	return err
 }
@@ -215,19 +215,19 @@ func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Dur
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	answer := func(sig []byte, code codes.Code, err error) {
-		if aerr := ss.s.auditSign(ctx, ss.p, req, rid, code, err, time.Since(start)); aerr != nil && err == nil {
-			sig, code, err = nil, codes.Unavailable, aerr // no signature leaves without its record
+	answer := func(sig []byte, o Outcome, err error) {
+		if aerr := ss.s.auditSign(ctx, ss.p, req, rid, o, err, time.Since(start)); aerr != nil && err == nil {
+			sig, o, err = nil, AuditDown, aerr // no signature leaves without its record
 		}
-		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(code)}
+		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(o.Code())}
 		if err != nil {
 			r.Message = withRequestID(err.Error(), rid)
 		}
 		ss.queue(r)
 	}
-	sig, code, err := ss.s.sign(ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.code, ge) })
+	sig, o, err := ss.s.sign(ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.outcome, ge) })
 	if err != errAnswered {
-		answer(sig, code, err)
+		answer(sig, o, err)
 	}
 }
 
