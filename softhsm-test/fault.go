@@ -57,6 +57,7 @@ type FaultStats struct {
 	Failed    int // calls answered with an injected error (or as if the token were absent)
 	Hung      int // calls that waited on hang
 	Waiting   int // calls waiting on hang right now
+	Replayed  int // signatures answered from the replay table, without SoftHSM (SetReplay)
 }
 
 // FaultOps are the names of the wrapped call groups, as fail_ops, hang_ops and Stats use them.
@@ -137,6 +138,20 @@ func (f *FaultModule) Set(key, value string) {
 func (f *FaultModule) SetSignLatency(d time.Duration) {
 	f.tb.Helper()
 	f.set("sign_latency_us", micros(d))
+}
+
+// SetReplay turns on the off-host shape of a network HSM: a C_Sign of a key,
+// mechanism and digest already signed once returns that signature again
+// after the sign latency without calling SoftHSM, and C_SignInit costs
+// nothing, so that this host spends on a signature only what the caller
+// does. Benchmarks sign the same digest over and over.
+func (f *FaultModule) SetReplay(on bool) {
+	f.tb.Helper()
+	v := "0"
+	if on {
+		v = "1"
+	}
+	f.set("replay", v)
 }
 
 // SetLatency delays every other wrapped call (session, login, find, attributes...) by d.
@@ -330,6 +345,8 @@ func readFaultStats(path string) (map[string]FaultStats, error) {
 				s.Hung = v
 			case "waiting":
 				s.Waiting = v
+			case "replayed":
+				s.Replayed = v
 			}
 		}
 		out[op] = s

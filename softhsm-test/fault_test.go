@@ -428,3 +428,54 @@ func rawECKey(t *testing.T, p *pkcs11.Ctx, session pkcs11.SessionHandle) (*ecdsa
 	}
 	return pub, privH
 }
+
+// TestFaultReplay: with replay on, the first signature of a digest is made
+// by SoftHSM and every later one of the same key and digest is answered
+// from the module's table after the sign latency, without SoftHSM (its
+// C_Sign is not forwarded again) and valid; a new digest is signed for
+// real; turned off, every signature goes to SoftHSM again.
+func TestFaultReplay(t *testing.T) {
+	fm, _, s := faultSigner(t)
+	fm.SetReplay(true)
+	fm.SetSignLatency(5 * time.Millisecond)
+	pub := s.Public().(*ecdsa.PublicKey)
+	sign := func(msg string) time.Duration {
+		t.Helper()
+		digest := sha256.Sum256([]byte(msg))
+		start := time.Now()
+		sig, err := s.Sign(rand.Reader, digest[:], crypto.SHA256)
+		d := time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ecdsa.VerifyASN1(pub, digest[:], sig) {
+			t.Fatalf("signature of %q does not verify", msg)
+		}
+		return d
+	}
+	before := fm.Stats("sign")
+	sign("one")
+	for range 20 {
+		if d := sign("one"); d < 5*time.Millisecond {
+			t.Errorf("a replayed signature took %v; want at least the 5ms latency", d)
+		}
+	}
+	st := fm.Stats("sign")
+	if fwd, rep := st.Forwarded-before.Forwarded, st.Replayed-before.Replayed; fwd != 1 || rep != 20 {
+		t.Errorf("21 signatures of one digest: %d forwarded to SoftHSM, %d replayed; want 1 and 20", fwd, rep)
+	}
+	inits := fm.Stats("signinit").Forwarded
+	sign("two")
+	if st2 := fm.Stats("sign"); st2.Forwarded-st.Forwarded != 1 {
+		t.Errorf("a new digest: %d forwarded; want 1", st2.Forwarded-st.Forwarded)
+	}
+	if n := fm.Stats("signinit").Forwarded - inits; n != 1 {
+		t.Errorf("C_SignInit forwarded %d times for one new digest; want 1 (at the miss)", n)
+	}
+	fm.SetReplay(false)
+	st = fm.Stats("sign")
+	sign("one")
+	if st2 := fm.Stats("sign"); st2.Forwarded-st.Forwarded != 1 || st2.Replayed != st.Replayed {
+		t.Errorf("replay off: %+v -> %+v; want the signature forwarded", st, st2)
+	}
+}

@@ -70,9 +70,9 @@ static const char *const op_names[OP_COUNT] = {
 #define OPS_ALL ((1u << OP_COUNT) - 1)
 
 /* Counters kept per op in the stats file. */
-enum field { F_CALLS, F_FORWARDED, F_FAILED, F_HUNG, F_WAITING, F_COUNT };
+enum field { F_CALLS, F_FORWARDED, F_FAILED, F_HUNG, F_WAITING, F_REPLAYED, F_COUNT };
 
-static const char *const field_names[F_COUNT] = {"calls", "forwarded", "failed", "hung", "waiting"};
+static const char *const field_names[F_COUNT] = {"calls", "forwarded", "failed", "hung", "waiting", "replayed"};
 
 #define STATS_HEADER_BYTES 512
 
@@ -85,6 +85,7 @@ struct controls {
 	int hang;
 	unsigned hang_ops;
 	int token_absent;
+	int replay; /* off-host shape: a signature made once is answered again without the real module */
 };
 
 /* The identity of the control file as last read: any rename or write changes it. */
@@ -252,7 +253,7 @@ static int parse_ops(const char *s, unsigned *out)
 /* The keys a control file or HSMAGENT_FAULT_<KEY> may set. */
 static const char *const keys[] = {
 	"sign_latency_us", "latency_us", "fail", "fail_count", "fail_ops",
-	"hang", "hang_ops", "token_absent", "generation",
+	"hang", "hang_ops", "token_absent", "replay", "generation",
 };
 
 /* set applies one key=value to c; where names the source for warnings. */
@@ -275,6 +276,8 @@ static void set(struct controls *c, const char *key, const char *val, const char
 		bad = parse_ops(val, &c->hang_ops);
 	else if (strcmp(key, "token_absent") == 0)
 		bad = parse_bool(val, &c->token_absent);
+	else if (strcmp(key, "replay") == 0)
+		bad = parse_bool(val, &c->replay);
 	else if (strcmp(key, "generation") == 0)
 		; /* only there to make each write differ */
 	else {
@@ -515,6 +518,179 @@ static void end_sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, int si
 	free(buf);
 }
 
+/* ---- replay: the off-host shape ---- */
+
+/*
+ * With replay set, the module behaves like a network HSM's client library:
+ * the signing happens elsewhere, and this host only waits. C_SignInit is
+ * only noted; C_Sign of a (key, mechanism, data) already signed once sleeps
+ * sign_latency_us and returns that signature again, without calling the real
+ * module, so that the host's CPU per signature is the caller's alone. A
+ * first signature (a miss) is made by the real module and kept. Multi-part
+ * signing is forwarded. Both tables are fixed in size: a miss or a
+ * collision costs a real signature, never memory.
+ */
+#define REPLAY_SESSIONS 4096
+#define REPLAY_ENTRIES 4096
+#define REPLAY_MAX_DATA 64      /* digests; longer data is always signed for real */
+#define REPLAY_MAX_PARAM 32     /* mechanism parameters (PSS) */
+#define REPLAY_MAX_SIG 1024     /* up to RSA 8192 */
+
+struct pending_sign { /* a C_SignInit noted for C_Sign */
+	int used;
+	int forwarded; /* started in the real module already (after a length query missed) */
+	CK_SESSION_HANDLE h;
+	CK_OBJECT_HANDLE key;
+	CK_MECHANISM_TYPE mech;
+	CK_ULONG param_len;
+	CK_BYTE param[REPLAY_MAX_PARAM];
+};
+
+struct replay_entry {
+	int used;
+	CK_OBJECT_HANDLE key;
+	CK_MECHANISM_TYPE mech;
+	CK_ULONG param_len, data_len, sig_len;
+	CK_BYTE param[REPLAY_MAX_PARAM], data[REPLAY_MAX_DATA], sig[REPLAY_MAX_SIG];
+};
+
+static pthread_mutex_t replay_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct pending_sign pending[REPLAY_SESSIONS];
+static struct replay_entry replays[REPLAY_ENTRIES];
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+	const unsigned char *b = p;
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ b[i]) * 1099511628211ULL;
+	return h;
+}
+
+static struct replay_entry *replay_slot(const struct pending_sign *ps, CK_BYTE_PTR data, CK_ULONG len)
+{
+	uint64_t h = fnv(14695981039346656037ULL, &ps->key, sizeof ps->key);
+	h = fnv(h, &ps->mech, sizeof ps->mech);
+	h = fnv(h, ps->param, ps->param_len);
+	h = fnv(h, data, len);
+	return &replays[h % REPLAY_ENTRIES];
+}
+
+static int replay_matches(const struct replay_entry *e, const struct pending_sign *ps, CK_BYTE_PTR data, CK_ULONG len)
+{
+	return e->used && e->key == ps->key && e->mech == ps->mech && e->param_len == ps->param_len &&
+	       memcmp(e->param, ps->param, ps->param_len) == 0 && e->data_len == len && memcmp(e->data, data, len) == 0;
+}
+
+/* note_sign_init keeps a C_SignInit for a later C_Sign; 0 if it cannot (forward it now). */
+static int note_sign_init(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
+{
+	if (mech == NULL || mech->ulParameterLen > REPLAY_MAX_PARAM)
+		return 0;
+	struct pending_sign *ps = &pending[h % REPLAY_SESSIONS];
+	pthread_mutex_lock(&replay_mu);
+	int ok = !ps->used || ps->h == h;
+	if (ok) {
+		ps->used = 1;
+		ps->forwarded = 0;
+		ps->h = h;
+		ps->key = key;
+		ps->mech = mech->mechanism;
+		ps->param_len = mech->ulParameterLen;
+		if (mech->ulParameterLen > 0)
+			memcpy(ps->param, mech->pParameter, mech->ulParameterLen);
+	}
+	pthread_mutex_unlock(&replay_mu);
+	return ok;
+}
+
+/* take_pending removes and returns session h's noted C_SignInit; 0 if none. */
+static int take_pending(CK_SESSION_HANDLE h, struct pending_sign *out)
+{
+	struct pending_sign *ps = &pending[h % REPLAY_SESSIONS];
+	pthread_mutex_lock(&replay_mu);
+	int ok = ps->used && ps->h == h;
+	if (ok) {
+		*out = *ps;
+		ps->used = 0;
+	}
+	pthread_mutex_unlock(&replay_mu);
+	return ok;
+}
+
+/* mark_forwarded notes that session h's operation is now active in the real module. */
+static void mark_forwarded(const struct pending_sign *from)
+{
+	struct pending_sign *ps = &pending[from->h % REPLAY_SESSIONS];
+	pthread_mutex_lock(&replay_mu);
+	*ps = *from;
+	ps->used = 1;
+	ps->forwarded = 1;
+	pthread_mutex_unlock(&replay_mu);
+}
+
+/* peek_pending copies session h's noted C_SignInit without removing it. */
+static int peek_pending(CK_SESSION_HANDLE h, struct pending_sign *out)
+{
+	struct pending_sign *ps = &pending[h % REPLAY_SESSIONS];
+	pthread_mutex_lock(&replay_mu);
+	int ok = ps->used && ps->h == h;
+	if (ok)
+		*out = *ps;
+	pthread_mutex_unlock(&replay_mu);
+	return ok;
+}
+
+/* forward_init starts, in the real module, a signing operation noted earlier. */
+static CK_RV forward_init(const struct pending_sign *ps)
+{
+	CK_MECHANISM m = {ps->mech, ps->param_len > 0 ? (CK_VOID_PTR)ps->param : NULL, ps->param_len};
+	return forwarded(OP_SIGNINIT, real->C_SignInit(ps->h, &m, ps->key));
+}
+
+/*
+ * replayed answers a C_Sign from the table: 1 with *rv set if it did (the
+ * signature, its length, or CKR_BUFFER_TOO_SMALL), 0 on a miss.
+ */
+static int replayed(const struct pending_sign *ps, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_ULONG_PTR siglen, CK_RV *rv)
+{
+	if (len > REPLAY_MAX_DATA)
+		return 0;
+	pthread_mutex_lock(&replay_mu);
+	struct replay_entry *e = replay_slot(ps, data, len);
+	int hit = replay_matches(e, ps, data, len);
+	if (hit) {
+		if (sig == NULL) {
+			*rv = CKR_OK;
+		} else if (*siglen < e->sig_len) {
+			*rv = CKR_BUFFER_TOO_SMALL;
+		} else {
+			memcpy(sig, e->sig, e->sig_len);
+			*rv = CKR_OK;
+		}
+		*siglen = e->sig_len;
+	}
+	pthread_mutex_unlock(&replay_mu);
+	return hit;
+}
+
+static void keep_replay(const struct pending_sign *ps, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_ULONG siglen)
+{
+	if (len > REPLAY_MAX_DATA || siglen > REPLAY_MAX_SIG)
+		return;
+	pthread_mutex_lock(&replay_mu);
+	struct replay_entry *e = replay_slot(ps, data, len);
+	e->used = 1;
+	e->key = ps->key;
+	e->mech = ps->mech;
+	e->param_len = ps->param_len;
+	memcpy(e->param, ps->param, ps->param_len);
+	e->data_len = len;
+	memcpy(e->data, data, len);
+	e->sig_len = siglen;
+	memcpy(e->sig, sig, siglen);
+	pthread_mutex_unlock(&replay_mu);
+}
+
 /* ---- wrappers ---- */
 
 static CK_RV w_Initialize(CK_VOID_PTR args)
@@ -645,7 +821,60 @@ static CK_RV w_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech, CK_OBJECT_HA
 	CK_RV rv = enter(OP_SIGNINIT, &c);
 	if (rv != CKR_OK)
 		return rv;
+	if (c.replay && note_sign_init(h, mech, key))
+		return CKR_OK; /* forwarded at C_Sign, and only on a miss */
 	return forwarded(OP_SIGNINIT, real->C_SignInit(h, mech, key));
+}
+
+/*
+ * replay_sign is C_Sign for a session whose C_SignInit was noted: a hit is
+ * answered from the table after the latency; a miss starts the operation in
+ * the real module and signs there, keeping the signature.
+ */
+static CK_RV replay_sign(const struct pending_sign *noted, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_ULONG_PTR siglen)
+{
+	struct pending_sign ps = *noted;
+	CK_SESSION_HANDLE h = ps.h;
+	CK_RV rv;
+	if (siglen == NULL)
+		return CKR_ARGUMENTS_BAD;
+	if (sig == NULL) { /* a length query: the operation goes on */
+		if (!ps.forwarded && replayed(&ps, data, len, NULL, siglen, &rv))
+			return rv;
+		if (!ps.forwarded) {
+			if ((rv = forward_init(&ps)) != CKR_OK) {
+				take_pending(h, &ps);
+				return rv;
+			}
+			mark_forwarded(&ps);
+		}
+		return real->C_Sign(h, data, len, NULL, siglen);
+	}
+	take_pending(h, &ps);
+	struct controls c;
+	rv = enter(OP_SIGN, &c);
+	if (rv != CKR_OK) {
+		if (ps.forwarded)
+			end_sign(h, data, len, 1);
+		return rv;
+	}
+	if (!ps.forwarded && replayed(&ps, data, len, sig, siglen, &rv)) {
+		if (rv == CKR_BUFFER_TOO_SMALL) { /* the operation stays active, as in PKCS#11 */
+			CK_MECHANISM m = {ps.mech, ps.param_len > 0 ? ps.param : NULL, ps.param_len};
+			note_sign_init(h, &m, ps.key);
+		} else {
+			count(OP_SIGN, F_REPLAYED, 1);
+		}
+		return rv;
+	}
+	if (!ps.forwarded && (rv = forward_init(&ps)) != CKR_OK)
+		return forwarded(OP_SIGN, rv);
+	rv = real->C_Sign(h, data, len, sig, siglen);
+	if (rv == CKR_OK)
+		keep_replay(&ps, data, len, sig, *siglen);
+	else if (rv == CKR_BUFFER_TOO_SMALL)
+		mark_forwarded(&ps);
+	return forwarded(OP_SIGN, rv);
 }
 
 static CK_RV w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE_PTR sig, CK_ULONG_PTR siglen)
@@ -654,6 +883,9 @@ static CK_RV w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE
 	 * A length query signs nothing, and a network HSM's client library can
 	 * answer it locally: it passes straight through, uncounted.
 	 */
+	struct pending_sign ps;
+	if (peek_pending(h, &ps))
+		return replay_sign(&ps, data, len, sig, siglen);
 	if (sig == NULL)
 		return real->C_Sign(h, data, len, sig, siglen);
 	struct controls c;
@@ -667,6 +899,12 @@ static CK_RV w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG len, CK_BYTE
 
 static CK_RV w_SignUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR part, CK_ULONG len)
 {
+	struct pending_sign ps;
+	if (take_pending(h, &ps) && !ps.forwarded) { /* multi-part is not replayed: start it for real */
+		CK_RV irv = forward_init(&ps);
+		if (irv != CKR_OK)
+			return irv;
+	}
 	struct controls c;
 	CK_RV rv = enter(OP_SIGN, &c);
 	if (rv != CKR_OK) {
