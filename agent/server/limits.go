@@ -28,6 +28,7 @@ const (
 	DefaultStreamSendTimeout       = 30 * time.Second
 	DefaultMaxSignaturesPerUID     = 256
 	DefaultAuditRefusalBurst       = 32
+	DefaultConnectionRatePerUID    = 200
 	DefaultMaxSignStreams          = 256
 	DefaultMaxSignStreamsPerUID    = 16
 )
@@ -47,6 +48,7 @@ const (
 	resultCallerBusy            = "caller-busy"              // refused: this uid has its share of signatures waiting or in flight
 	resultTooManyConns          = "too-many-connections"     // refused at accept: the agent holds its maximum of connections
 	resultTooManyForUID         = "too-many-connections-uid" // refused at accept: this uid holds its maximum of connections
+	resultTooFastForUID         = "connection-rate-uid"      // refused at accept: this uid connects faster than its rate
 	resultTooManyStreams        = "too-many-streams"         // SignStream refused: the agent holds its maximum of them
 	resultTooManyStreamsForUID  = "too-many-streams-uid"     // SignStream refused: this uid holds its maximum of them
 )
@@ -285,6 +287,13 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			c.Close()
 			continue
 		}
+		if !l.s.connRate.allow(p.UID) {
+			// Closed before anything is spent on it: a caller that redials
+			// as fast as it can wore the agent down one refusal at a time.
+			c.Close()
+			l.s.refuseConn(p, resultTooFastForUID)
+			continue
+		}
 		if reason := l.s.conns.admit(p.UID); reason != "" {
 			c.Close()
 			l.s.refuseConn(p, reason)
@@ -309,9 +318,12 @@ func (c *peerConn) Close() error {
 }
 
 func (s *Server) refuseConn(p Peer, reason string) {
-	if reason == resultTooManyConns {
+	switch reason {
+	case resultTooManyConns:
 		s.limits.hit("connections", -1, s.conns.max)
-	} else {
+	case resultTooFastForUID:
+		s.limits.hit("connections per second per uid", p.UID, s.connRate.perSecond)
+	default:
 		s.limits.hit("connections per uid", p.UID, s.conns.perUID)
 	}
 	if s.refusals.allow(p.UID, "connect", reason) {
@@ -383,4 +395,42 @@ func (s *Server) overBudget(ctx context.Context, p Peer, b budget, l *connLimits
 			slog.Int("pid", p.PID), slog.String("result", reason)}, attrs...)...)
 	}
 	return reason, limit
+}
+
+// connRate bounds how fast one uid other than root and the agent's own may
+// open connections: the open-connection limits bound how many it holds,
+// not how often it opens them.
+type connRate struct {
+	perSecond int
+	self      int
+	mu        sync.Mutex
+	byUID     map[int]*rate.Limiter
+}
+
+func newConnRate(perSecond int) *connRate {
+	return &connRate{perSecond: perSecond, self: os.Geteuid(), byUID: map[int]*rate.Limiter{}}
+}
+
+// allow reports whether uid may open a connection now (bursts of twice
+// the rate pass).
+func (r *connRate) allow(uid int) bool {
+	if uid == 0 || uid == r.self {
+		return true
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.byUID[uid]
+	if l == nil {
+		if len(r.byUID) >= 1024 { // forget the uids whose bucket is full again
+			now := time.Now()
+			for u, old := range r.byUID {
+				if old.TokensAt(now) >= float64(old.Burst()) {
+					delete(r.byUID, u)
+				}
+			}
+		}
+		l = rate.NewLimiter(rate.Limit(r.perSecond), 2*r.perSecond)
+		r.byUID[uid] = l
+	}
+	return l.Allow()
 }

@@ -48,8 +48,9 @@ func TestConnectionFlood(t *testing.T) {
 		opts          server.Options
 		held, limitOf string // the most nobody may hold, and the limit logged
 	}{
-		{"per uid", server.Options{MaxConnections: 512, MaxConnectionsPerUID: 32}, "32", `limit="connections per uid" uid=65534`},
-		{"in total", server.Options{MaxConnections: 64, MaxConnectionsPerUID: 10000}, "56", `limit=connections`},
+		// The connection rate is another limit (TestConnectionRatePerUID): out of the way here.
+		{"per uid", server.Options{MaxConnections: 512, MaxConnectionsPerUID: 32, ConnectionRatePerUID: 1 << 20}, "32", `limit="connections per uid" uid=65534`},
+		{"in total", server.Options{MaxConnections: 64, MaxConnectionsPerUID: 10000, ConnectionRatePerUID: 1 << 20}, "56", `limit=connections`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -273,4 +274,41 @@ func stalledAgentForNobody(t *testing.T, store *stallingStore, opts server.Optio
 	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, store, opts)
 	store.hold()
 	return a, copyTestBinary(t, dir)
+}
+
+// TestConnectionRatePerUID: a uid that redials as fast as it can is held to
+// its connection rate (bursts of twice as many), the rest closed at accept
+// and logged once, while root's connections are not counted (issue 18's
+// reconnecting variant of the empty-frame flood: one refusal per connection
+// still wore root's throughput down to 40%).
+func TestConnectionRatePerUID(t *testing.T) {
+	needSetpriv(t)
+	dir := agenttest.SocketDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	logs := &auditBuffer{}
+	a := agenttest.StartAt(t, filepath.Join(dir, "agent.sock"), 0o666, newMemStore(t),
+		server.Options{ConnectionRatePerUID: 20, MaxConnectionsPerUID: 1000, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	bin := copyTestBinary(t, dir)
+	out, err := clientAs(bin, "dial-rate", a.Socket, nobody, "HSMAGENT_TEST_N=200").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s%v", out, err)
+	}
+	var accepted, refused int
+	if _, err := fmt.Sscanf(strings.TrimSpace(string(out)), "accepted=%d refused=%d", &accepted, &refused); err != nil {
+		t.Fatalf("helper said %q", out)
+	}
+	// 40 at once, then 20 a second for the helper's few hundred milliseconds.
+	if accepted < 40 || accepted > 70 {
+		t.Errorf("nobody redialling 200 times: %d connections kept, %d closed; want about 40-60 kept", accepted, refused)
+	}
+	if n := logs.count(`limit="connections per second per uid" uid=65534`); n != 1 {
+		t.Errorf("%d 'limit reached' lines for the connection rate; want 1:\n%s", n, logs.buf.String())
+	}
+	for range 100 { // root is not counted
+		c := dialUnix(t, a.Socket)
+		c.Close()
+	}
+	stillSignsOverConn(t, a.Socket, nil)
 }

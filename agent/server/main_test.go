@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -43,6 +44,9 @@ func TestMain(m *testing.M) {
 		os.Exit(watchesHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
 	case "list-revision":
 		os.Exit(listRevisionHelper(os.Getenv("HSMAGENT_TEST_SOCKET")))
+	case "dial-rate":
+		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_N"))
+		os.Exit(dialRateHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
 	case "hold":
 		n, _ := strconv.Atoi(os.Getenv("HSMAGENT_TEST_CONNS"))
 		os.Exit(holdHelper(os.Getenv("HSMAGENT_TEST_SOCKET"), n))
@@ -160,6 +164,36 @@ func listRevisionHelper(socket string) int {
 		labels = append(labels, k.Label)
 	}
 	fmt.Printf("revision=%d keys=%s\n", resp.Revision, strings.Join(labels, ","))
+	return 0
+}
+
+// dialRateHelper opens n connections as fast as it can, sending nothing,
+// and prints how many the agent kept (no end within 300 ms) and how many it
+// closed at once: "accepted=44 refused=156".
+func dialRateHelper(socket string, n int) int {
+	var conns []net.Conn
+	for range n {
+		if c, err := net.Dial("unix", socket); err == nil {
+			conns = append(conns, c)
+		}
+	}
+	results := make(chan bool, len(conns))
+	for _, c := range conns {
+		go func() {
+			c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			_, err := c.Read(make([]byte, 1))
+			var ne net.Error
+			results <- errors.As(err, &ne) && ne.Timeout()
+			c.Close()
+		}()
+	}
+	accepted := 0
+	for range conns {
+		if <-results {
+			accepted++
+		}
+	}
+	fmt.Printf("accepted=%d refused=%d\n", accepted, n-accepted)
 	return 0
 }
 

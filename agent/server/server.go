@@ -109,6 +109,10 @@ type Options struct {
 	// MaxSignStreamsPerUID bounds the SignStreams one uid other than root and
 	// the agent's own may hold open. 0 means DefaultMaxSignStreamsPerUID.
 	MaxSignStreamsPerUID int
+	// ConnectionRatePerUID bounds the connections per second one uid other
+	// than root and the agent's own may open (bursts of twice as many);
+	// more are closed at accept. 0 means DefaultConnectionRatePerUID.
+	ConnectionRatePerUID int
 }
 
 // Server serves the hsmagent.v1 API.
@@ -127,6 +131,7 @@ type Server struct {
 	keyChanges keyChanges    // reloads after a key was replaced in the store (keychange.go)
 	gate       *gate         // admits signatures into the key store
 	conns      *connLimits   // admits connections
+	connRate   *connRate     // bounds how fast each uid connects
 	watchers   *connLimits   // admits WatchKeys streams
 	streams    *connLimits   // admits SignStreams
 	limits     *limitLog     // logs each limit once when hit and once when cleared
@@ -203,6 +208,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.AuditRefusalBurst, DefaultAuditRefusalBurst)
 	orDefault(&opts.MaxSignStreams, DefaultMaxSignStreams)
 	orDefault(&opts.MaxSignStreamsPerUID, DefaultMaxSignStreamsPerUID)
+	orDefault(&opts.ConnectionRatePerUID, DefaultConnectionRatePerUID)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
 	s := &Server{store: store, log: opts.Logger, stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
 		idleAfter: opts.IdleTimeout, handshake: handshakeTimeout, version: opts.Version, observer: opts.Observer}
@@ -216,6 +222,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	// that a client listing often does not use up its refusals' records.
 	s.listings = newRefusalAudit(s.audit, "listings suppressed", opts.AuditRefusalBurst)
 	s.conns = newConnLimits(opts.MaxConnections, opts.MaxConnectionsPerUID)
+	s.connRate = newConnRate(opts.ConnectionRatePerUID)
 	s.streams = newConnLimits(opts.MaxSignStreams, opts.MaxSignStreamsPerUID)
 	s.watchers = newConnLimits(maxWatchers, maxWatchersPerUID)
 	s.gate = newGate(opts.MaxInFlight, opts.MaxWaiting, opts.MaxSignaturesPerUID, opts.HSMTimeout, opts.Logger, s.limits, s.setHSMServing)

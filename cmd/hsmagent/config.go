@@ -56,6 +56,7 @@ type config struct {
 	MaxSignStreams          string `yaml:"max_sign_streams" flag:"max-sign-streams"`
 	MaxSignStreamsPerUID    string `yaml:"max_sign_streams_per_uid" flag:"max-sign-streams-per-uid"`
 	AuditRefusalBurst       string `yaml:"audit_refusal_burst" flag:"audit-refusal-burst"`
+	ConnectionRatePerUID    string `yaml:"connection_rate_per_uid" flag:"connection-rate-per-uid"`
 
 	path string                // the file, "" without one
 	pos  map[string]settingPos // setting path ("d1.PPR.jwt.kid", "access.0") -> where it is

@@ -17,13 +17,14 @@ func limitFlags() []cli.Flag {
 		&cli.IntFlag{Name: "max-signatures-per-uid", Usage: "signatures of one uid waiting for the HSM or in it; more are refused (ResourceExhausted)", Value: server.DefaultMaxSignaturesPerUID, EnvVars: []string{"HSMAGENT_MAX_SIGNATURES_PER_UID"}},
 		&cli.IntFlag{Name: "max-sign-streams", Usage: "SignStreams open at once for all callers; the last eighth is kept for root and the agent's user", Value: server.DefaultMaxSignStreams, EnvVars: []string{"HSMAGENT_MAX_SIGN_STREAMS"}},
 		&cli.IntFlag{Name: "max-sign-streams-per-uid", Usage: "SignStreams one uid may hold open (root and the agent's user are exempt)", Value: server.DefaultMaxSignStreamsPerUID, EnvVars: []string{"HSMAGENT_MAX_SIGN_STREAMS_PER_UID"}},
+		&cli.IntFlag{Name: "connection-rate-per-uid", Usage: "connections per second one uid may open, bursts of twice as many (root and the agent's user are exempt)", Value: server.DefaultConnectionRatePerUID, EnvVars: []string{"HSMAGENT_CONNECTION_RATE_PER_UID"}},
 		&cli.IntFlag{Name: "audit-refusal-burst", Usage: "refusals of one uid audited one record each before the rest are counted in summaries", Value: server.DefaultAuditRefusalBurst, EnvVars: []string{"HSMAGENT_AUDIT_REFUSAL_BURST"}},
 	}
 }
 
 // limitOptions sets the limits of opts from the flags, all of which must be positive.
 func limitOptions(c *cli.Context, opts *server.Options) error {
-	for _, name := range []string{"max-connections", "max-connections-per-uid", "max-streams-per-connection", "max-signatures-per-uid", "max-sign-streams", "max-sign-streams-per-uid", "audit-refusal-burst"} {
+	for _, name := range []string{"max-connections", "max-connections-per-uid", "max-streams-per-connection", "max-signatures-per-uid", "max-sign-streams", "max-sign-streams-per-uid", "connection-rate-per-uid", "audit-refusal-burst"} {
 		if c.Int(name) < 1 {
 			return usagef("--%s must be positive", name)
 		}
@@ -42,5 +43,6 @@ func limitOptions(c *cli.Context, opts *server.Options) error {
 	opts.AuditRefusalBurst = c.Int("audit-refusal-burst")
 	opts.MaxSignStreams = c.Int("max-sign-streams")
 	opts.MaxSignStreamsPerUID = c.Int("max-sign-streams-per-uid")
+	opts.ConnectionRatePerUID = c.Int("connection-rate-per-uid")
 	return nil
 }
