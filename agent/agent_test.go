@@ -404,7 +404,7 @@ func TestConcurrentSignersGetTheirOwnSignatures(t *testing.T) {
 }
 
 // TestSignAcrossIdleCloses: with the agent closing idle signing
-// connections after 50 ms, signatures made with pauses of about that long
+// connections after 100 ms, signatures made with pauses of about that long
 // (the sends land around the agent's close) all succeed: a request that
 // went out as the agent closed the connection, which the agent never read,
 // is sent again on a new one. (gRPC's connection, which the same idle
@@ -414,7 +414,7 @@ func TestSignAcrossIdleCloses(t *testing.T) {
 	if _, err := store.Generate("ec", keytype.ECDSAP256); err != nil {
 		t.Fatal(err)
 	}
-	const idle = 50 * time.Millisecond
+	const idle = 100 * time.Millisecond
 	a := agenttest.Start(t, store, server.Options{IdleTimeout: idle})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -429,7 +429,7 @@ func TestSignAcrossIdleCloses(t *testing.T) {
 	}
 	digest := sha256.Sum256([]byte("idle"))
 	failed := 0
-	const n = 100
+	const n = 60
 	for i := range n {
 		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
 			failed++

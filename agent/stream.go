@@ -62,15 +62,18 @@ type streams struct {
 
 // sign sends req over the current stream, opening one if needed, and waits
 // for the result until ctx is done. A request the agent never read, on a
-// stream it closed for idleness as the request went out, goes once more on
-// a new stream.
+// stream it closed for idleness as the request went out, goes again on a
+// new stream, a few times at most.
 func (c *Client) sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.SignStreamResult, error) {
 	r, unread, err := c.signOn(ctx, req)
-	if unread {
-		r, _, err = c.signOn(ctx, req)
+	for try := 1; unread && try < maxUnreadRetries; try++ {
+		r, unread, err = c.signOn(ctx, req)
 	}
 	return r, err
 }
+
+// maxUnreadRetries bounds the sends of one request the agent never read.
+const maxUnreadRetries = 3
 
 func (c *Client) signOn(ctx context.Context, req *agentpb.SignRequest) (_ *agentpb.SignStreamResult, unread bool, _ error) {
 	st, err := c.stream(ctx)

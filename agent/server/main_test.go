@@ -171,12 +171,14 @@ func listRevisionHelper(socket string) int {
 // and prints how many the agent kept (no end within 300 ms) and how many it
 // closed at once: "accepted=44 refused=156".
 func dialRateHelper(socket string, n int) int {
+	start := time.Now()
 	var conns []net.Conn
 	for range n {
 		if c, err := net.Dial("unix", socket); err == nil {
 			conns = append(conns, c)
 		}
 	}
+	dialled := time.Since(start)
 	results := make(chan bool, len(conns))
 	for _, c := range conns {
 		go func() {
@@ -193,7 +195,7 @@ func dialRateHelper(socket string, n int) int {
 			accepted++
 		}
 	}
-	fmt.Printf("accepted=%d refused=%d\n", accepted, n-accepted)
+	fmt.Printf("accepted=%d refused=%d ms=%d\n", accepted, n-accepted, dialled.Milliseconds())
 	return 0
 }
 
