@@ -48,7 +48,7 @@ func NewAgent(load func() (inFlight, waiting int)) *Agent {
 	m := &Agent{
 		registry: prometheus.NewRegistry(),
 		signatures: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "hsmagent_signatures_total", Help: "Sign requests by key and audit result (ok, busy, abandoned, timeout, hsm-down, hsm-error, or the refusal's code).",
+			Name: "hsmagent_signatures_total", Help: "Sign requests by key and audit result (ok, busy, caller-busy, abandoned, timeout, hsm-down, hsm-error, key-changed, audit-down, malformed, no-request, denied, or the refusal's code).",
 		}, []string{"key", "result"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "hsmagent_sign_duration_seconds", Help: "Time from a sign request's arrival to its answer, successful signatures only.",

@@ -82,14 +82,8 @@ func (a *auditLog) write(ctx context.Context, level slog.Level, msg string, attr
 	}
 	r := slog.NewRecord(time.Now(), level, msg, 0)
 	r.AddAttrs(attrs...)
-	a.mu.Lock()
-	a.seq++
-	r.AddAttrs(slog.Uint64("seq", a.seq))
-	err := a.h.Handle(ctx, r)
-	if err != nil && !a.failOpen {
-		a.seq-- // nothing was decided under this number
-	}
-	a.mu.Unlock()
+	// Fail-open signs on: the number of a lost record stays used, a gap.
+	err := a.numbered(ctx, r, !a.failOpen)
 	if err == nil {
 		return nil
 	}
@@ -99,6 +93,20 @@ func (a *auditLog) write(ctx context.Context, level slog.Level, msg string, attr
 		return nil
 	}
 	return errAuditDown
+}
+
+// numbered gives r the next seq and writes it; a record that fails gives
+// its number back when giveBack is set.
+func (a *auditLog) numbered(ctx context.Context, r slog.Record, giveBack bool) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.seq++
+	r.AddAttrs(slog.Uint64("seq", a.seq))
+	err := a.h.Handle(ctx, r)
+	if err != nil && giveBack {
+		a.seq--
+	}
+	return err
 }
 
 // failed starts an outage, once: a log line, health, and the probe.
@@ -127,15 +135,8 @@ func (a *auditLog) probe() {
 		case <-t.C:
 		}
 		r := slog.NewRecord(time.Now(), slog.LevelWarn, "audit resumed", 0)
-		a.mu.Lock()
-		a.seq++
-		r.AddAttrs(slog.Int64("refused", a.refused.Load()), slog.Bool("fail_open", a.failOpen), slog.Uint64("seq", a.seq))
-		err := a.h.Handle(context.Background(), r)
-		if err != nil {
-			a.seq--
-		}
-		a.mu.Unlock()
-		if err != nil {
+		r.AddAttrs(slog.Int64("refused", a.refused.Load()), slog.Bool("fail_open", a.failOpen))
+		if a.numbered(context.Background(), r, true) != nil {
 			continue
 		}
 		n := a.refused.Swap(0)
@@ -173,14 +174,7 @@ func auditLabel(label string) string {
 		}
 		label = label[:cut]
 	}
-	clean := true
-	for _, r := range label {
-		if !unicode.IsPrint(r) {
-			clean = false
-			break
-		}
-	}
-	if clean {
+	if strings.IndexFunc(label, func(r rune) bool { return !unicode.IsPrint(r) }) < 0 {
 		return label
 	}
 	var b strings.Builder

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -45,9 +44,7 @@ type gate struct {
 }
 
 func newGate(maxInFlight, maxWaiting, perUID int, timeout time.Duration, log *slog.Logger, limits *limitLog, setHealth func(bool)) *gate {
-	self := os.Geteuid()
-	exempt := func(uid int) bool { return uid == 0 || uid == self } // as connLimits.exempt
-	return &gate{slots: newFairSlots(maxInFlight, exempt), maxWaiting: int64(maxWaiting), perUID: perUID, timeout: timeout,
+	return &gate{slots: newFairSlots(maxInFlight, privileged), maxWaiting: int64(maxWaiting), perUID: perUID, timeout: timeout,
 		log: log, limits: limits, setHealth: setHealth, byUID: make(map[int]int), failures: sampler{interval: time.Second}}
 }
 

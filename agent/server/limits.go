@@ -227,17 +227,23 @@ func (a *refusalAudit) stop() {
 // working while other users hold every connection they may.
 type connLimits struct {
 	max, perUID, reserve int
-	self                 int
 	mu                   sync.Mutex
 	total                int
 	byUID                map[int]int
 }
 
 func newConnLimits(max, perUID int) *connLimits {
-	return &connLimits{max: max, perUID: perUID, reserve: max / 8, self: os.Geteuid(), byUID: make(map[int]int)}
+	return &connLimits{max: max, perUID: perUID, reserve: max / 8, byUID: make(map[int]int)}
 }
 
-func (c *connLimits) exempt(uid int) bool { return uid == 0 || uid == c.self }
+// privileged reports whether uid is root or the agent's own user, whom the
+// per-uid limits exempt and the reserves are kept for.
+func privileged(uid int) bool { return uid == 0 || uid == agentUID }
+
+// agentUID is the agent's effective uid.
+var agentUID = os.Geteuid()
+
+func (c *connLimits) exempt(uid int) bool { return privileged(uid) }
 
 // admit counts a connection of uid, or returns the reason it is refused.
 func (c *connLimits) admit(uid int) string {
@@ -402,19 +408,18 @@ func (s *Server) overBudget(ctx context.Context, p Peer, b budget, l *connLimits
 // not how often it opens them.
 type connRate struct {
 	perSecond int
-	self      int
 	mu        sync.Mutex
 	byUID     map[int]*rate.Limiter
 }
 
 func newConnRate(perSecond int) *connRate {
-	return &connRate{perSecond: perSecond, self: os.Geteuid(), byUID: map[int]*rate.Limiter{}}
+	return &connRate{perSecond: perSecond, byUID: map[int]*rate.Limiter{}}
 }
 
 // allow reports whether uid may open a connection now (bursts of twice
 // the rate pass).
 func (r *connRate) allow(uid int) bool {
-	if uid == 0 || uid == r.self {
+	if privileged(uid) {
 		return true
 	}
 	r.mu.Lock()

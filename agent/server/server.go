@@ -143,9 +143,7 @@ type Server struct {
 	signConns  signConnSet
 	workers    *workers
 
-	hsmStuck     atomic.Bool // an HSM operation is stuck past the timeout
-	auditFailing atomic.Bool // the audit trail cannot be written
-	healthMu     sync.Mutex  // orders health updates
+	healthMu sync.Mutex // orders health updates
 
 	reloadMu sync.Mutex // serialises reloads
 	state    atomic.Pointer[state]
@@ -273,20 +271,14 @@ func orDefault[T int | time.Duration](v *T, def T) {
 // HSM timeout: what the agent's health and systemd's watchdog follow.
 func (s *Server) HSMAnswering() bool { return s.gate.stuck.Load() == 0 }
 
-// AuditWritable reports whether the audit trail takes records (or the
-// agent signs without it, AuditFailOpen).
-func (s *Server) AuditWritable() bool { return !s.audit.refusing() }
-
 // setHSMServing is the gate's report: false while an operation is stuck.
 func (s *Server) setHSMServing(serving bool) {
-	s.hsmStuck.Store(!serving)
 	s.observer.HSMServing(serving)
 	s.updateHealth()
 }
 
 // setAuditWritable is the audit trail's report: false during an outage.
 func (s *Server) setAuditWritable(writable bool) {
-	s.auditFailing.Store(!writable)
 	s.observer.AuditWritable(writable)
 	s.updateHealth()
 }
@@ -298,7 +290,7 @@ func (s *Server) updateHealth() {
 	s.healthMu.Lock()
 	defer s.healthMu.Unlock()
 	st := healthpb.HealthCheckResponse_SERVING
-	if s.hsmStuck.Load() || (s.auditFailing.Load() && !s.audit.failOpen) {
+	if !s.HSMAnswering() || s.audit.refusing() {
 		st = healthpb.HealthCheckResponse_NOT_SERVING
 	}
 	s.health.SetServingStatus("", st)
