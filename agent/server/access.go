@@ -67,6 +67,23 @@ func (p *Policy) sameAs(q *Policy) bool {
 	return true
 }
 
+// RuleError is NewPolicy's refusal of one rule; Index counts from 0, so a
+// configuration can point at the rule's own line.
+type RuleError struct {
+	Index int
+	Err   error
+}
+
+func (e *RuleError) Error() string {
+	msg := e.Err.Error()
+	if !strings.HasPrefix(msg, ":") {
+		msg = " " + msg
+	}
+	return fmt.Sprintf("agent: access rule %d%s", e.Index+1, msg)
+}
+
+func (e *RuleError) Unwrap() error { return e.Err }
+
 // NewPolicy resolves user and group names now, so that a rule naming a user
 // or group the host does not know is refused at start-up instead of silently
 // matching nobody.
@@ -74,16 +91,16 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 	p := &Policy{ownUID: os.Getuid()}
 	for i, r := range rules {
 		if len(r.Keys) == 0 {
-			return nil, fmt.Errorf("agent: access rule %d names no keys (use [\"*\"] for all)", i+1)
+			return nil, &RuleError{Index: i, Err: errors.New(`names no keys (use ["*"] for all)`)}
 		}
 		if len(r.Users) == 0 && len(r.Groups) == 0 {
-			return nil, fmt.Errorf("agent: access rule %d for %q names no users or groups", i+1, r.Keys)
+			return nil, &RuleError{Index: i, Err: fmt.Errorf("for %q names no users or groups", r.Keys)}
 		}
 		rr := resolvedRule{source: r}
 		for _, k := range r.Keys {
 			kp, err := compileKeyPattern(k)
 			if err != nil {
-				return nil, fmt.Errorf("agent: access rule %d: bad key pattern %q: %w", i+1, k, err)
+				return nil, &RuleError{Index: i, Err: fmt.Errorf(": bad key pattern %q: %w", k, err)}
 			}
 			rr.keys = append(rr.keys, kp)
 		}
@@ -96,7 +113,7 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 				return usr.Uid, nil
 			})
 			if err != nil {
-				return nil, fmt.Errorf("agent: access rule %d: unknown user %q%s", i+1, u, lookupCause(err))
+				return nil, &RuleError{Index: i, Err: fmt.Errorf(": unknown user %q%s", u, lookupCause(err))}
 			}
 			rr.uids = append(rr.uids, id)
 		}
@@ -109,7 +126,7 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 				return grp.Gid, nil
 			})
 			if err != nil {
-				return nil, fmt.Errorf("agent: access rule %d: unknown group %q%s", i+1, g, lookupCause(err))
+				return nil, &RuleError{Index: i, Err: fmt.Errorf(": unknown group %q%s", g, lookupCause(err))}
 			}
 			rr.gids = append(rr.gids, id)
 		}

@@ -412,8 +412,6 @@ func hasFlag(c *cli.Context, name string) bool {
 	return false
 }
 
-var ruleNumber = regexp.MustCompile(`access rule (\d+)`)
-
 // policy builds the access policy from the rules, naming the rule's line
 // in the file when one is refused.
 func (cfg *config) policy() (*server.Policy, error) {
@@ -421,9 +419,9 @@ func (cfg *config) policy() (*server.Policy, error) {
 	if err == nil {
 		return p, nil
 	}
-	if m := ruleNumber.FindStringSubmatch(err.Error()); m != nil {
-		n, _ := strconv.Atoi(m[1])
-		if where := cfg.lineOf(fmt.Sprintf("access.%d", n-1)); where != "" {
+	var re *server.RuleError
+	if errors.As(err, &re) {
+		if where := cfg.lineOf(fmt.Sprintf("access.%d", re.Index)); where != "" {
 			return nil, fmt.Errorf("config setting \"access\"%s: %w", where, err)
 		}
 	}
