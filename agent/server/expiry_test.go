@@ -19,31 +19,6 @@ import (
 
 const day = 24 * time.Hour
 
-func TestExpiryBand(t *testing.T) {
-	tests := []struct {
-		left time.Duration
-		want int
-	}{
-		{100 * day, -1},
-		{30*day + time.Second, -1},
-		{30 * day, 0},
-		{15 * day, 0},
-		{14 * day, 1},
-		{8 * day, 1},
-		{7 * day, 2},
-		{2 * day, 2},
-		{day, 3},
-		{time.Second, 3},
-		{0, 4},
-		{-day, 4},
-	}
-	for _, tt := range tests {
-		if got := server.ExpiryBand(tt.left); got != tt.want {
-			t.Errorf("ExpiryBand(%v) = %d, want %d", tt.left, got, tt.want)
-		}
-	}
-}
-
 // fakeClock is a clock the test moves.
 type fakeClock struct {
 	mu  sync.Mutex

@@ -1,22 +1,19 @@
 package server
 
 import (
-	"errors"
 	"net"
 	"time"
 
-	"google.golang.org/grpc"
+	"github.com/hsmagent/hsmagent/agent/transport/listen"
 )
 
-// SetExpiryCheckEvery shortens the daily certificate check for a test.
+// SetExpiryCheckEvery shortens the daily certificate check for the Servers
+// made by New after the call.
 func SetExpiryCheckEvery(d time.Duration) (restore func()) {
 	old := expiryCheckEvery
 	expiryCheckEvery = d
 	return func() { expiryCheckEvery = old }
 }
-
-// ExpiryBand exposes expiryBand to the tests.
-var ExpiryBand = expiryBand
 
 // SetHandshakeTimeout shortens the time a connection has to send its first
 // bytes, for the Servers made by New after the call.
@@ -27,17 +24,15 @@ func SetHandshakeTimeout(d time.Duration) (restore func()) {
 }
 
 // ServeGRPCOnly serves l as an agent without signing connections does: gRPC
-// alone, behind the same connection limits, with no muxListener to tell a
-// signing connection from a gRPC one.
+// alone, behind the same connection limits, with nothing to tell a signing
+// connection from a gRPC one.
 func (s *Server) ServeGRPCOnly(l net.Listener) error {
-	err := s.grpc.Serve(&limitListener{Listener: l, s: s})
-	if errors.Is(err, grpc.ErrServerStopped) {
-		return nil
-	}
-	return err
+	s.core.Start()
+	return s.grpc.Serve(listen.Admitted(l, s.core))
 }
 
-// SetAuditProbeEvery shortens the retry of an audit trail that failed.
+// SetAuditProbeEvery shortens the retry of an audit trail that failed, for
+// the Servers made by New after the call.
 func SetAuditProbeEvery(d time.Duration) (restore func()) {
 	old := auditProbeEvery
 	auditProbeEvery = d

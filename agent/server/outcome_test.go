@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"testing"
 
+	"github.com/hsmagent/hsmagent/agent/core"
 	"github.com/hsmagent/hsmagent/agent/server"
 	"google.golang.org/grpc/codes"
 )
@@ -34,11 +35,21 @@ func TestOutcomes(t *testing.T) {
 		{server.Malformed, "malformed", "malformed", codes.InvalidArgument},
 		{server.NoRequest, "no-request", "no-request", codes.DeadlineExceeded},
 	} {
-		if tc.o.String() != tc.result || tc.o.Metric() != tc.metric || tc.o.Code() != tc.code {
+		if tc.o.String() != tc.result || tc.o.Metric() != tc.metric || codes.Code(tc.o.Code()) != tc.code {
 			t.Errorf("outcome %d: result %q metric %q code %v; want %q %q %v", tc.o, tc.o.String(), tc.o.Metric(), tc.o.Code(), tc.result, tc.metric, tc.code)
 		}
 		if want := map[bool]slog.Level{true: slog.LevelInfo, false: slog.LevelWarn}[tc.o == server.Signed]; tc.o.Level() != want {
 			t.Errorf("outcome %s: level %v; want %v", tc.o, tc.o.Level(), want)
+		}
+	}
+}
+
+// TestCodeNames checks that the core's codes are gRPC's numbers and names:
+// the gRPC adapter converts them by number, the audit records them by name.
+func TestCodeNames(t *testing.T) {
+	for c := codes.OK; c <= codes.Unauthenticated; c++ {
+		if got := core.Code(c).String(); got != c.String() {
+			t.Errorf("core.Code(%d) is %q, gRPC's is %q", c, got, c.String())
 		}
 	}
 }

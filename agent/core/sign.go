@@ -1,0 +1,142 @@
+package core
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"github.com/hsmagent/hsmagent/agent/keytype"
+)
+
+// MaxLabel bounds key labels in requests (and so in logs).
+const MaxLabel = wire.MaxLabel
+
+// Answer is the core's answer to one sign request.
+type Answer struct {
+	Signature []byte
+	Outcome   Outcome
+	Err       error  // nil for a signature; an *Error, whose message is the caller's
+	RequestID string // names the request's audit record
+}
+
+// Sign answers one sign request of p, audited: a signature whose record
+// cannot be written is not given out (AuditDown).
+func (c *Core) Sign(ctx context.Context, p Peer, req *agentpb.SignRequest) Answer {
+	start := time.Now()
+	a := Answer{RequestID: newRequestID()}
+	a.Signature, a.Outcome, a.Err = c.sign(ctx, p, req, nil)
+	if aerr := c.auditSign(ctx, p, req, a.RequestID, a.Outcome, time.Since(start)); aerr != nil && a.Err == nil {
+		a.Signature, a.Outcome, a.Err = nil, AuditDown, aerr // no signature leaves without its record
+	}
+	if a.Err != nil {
+		a.Err = &Error{Code: a.Outcome.Code(), Msg: withRequestID(a.Err.Error(), a.RequestID), RequestID: a.RequestID}
+	}
+	return a
+}
+
+// sign checks req and signs it. late, if set, makes the HSM call run in the
+// calling goroutine and gets the answer if the HSM timeout passes first;
+// sign then returns errAnswered when the call has returned (see gate.do).
+func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, Outcome, error) {
+	switch {
+	case req.Key == "":
+		return nil, Invalid, errors.New("agent: key label is empty")
+	case len(req.Key) > MaxLabel:
+		return nil, Invalid, fmt.Errorf("agent: key label longer than %d bytes", MaxLabel)
+	}
+	if c.audit.refusing() {
+		return nil, AuditDown, auditUnavailable()
+	}
+	st := c.state.Load()
+	e := st.keys[req.Key]
+	if !st.policy.Allowed(p, req.Key) {
+		// One answer whether the key exists or not, so that a caller learns
+		// nothing of the keys it may not use; the audit keeps the real reason.
+		o := Denied
+		if e == nil {
+			o = DeniedNotFound
+		}
+		return nil, o, fmt.Errorf("agent: key %q not found or not allowed for uid %d", req.Key, p.UID)
+	}
+	if e == nil {
+		return nil, NotFound, fmt.Errorf("agent: key %q not found", req.Key)
+	}
+	hash, ok := wire.GoHash(req.Hash)
+	if !ok {
+		return nil, Invalid, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
+	}
+	if len(req.Digest) != hash.Size() {
+		return nil, Invalid, fmt.Errorf("agent: digest is %d bytes, %v needs %d", len(req.Digest), hash, hash.Size())
+	}
+	var opts crypto.SignerOpts = hash
+	switch {
+	case e.rsaPub == nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED:
+		return nil, Invalid, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
+	case e.rsaPub != nil && req.Padding == agentpb.Padding_PADDING_PSS:
+		salt := int(req.PssSaltLength)
+		maxSalt := keytype.MaxPSSSaltLength(e.rsaPub, hash)
+		switch {
+		case salt == 0:
+			salt = rsa.PSSSaltLengthEqualsHash
+		case salt < 0 || salt > maxSalt:
+			return nil, Invalid, fmt.Errorf("agent: PSS salt length %d is outside 1..%d for key %q", salt, maxSalt, req.Key)
+		}
+		opts = &rsa.PSSOptions{Hash: hash, SaltLength: salt}
+	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
+		return nil, Invalid, fmt.Errorf("agent: padding %v is not supported", req.Padding)
+	}
+	sig, err := c.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
+	if err == errAnswered {
+		return nil, Timeout, err
+	}
+	var ge *gateError
+	if errors.As(err, &ge) {
+		return nil, ge.outcome, ge
+	}
+	if isKeyChanged(err) {
+		ke := c.keyChanged(req.Key, e, err)
+		return nil, ke.outcome, ke
+	}
+	if err != nil {
+		if backendDown(err) {
+			// The key store logs the outage once; a line per request would flood.
+			c.log.Debug("signing failed: the HSM is unavailable", "key", req.Key, "err", err)
+			return nil, HSMDown, err
+		}
+		// Details go to the log, at most a line a second; the caller learns that the HSM failed.
+		if n, ok := c.gate.failures.allow(); ok {
+			c.log.Error("signing failed", "key", req.Key, "err", err, "similar_failures_not_logged", n)
+		}
+		return nil, HSMError, fmt.Errorf("agent: the HSM failed to sign with key %q; see the agent's log", req.Key)
+	}
+	return sig, Signed, nil
+}
+
+// auditSign records a sign request's outcome o. Its error, when the record
+// of a signature could not be written, means the signature must not go out.
+func (c *Core) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, o Outcome, d time.Duration) error {
+	// Metrics are readable by more users than the audit: a caller refused a
+	// key learns nothing there either (no label, one label for both denials).
+	known := ""
+	if o != Denied && o != DeniedNotFound && c.state.Load().keys[req.Key] != nil {
+		known = req.Key
+	}
+	c.observer.Signed(known, o, d) // every request counts, audited or not
+	if o.rationed() && !c.refusals.allow(p.UID, EventSign, o.String()) {
+		return nil
+	}
+	if aerr := c.audit.write(ctx, o.Level(), EventSign.String(),
+		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
+		slog.String("key", auditLabel(req.Key)), slog.String("hash", req.Hash.String()),
+		slog.String("result", o.String()), slog.Duration("duration", d), slog.String("request_id", rid)); aerr != nil {
+		return auditUnavailable()
+	}
+	return nil
+}
