@@ -16,7 +16,6 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
-
 )
 
 // auditLog numbers the audit records: each record written gets the next

@@ -18,7 +18,7 @@ const (
 	CodeUnknown            Code = 2
 	CodeInvalidArgument    Code = 3
 	CodeDeadlineExceeded   Code = 4
-	CodeNotFound       Code = 5
+	CodeNotFound           Code = 5
 	CodePermissionDenied   Code = 7
 	CodeResourceExhausted  Code = 8
 	CodeFailedPrecondition Code = 9

@@ -31,4 +31,3 @@ func TestExpiryBand(t *testing.T) {
 		}
 	}
 }
-

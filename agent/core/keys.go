@@ -237,4 +237,3 @@ func (c *Core) auditList(ctx context.Context, event Event, p Peer, rid string, v
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.Int("visible", visible), slog.Int("hidden", hidden), slog.String("request_id", rid))
 }
-
