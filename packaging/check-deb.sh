@@ -70,6 +70,11 @@ expect_file /usr/share/zsh/vendor-completions/_hsmagent -rw-r--r--
 expect_file /usr/share/fish/vendor_completions.d/hsmagent.fish -rw-r--r--
 expect_file /usr/share/doc/hsmagent/examples/network-hsm.conf -rw-r--r--
 expect_file /usr/share/doc/hsmagent/examples/vendor-device.conf -rw-r--r--
+expect_file /usr/share/doc/hsmagent/README.md -rw-r--r--
+# The README links to docs/*.md: every page must ship beside it (packaging/nfpm.yaml).
+for doc in docs/*.md; do
+	expect_file "/usr/share/doc/hsmagent/$doc" -rw-r--r--
+done
 dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles >"$work/conffiles"
 [ "$(cat "$work/conffiles")" = /etc/hsmagent/agent.yaml ] || fail "conffiles is not just /etc/hsmagent/agent.yaml: $(cat "$work/conffiles")"
 [ "$(dpkg-deb -f "$deb" Package)" = hsmagent ] || fail "package name"
