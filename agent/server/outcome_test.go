@@ -10,7 +10,7 @@ import (
 )
 
 // TestOutcomes: each outcome's audit result, metric label, wire code and
-// log level, as the README's audit table documents them. Both denials
+// log level, as docs/audit.md's table of results documents them. Both denials
 // read the same on the wire and in metrics, apart only in the audit.
 func TestOutcomes(t *testing.T) {
 	for _, tc := range []struct {
