@@ -14,11 +14,12 @@ import (
 )
 
 // maxInFlightPerStream bounds the signatures one stream may have pending:
-// beyond it the stream stops reading and the client waits.
-const maxInFlightPerStream = 64
+// beyond it the stream stops reading and the client waits. One full
+// message's worth.
+const maxInFlightPerStream = wire.MaxBatch
 
 // maxBatch bounds the items of one SignStream message in either direction.
-const maxBatch = 64
+const maxBatch = wire.MaxBatch
 
 // maxResponseBytes bounds a response message: gRPC holds up to 64 KiB of
 // them for a client that does not read, in pooled buffers whose sizes jump

@@ -16,8 +16,12 @@ const MaxMessageSize = 1 << 20
 // MaxLabel caps a key label in a request (and so in the agent's logs).
 const MaxLabel = 128
 
-// MaxRequestSize caps what a client may send in one message: a batch of 64
-// sign requests, each a label of at most 128 bytes and a digest of at most 64.
+// MaxBatch caps the signatures of one SignStream message, in either
+// direction: the agent refuses a larger request message whole.
+const MaxBatch = 64
+
+// MaxRequestSize caps what a client may send in one message: a batch of
+// MaxBatch sign requests, each a label of at most 128 bytes and a digest of at most 64.
 const MaxRequestSize = 16 << 10
 
 // Hash maps a Go hash to the wire; ok is false for hashes the agent refuses.
