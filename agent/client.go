@@ -29,7 +29,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"regexp"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -159,13 +158,9 @@ func (c *Client) keys(ctx context.Context) ([]Key, string, error) {
 	var md, trailer metadata.MD
 	resp, err := c.api.ListKeys(ctx, &agentpb.ListKeysRequest{}, grpc.Header(&md), grpc.Trailer(&trailer))
 	if err != nil {
-		return nil, "", callError("listing keys", err)
+		return nil, "", callError("listing keys", withRequestID(err, trailerRequestID(trailer)))
 	}
 	c.noteVersion(md)
-	var rid string
-	if v := trailer.Get(requestIDTrailer); len(v) > 0 {
-		rid = v[0]
-	}
 	keys := make([]Key, 0, len(resp.Keys))
 	for _, pk := range resp.Keys {
 		k, err := keyFromProto(pk)
@@ -174,7 +169,7 @@ func (c *Client) keys(ctx context.Context) ([]Key, string, error) {
 		}
 		keys = append(keys, k)
 	}
-	return keys, rid, nil
+	return keys, resp.RequestId, nil
 }
 
 func keyFromProto(pk *agentpb.Key) (Key, error) {
@@ -205,12 +200,27 @@ func (c *Client) key(ctx context.Context, label string) (Key, error) {
 		}
 		labels = append(labels, k.Label)
 	}
-	// The agent's audit has the listing under rid, with the count of keys hidden from this caller.
-	msg := fmt.Sprintf("agent: key %q not found or not allowed for this user; keys offered: %q", label, labels)
-	if rid != "" {
-		msg += " (request " + rid + ")"
+	return Key{}, &KeyNotFoundError{Label: label, Offered: labels, RequestID: rid}
+}
+
+// KeyNotFoundError is a key the agent did not offer this caller: it has
+// none by that label, or its rules do not allow this caller to use it (the
+// agent does not say which).
+type KeyNotFoundError struct {
+	Label   string
+	Offered []string // the labels the agent offered instead
+	// RequestID names the listing's record in the agent's audit log, whose
+	// hidden count says whether the rules withheld keys; empty from an agent
+	// older than request id fields.
+	RequestID string
+}
+
+func (e *KeyNotFoundError) Error() string {
+	msg := fmt.Sprintf("agent: key %q not found or not allowed for this user; keys offered: %q", e.Label, e.Offered)
+	if e.RequestID != "" {
+		msg += " (request " + e.RequestID + ")"
 	}
-	return Key{}, errors.New(msg)
+	return msg
 }
 
 // Signer returns a crypto.Signer for the key labelled label. Its public key
@@ -276,7 +286,8 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 		return nil, err
 	}
 	if resp.Code != 0 {
-		return nil, newCallError(fmt.Sprintf("signing with key %q", s.label), codes.Code(resp.Code).String(), resp.Message)
+		return nil, &CallError{Op: fmt.Sprintf("signing with key %q", s.label), Code: codes.Code(resp.Code).String(),
+			Msg: resp.Message, RequestID: resp.RequestId}
 	}
 	return resp.Signature, nil
 }
@@ -330,37 +341,63 @@ func signRequest(label string, pub crypto.PublicKey, digest []byte, opts crypto.
 	return req, nil
 }
 
-// callError turns a gRPC status into one line that names the operation.
+// callError turns a gRPC status into one line that names the operation,
+// with the request id that came beside the status (withRequestID).
 func callError(what string, err error) error {
 	st, ok := status.FromError(err)
 	if !ok {
 		return fmt.Errorf("agent: %s: %w", what, err)
 	}
-	return newCallError(what, st.Code().String(), st.Message())
-}
-
-// requestIDTrailer matches server.RequestIDTrailer (the client does not
-// import the server).
-const requestIDTrailer = "hsmagent-request-id"
-
-// requestIDSuffix is how the agent ends a message with the request id.
-var requestIDSuffix = regexp.MustCompile(` \(request ([0-9a-f]{16})\)$`)
-
-// newCallError takes the request id the agent appended to msg into its own field.
-func newCallError(op, code, msg string) *CallError {
-	e := &CallError{Op: op, Code: code, Msg: msg}
-	if m := requestIDSuffix.FindStringSubmatchIndex(msg); m != nil {
-		e.Msg, e.RequestID = msg[:m[0]], msg[m[2]:m[3]]
+	e := &CallError{Op: what, Code: st.Code().String(), Msg: st.Message()}
+	var as *agentStatus
+	if errors.As(err, &as) {
+		e.RequestID = as.requestID
 	}
 	return e
+}
+
+// requestIDTrailer is server.RequestIDTrailer (the client does not import
+// the server): the request id of a call that failed, which has no answer to
+// carry it in its field.
+const requestIDTrailer = "hsmagent-request-id"
+
+func trailerRequestID(md metadata.MD) string {
+	if v := md.Get(requestIDTrailer); len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+// agentStatus is a gRPC status error with the request id the agent sent
+// beside it: in a trailer, or in the field of a signing connection's last
+// result. The id never comes from the message's text.
+type agentStatus struct {
+	err       error
+	requestID string
+}
+
+func (e *agentStatus) Error() string              { return e.err.Error() }
+func (e *agentStatus) Unwrap() error              { return e.err }
+func (e *agentStatus) GRPCStatus() *status.Status { return status.Convert(e.err) }
+
+// withRequestID attaches rid to err, a gRPC status error; without an id
+// err is returned as it is.
+func withRequestID(err error, rid string) error {
+	if rid == "" || err == nil {
+		return err
+	}
+	return &agentStatus{err: err, requestID: rid}
 }
 
 // CallError is an error returned by the agent, with its gRPC status code
 // (NotFound, PermissionDenied, InvalidArgument, Unavailable, ...).
 type CallError struct {
 	Op, Code, Msg string
-	// RequestID names the call's record in the agent's audit log; empty when
-	// the agent did not answer (or is older than request ids).
+	// RequestID names the call's record in the agent's audit log, as the
+	// agent sent it in the answer's request_id field (or, for a call that
+	// failed as a whole, its trailer). Empty when the agent did not answer,
+	// or gave no id: an agent older than the field leaves it in Msg's text,
+	// which is kept as it came.
 	RequestID string
 }
 

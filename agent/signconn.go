@@ -114,7 +114,7 @@ func (f *frameStream) Recv() (*agentpb.SignStreamResponse, error) {
 			if r.Code == int32(codes.OK) {
 				return nil, io.EOF
 			}
-			return nil, status.Error(codes.Code(r.Code), r.Message)
+			return nil, withRequestID(status.Error(codes.Code(r.Code), r.Message), r.RequestId)
 		}
 	}
 	return m, nil

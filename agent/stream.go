@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"io"
 	"math"
 	"sync"
 	"time"
@@ -186,7 +187,9 @@ func (c *Client) openStream(done chan struct{}) {
 		}
 	}
 	if c.grpcStreams.Load() || errors.Is(err, errSignConnRefused) {
-		stream, err = c.api.SignStream(ctx)
+		var gs agentpb.Agent_SignStreamClient
+		gs, err = c.api.SignStream(ctx)
+		stream = grpcSignStream{gs}
 	}
 	c.streams.mu.Lock()
 	defer c.streams.mu.Unlock()
@@ -200,6 +203,20 @@ func (c *Client) openStream(done chan struct{}) {
 	st := &signStream{stream: stream, cancel: cancel, done: make(chan struct{}), pending: make(map[uint64]*call)}
 	c.streams.current = st
 	go c.receive(st)
+}
+
+// grpcSignStream is the SignStream call as a signStreamIO: the status it
+// ends with gets the request id of its trailer, as a signing connection's
+// gets the one of its last result.
+type grpcSignStream struct{ agentpb.Agent_SignStreamClient }
+
+func (g grpcSignStream) Recv() (*agentpb.SignStreamResponse, error) {
+	m, err := g.Agent_SignStreamClient.Recv()
+	if err != nil && !errors.Is(err, io.EOF) {
+		// The trailer is there once Recv has failed.
+		err = withRequestID(err, trailerRequestID(g.Trailer()))
+	}
+	return m, err
 }
 
 // sendQueued sends the queued requests, up to maxBatch a message. Called

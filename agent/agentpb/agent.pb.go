@@ -261,7 +261,10 @@ type ListKeysResponse struct {
 	// revision increases with every reload that changed what this caller
 	// sees: a key or chain it may use, or the access rules. Keys it may not
 	// use never move it.
-	Revision      uint64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision uint64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	// The request id of the listing's audit record (for WatchKeys, the
+	// watch's: one id for all its sends).
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -308,6 +311,13 @@ func (x *ListKeysResponse) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *ListKeysResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 type Key struct {
@@ -478,7 +488,9 @@ func (x *SignRequest) GetPssSaltLength() int32 {
 type SignResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// ASN.1 DER for ECDSA, raw for RSA, as Go's crypto.Signer returns them.
-	Signature     []byte `protobuf:"bytes,1,opt,name=signature,proto3" json:"signature,omitempty"`
+	Signature []byte `protobuf:"bytes,1,opt,name=signature,proto3" json:"signature,omitempty"`
+	// The request id of the signature's audit record.
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -518,6 +530,13 @@ func (x *SignResponse) GetSignature() []byte {
 		return x.Signature
 	}
 	return nil
+}
+
+func (x *SignResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 // SignStreamRequest carries the signatures a client has queued: under load
@@ -679,8 +698,14 @@ type SignStreamResult struct {
 	Id        uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	Signature []byte                 `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
 	// A google.rpc.Code; 0 (OK) when signature is set.
-	Code          int32  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
-	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	Code int32 `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
+	// Human-readable; never carries the request id, which has its own field.
+	Message string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	// The request id of this item's audit record, whatever its code. On the
+	// result with id 0 that ends a signing connection, the id of the record
+	// of the stream's end when it has one (a message refused whole), else
+	// empty.
+	RequestId     string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -743,16 +768,25 @@ func (x *SignStreamResult) GetMessage() string {
 	return ""
 }
 
+func (x *SignStreamResult) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 var File_hsmagent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x17hsmagent/v1/agent.proto\x12\vhsmagent.v1\"\x11\n" +
 	"\x0fListKeysRequest\"\x12\n" +
-	"\x10WatchKeysRequest\"T\n" +
+	"\x10WatchKeysRequest\"s\n" +
 	"\x10ListKeysResponse\x12$\n" +
 	"\x04keys\x18\x01 \x03(\v2\x10.hsmagent.v1.KeyR\x04keys\x12\x1a\n" +
-	"\brevision\x18\x02 \x01(\x04R\brevision\"\xd3\x01\n" +
+	"\brevision\x18\x02 \x01(\x04R\brevision\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\xd3\x01\n" +
 	"\x03Key\x12\x14\n" +
 	"\x05label\x18\x01 \x01(\tR\x05label\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\fR\x02id\x124\n" +
@@ -766,9 +800,11 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\x06digest\x18\x02 \x01(\fR\x06digest\x12%\n" +
 	"\x04hash\x18\x03 \x01(\x0e2\x11.hsmagent.v1.HashR\x04hash\x12.\n" +
 	"\apadding\x18\x04 \x01(\x0e2\x14.hsmagent.v1.PaddingR\apadding\x12&\n" +
-	"\x0fpss_salt_length\x18\x05 \x01(\x05R\rpssSaltLength\",\n" +
+	"\x0fpss_salt_length\x18\x05 \x01(\x05R\rpssSaltLength\"K\n" +
 	"\fSignResponse\x12\x1c\n" +
-	"\tsignature\x18\x01 \x01(\fR\tsignature\"F\n" +
+	"\tsignature\x18\x01 \x01(\fR\tsignature\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"F\n" +
 	"\x11SignStreamRequest\x121\n" +
 	"\x05items\x18\x01 \x03(\v2\x1b.hsmagent.v1.SignStreamItemR\x05items\"s\n" +
 	"\x0eSignStreamItem\x12\x0e\n" +
@@ -777,12 +813,14 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"timeout_ms\x18\x03 \x01(\rR\ttimeoutMs\"M\n" +
 	"\x12SignStreamResponse\x127\n" +
-	"\aresults\x18\x01 \x03(\v2\x1d.hsmagent.v1.SignStreamResultR\aresults\"n\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.hsmagent.v1.SignStreamResultR\aresults\"\x8d\x01\n" +
 	"\x10SignStreamResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1c\n" +
 	"\tsignature\x18\x02 \x01(\fR\tsignature\x12\x12\n" +
 	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x04 \x01(\tR\amessage*\xa2\x01\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId*\xa2\x01\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ALGORITHM_ECDSA_P256\x10\x01\x12\x18\n" +

@@ -33,6 +33,12 @@ const (
 //
 // Agent signs with keys held in an HSM. Callers are identified by the
 // socket's peer credentials; each key has its own allow list.
+//
+// Request ids: every answer carries the request id of its audit record in a
+// request_id field, successes too, so that a caller can name the record
+// without parsing a message. A unary call that fails, and a stream that ends
+// with an error, carry it in the "hsmagent-request-id" trailer instead. An
+// agent older than these fields leaves them empty.
 type AgentClient interface {
 	// ListKeys returns the keys the caller may use.
 	ListKeys(ctx context.Context, in *ListKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
@@ -114,6 +120,12 @@ type Agent_WatchKeysClient = grpc.ServerStreamingClient[ListKeysResponse]
 //
 // Agent signs with keys held in an HSM. Callers are identified by the
 // socket's peer credentials; each key has its own allow list.
+//
+// Request ids: every answer carries the request id of its audit record in a
+// request_id field, successes too, so that a caller can name the record
+// without parsing a message. A unary call that fails, and a stream that ends
+// with an error, carry it in the "hsmagent-request-id" trailer instead. An
+// agent older than these fields leaves them empty.
 type AgentServer interface {
 	// ListKeys returns the keys the caller may use.
 	ListKeys(context.Context, *ListKeysRequest) (*ListKeysResponse, error)
