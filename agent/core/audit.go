@@ -189,12 +189,6 @@ func newRequestID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// withRequestID appends the request id to a message a client sees, in the
-// form the Go client (agent.CallError) takes apart again.
-func withRequestID(msg, id string) string {
-	return msg + " (request " + id + ")"
-}
-
 // AuditFile is an append-only audit file that can be reopened at the same
 // path, for logrotate: after the rename, Reopen starts the new file and
 // closes the old one. Writes are never lost between the two.

@@ -45,7 +45,8 @@ func (c Code) String() string {
 }
 
 // Error is an answer the core decided, with the code the caller gets. Its
-// message is the caller's; RequestID, when set, names the audit record.
+// message is the caller's; RequestID, when set, names the audit record,
+// and transports carry it in a field of its own, never in the message.
 type Error struct {
 	Code      Code
 	Msg       string
@@ -86,3 +87,12 @@ type MalformedError struct {
 
 func (e *MalformedError) Error() string { return e.Err.Error() }
 func (e *MalformedError) Unwrap() error { return e.Err }
+
+// RequestIDOf is the request id err carries, if it is an *Error with one.
+func RequestIDOf(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.RequestID
+	}
+	return ""
+}

@@ -68,7 +68,7 @@ func (e *gateError) Error() string { return e.msg }
 
 // withID is the error as the caller of request rid gets it.
 func (e *gateError) withID(rid string) *Error {
-	return &Error{Code: e.outcome.Code(), Msg: withRequestID(e.msg, rid), RequestID: rid}
+	return &Error{Code: e.outcome.Code(), Msg: e.msg, RequestID: rid}
 }
 
 type signResult struct {

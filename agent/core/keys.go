@@ -154,6 +154,7 @@ func sameKeys(a, b *state) bool {
 func (c *Core) List(ctx context.Context, p Peer) (*agentpb.ListKeysResponse, string, error) {
 	rid := newRequestID()
 	resp, hidden := c.state.Load().visibleTo(p)
+	resp.RequestId = rid
 	if err := c.auditList(ctx, EventList, p, rid, len(resp.Keys), hidden); err != nil {
 		return nil, rid, auditUnavailable().withID(rid)
 	}
@@ -180,6 +181,7 @@ func (c *Core) Watch(ctx context.Context, p Peer, send func(*agentpb.ListKeysRes
 			if err := c.auditList(ctx, EventWatch, p, rid, len(resp.Keys), hidden); err != nil {
 				return auditUnavailable().withID(rid)
 			}
+			resp.RequestId = rid
 			if err := send(resp); err != nil {
 				return err
 			}

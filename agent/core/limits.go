@@ -313,7 +313,7 @@ func (c *Core) admitStream(ctx context.Context, p Peer) (release func(), err err
 func (c *Core) refuseWatch(ctx context.Context, p Peer, rid, why string) error {
 	reason, limit := c.overBudget(ctx, p, watchBudget, c.watchers, why, slog.String("request_id", rid))
 	return &Error{Code: CodeResourceExhausted, RequestID: rid,
-		Msg: withRequestID(fmt.Sprintf("agent: %d key watchers are open (%s); close some", limit, reason), rid)}
+		Msg: fmt.Sprintf("agent: %d key watchers are open (%s); close some", limit, reason)}
 }
 
 // budget names a kind of long call counted by a connLimits: its audit

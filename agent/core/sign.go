@@ -36,7 +36,7 @@ func (c *Core) Sign(ctx context.Context, p Peer, req *agentpb.SignRequest) Answe
 		a.Signature, a.Outcome, a.Err = nil, AuditDown, aerr // no signature leaves without its record
 	}
 	if a.Err != nil {
-		a.Err = &Error{Code: a.Outcome.Code(), Msg: withRequestID(a.Err.Error(), a.RequestID), RequestID: a.RequestID}
+		a.Err = &Error{Code: a.Outcome.Code(), Msg: a.Err.Error(), RequestID: a.RequestID}
 	}
 	return a
 }

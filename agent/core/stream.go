@@ -170,7 +170,7 @@ func (ss *signStream) receive() error {
 			rid := newRequestID()
 			ss.c.auditStream(ss.ctx, ss.p, rid, len(msg.Items))
 			return &Error{Code: CodeInvalidArgument, RequestID: rid,
-				Msg: withRequestID(fmt.Sprintf("agent: %d signatures in one message; at most %d", len(msg.Items), maxBatch), rid)}
+				Msg: fmt.Sprintf("agent: %d signatures in one message; at most %d", len(msg.Items), maxBatch)}
 		}
 		for _, it := range msg.Items {
 			select {
@@ -222,9 +222,9 @@ func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Dur
 		if aerr := ss.c.auditSign(ctx, ss.p, req, rid, o, time.Since(start)); aerr != nil && err == nil {
 			sig, o, err = nil, AuditDown, aerr // no signature leaves without its record
 		}
-		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(o.Code())}
+		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(o.Code()), RequestId: rid}
 		if err != nil {
-			r.Message = withRequestID(err.Error(), rid)
+			r.Message = err.Error()
 		}
 		ss.queue(r)
 	}

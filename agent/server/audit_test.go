@@ -59,7 +59,8 @@ func checkSeq(t *testing.T, recs []auditRecord) {
 	}
 }
 
-var ridInMessage = regexp.MustCompile(` \(request ([0-9a-f]{16})\)$`)
+// requestIDPattern is a request id as the agent makes them.
+var requestIDPattern = regexp.MustCompile(`^[0-9a-f]{16}$`)
 
 // seen is what a client learnt of one call: its request id and result.
 type seen struct {
@@ -100,7 +101,11 @@ func TestAuditCountsUnderLoad(t *testing.T) {
 				result := "ok"
 				switch (c + i) % 5 {
 				case 0:
-					_, err = api.Sign(context.Background(), goodEC, grpc.Trailer(&md))
+					var resp *agentpb.SignResponse
+					resp, err = api.Sign(context.Background(), goodEC, grpc.Trailer(&md))
+					if err == nil && resp.RequestId != md.Get(server.RequestIDTrailer)[0] {
+						t.Errorf("signature's request id %q; the trailer's %v", resp.RequestId, md.Get(server.RequestIDTrailer))
+					}
 				case 1:
 					_, err = api.Sign(context.Background(), &agentpb.SignRequest{Key: "ec", Digest: []byte("short"), Hash: agentpb.Hash_HASH_SHA256}, grpc.Trailer(&md))
 					result = codes.InvalidArgument.String()
@@ -108,10 +113,14 @@ func TestAuditCountsUnderLoad(t *testing.T) {
 					_, err = api.Sign(context.Background(), &agentpb.SignRequest{Key: fmt.Sprintf("no-such-key-%d", i), Digest: make([]byte, 32), Hash: agentpb.Hash_HASH_SHA256}, grpc.Trailer(&md))
 					result = codes.NotFound.String()
 				case 3:
-					_, err = api.ListKeys(context.Background(), &agentpb.ListKeysRequest{}, grpc.Trailer(&md))
+					var resp *agentpb.ListKeysResponse
+					resp, err = api.ListKeys(context.Background(), &agentpb.ListKeysRequest{}, grpc.Trailer(&md))
+					if err == nil && resp.RequestId != md.Get(server.RequestIDTrailer)[0] {
+						t.Errorf("listing's request id %q; the trailer's %v", resp.RequestId, md.Get(server.RequestIDTrailer))
+					}
 					result = "list"
 				case 4:
-					// A refused item carries its request id in its message.
+					// A refused item carries its request id in its result.
 					bad := &agentpb.SignRequest{Key: "rsa", Digest: make([]byte, 31), Hash: agentpb.Hash_HASH_SHA256}
 					if err := stream.Send(&agentpb.SignStreamRequest{Items: []*agentpb.SignStreamItem{{Id: uint64(i), Request: bad}}}); err != nil {
 						t.Error(err)
@@ -124,11 +133,8 @@ func TestAuditCountsUnderLoad(t *testing.T) {
 				if v := md.Get(server.RequestIDTrailer); len(v) == 1 {
 					id = v[0]
 				}
-				if err != nil {
-					m := ridInMessage.FindStringSubmatch(status.Convert(err).Message())
-					if m == nil || m[1] != id {
-						t.Errorf("error %v: request id in the message does not match the trailer's %q", err, id)
-					}
+				if !requestIDPattern.MatchString(id) {
+					t.Errorf("call %s (%v): trailer's request id %q", result, err, id)
 				}
 				note(seen{id, result})
 			}
@@ -141,12 +147,11 @@ func TestAuditCountsUnderLoad(t *testing.T) {
 				}
 				for _, r := range resp.Results {
 					got++
-					m := ridInMessage.FindStringSubmatch(r.Message)
-					if codes.Code(r.Code) != codes.InvalidArgument || m == nil {
-						t.Errorf("stream result %v %q: want InvalidArgument with a request id", codes.Code(r.Code), r.Message)
+					if codes.Code(r.Code) != codes.InvalidArgument || !requestIDPattern.MatchString(r.RequestId) {
+						t.Errorf("stream result %v %q, request id %q: want InvalidArgument with a request id", codes.Code(r.Code), r.Message, r.RequestId)
 						continue
 					}
-					note(seen{m[1], codes.InvalidArgument.String()})
+					note(seen{r.RequestId, codes.InvalidArgument.String()})
 				}
 			}
 		}()
@@ -204,13 +209,14 @@ func TestAuditRationedRefusalsAccounted(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for range perCaller {
-				_, err := api.Sign(context.Background(), &agentpb.SignRequest{Key: "no-such-key", Digest: make([]byte, 32), Hash: agentpb.Hash_HASH_SHA256})
-				m := ridInMessage.FindStringSubmatch(status.Convert(err).Message())
-				if status.Code(err) != codes.NotFound || m == nil {
-					t.Errorf("got %v; want NotFound with a request id", err)
+				var md metadata.MD
+				_, err := api.Sign(context.Background(), &agentpb.SignRequest{Key: "no-such-key", Digest: make([]byte, 32), Hash: agentpb.Hash_HASH_SHA256}, grpc.Trailer(&md))
+				rid := md.Get(server.RequestIDTrailer)
+				if status.Code(err) != codes.NotFound || len(rid) != 1 || !requestIDPattern.MatchString(rid[0]) {
+					t.Errorf("got %v, trailer %v; want NotFound with a request id", err, rid)
 					continue
 				}
-				ids <- m[1]
+				ids <- rid[0]
 			}
 		}()
 	}

@@ -35,6 +35,7 @@ const frameTimeout = 10 * time.Second
 
 // signConn is the client's end of a signing connection, byte by byte.
 type signConn struct {
+	requestID string // of the status, read by end
 	conn *net.UnixConn
 	r    *bufio.Reader
 }
@@ -132,6 +133,7 @@ func (c *signConn) end(t testing.TB) ([]*agentpb.SignStreamResult, *status.Statu
 				t.Errorf("the status came in a frame of %d results; want it alone", len(m.Results))
 			}
 			c.expectClosed(t)
+			c.requestID = r.RequestId
 			return results, status.New(codes.Code(r.Code), r.Message)
 		}
 	}
@@ -313,9 +315,9 @@ func TestSignConnMalformedFrameAtShutdown(t *testing.T) {
 func TestSignStreamTooManyItems(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		send func(t *testing.T, socket string, its []*agentpb.SignStreamItem) *status.Status
+		send func(t *testing.T, socket string, its []*agentpb.SignStreamItem) (*status.Status, string)
 	}{
-		{"gRPC SignStream", func(t *testing.T, socket string, its []*agentpb.SignStreamItem) *status.Status {
+		{"gRPC SignStream", func(t *testing.T, socket string, its []*agentpb.SignStreamItem) (*status.Status, string) {
 			api, _ := rawClient(t, socket)
 			ctx, cancel := context.WithTimeout(context.Background(), frameTimeout)
 			defer cancel()
@@ -330,32 +332,35 @@ func TestSignStreamTooManyItems(t *testing.T) {
 			if err == nil {
 				t.Fatalf("the agent answered %v; want the stream refused", resp)
 			}
-			return status.Convert(err)
+			rid := ""
+			if v := stream.Trailer().Get(server.RequestIDTrailer); len(v) == 1 {
+				rid = v[0]
+			}
+			return status.Convert(err), rid
 		}},
-		{"signing connection", func(t *testing.T, socket string, its []*agentpb.SignStreamItem) *status.Status {
+		{"signing connection", func(t *testing.T, socket string, its []*agentpb.SignStreamItem) (*status.Status, string) {
 			c := openSignConn(t, socket)
 			c.send(t, its...)
 			results, st := c.end(t)
 			if len(results) != 0 {
 				t.Errorf("%d results for a message refused whole", len(results))
 			}
-			return st
+			return st, c.requestID
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			store := newMemStore(t)
 			audit := &jsonAudit{}
 			a := agenttest.Start(t, store, server.Options{Audit: audit.logger()})
-			st := tc.send(t, a.Socket, items(1, 65, goodEC))
-			m := ridInMessage.FindStringSubmatch(st.Message())
-			if st.Code() != codes.InvalidArgument || !strings.HasPrefix(st.Message(), "agent: 65 signatures in one message; at most 64") || m == nil {
-				t.Fatalf("status %v %q; want InvalidArgument \"agent: 65 signatures in one message; at most 64 (request ...)\"", st.Code(), st.Message())
+			st, rid := tc.send(t, a.Socket, items(1, 65, goodEC))
+			if st.Code() != codes.InvalidArgument || st.Message() != "agent: 65 signatures in one message; at most 64" || !requestIDPattern.MatchString(rid) {
+				t.Fatalf("status %v %q, request id %q; want InvalidArgument \"agent: 65 signatures in one message; at most 64\" and a request id", st.Code(), st.Message(), rid)
 			}
 			waitFor(t, func() bool { return len(audit.records(t, "msg", "sign-stream")) >= 1 })
 			recs := audit.records(t, "msg", "sign-stream")
 			if len(recs) != 1 || jsonString(recs[0]["result"]) != "InvalidArgument" || jsonString(recs[0]["items"]) != "65" ||
-				jsonString(recs[0]["request_id"]) != m[1] {
-				t.Errorf("sign-stream records %v; want one with result InvalidArgument, items 65, request_id %s", recs, m[1])
+				jsonString(recs[0]["request_id"]) != rid {
+				t.Errorf("sign-stream records %v; want one with result InvalidArgument, items 65, request_id %s", recs, rid)
 			}
 			if recs := audit.records(t, "msg", "sign"); len(recs) != 0 {
 				t.Errorf("%d sign records for items never looked at", len(recs))

@@ -83,7 +83,7 @@ func (f *frameStream) end(err error) {
 	}
 	f.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	f.w.WriteFrame(&agentpb.SignStreamResponse{Results: []*agentpb.SignStreamResult{
-		{Id: wire.StatusID, Code: int32(core.CodeOf(err)), Message: msg}}})
+		{Id: wire.StatusID, Code: int32(core.CodeOf(err)), Message: msg, RequestId: core.RequestIDOf(err)}}})
 }
 
 // frameStream is the core.Stream of a signing connection.

@@ -129,8 +129,10 @@ func toStatus(err error) error {
 	return status.Error(codes.Code(core.CodeOf(err)), err.Error())
 }
 
-// RequestIDTrailer is the gRPC trailer of Sign and ListKeys that carries
-// the call's request id, as written in its audit record.
+// RequestIDTrailer is the gRPC trailer that carries the request id of a
+// call that failed (Sign, ListKeys; WatchKeys and SignStream when the call
+// as a whole was refused), as written in its audit record. Answers carry
+// theirs in a request_id field.
 const RequestIDTrailer = "hsmagent-request-id"
 
 func sendRequestID(ctx context.Context, id string) {
@@ -158,7 +160,11 @@ func (s *Service) WatchKeys(_ *agentpb.WatchKeysRequest, stream agentpb.Agent_Wa
 	if err != nil {
 		return status.Error(codes.Unauthenticated, err.Error())
 	}
-	return toStatus(s.core.Watch(stream.Context(), p, stream.Send))
+	err = s.core.Watch(stream.Context(), p, stream.Send)
+	if rid := core.RequestIDOf(err); rid != "" {
+		stream.SetTrailer(metadata.Pairs(RequestIDTrailer, rid))
+	}
+	return toStatus(err)
 }
 
 // Sign implements agentpb.AgentServer.
@@ -173,7 +179,7 @@ func (s *Service) Sign(ctx context.Context, req *agentpb.SignRequest) (*agentpb.
 	if a.Err != nil {
 		return nil, toStatus(a.Err)
 	}
-	return &agentpb.SignResponse{Signature: a.Signature}, nil
+	return &agentpb.SignResponse{Signature: a.Signature, RequestId: a.RequestID}, nil
 }
 
 // SignStream implements agentpb.AgentServer.
@@ -188,6 +194,9 @@ func (s *Service) SignStream(stream agentpb.Agent_SignStreamServer) error {
 	if errors.Is(context.Cause(ctx), errNoRequest) {
 		err = status.Error(codes.DeadlineExceeded, errNoRequest.Error())
 		s.core.RefusedCall(ctx, p, core.EventSignStream, core.NoRequest, core.CodeDeadlineExceeded)
+	}
+	if rid := core.RequestIDOf(err); rid != "" {
+		stream.SetTrailer(metadata.Pairs(RequestIDTrailer, rid))
 	}
 	return toStatus(err)
 }
