@@ -14,8 +14,8 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// maxBatch matches the agent's limit of signatures per SignStream message.
-const maxBatch = 64
+// maxBatch is the agent's limit of signatures per SignStream message.
+const maxBatch = wire.MaxBatch
 
 // call is one signature waiting for its result.
 type call struct {
