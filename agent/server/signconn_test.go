@@ -36,8 +36,8 @@ const frameTimeout = 10 * time.Second
 // signConn is the client's end of a signing connection, byte by byte.
 type signConn struct {
 	requestID string // of the status, read by end
-	conn *net.UnixConn
-	r    *bufio.Reader
+	conn      *net.UnixConn
+	r         *bufio.Reader
 }
 
 func dialUnix(t testing.TB, socket string) *net.UnixConn {

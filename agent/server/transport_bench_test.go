@@ -1,0 +1,142 @@
+package server_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/hsmagent/hsmagent/hsm"
+	"github.com/hsmagent/hsmagent/hsm/hsmstore"
+	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
+)
+
+// BenchmarkTransports measures the framed signing connection against gRPC's
+// SignStream, the two ways the Go client streams signatures, side by side
+// on every HSM shape: SoftHSM as it is (CPU-bound), SoftHSM behind 2 ms of
+// latency, and the off-host shape of a network HSM (the fault module
+// replays a signature after 2 ms without SoftHSM). The agent without
+// signing connections (ServeGRPCOnly) is what the client falls back to.
+//
+//	go test -run '^$' -bench Transports -benchtime 2000x ./agent/server
+func BenchmarkTransports(b *testing.B) {
+	for _, shape := range []struct {
+		name    string
+		latency time.Duration
+		replay  bool
+	}{{"softhsm", 0, false}, {"softhsm+2ms", 2 * time.Millisecond, false}, {"network", 2 * time.Millisecond, true}} {
+		fm := softhsmtest.NewFaultModule(b, softhsmtest.New(b))
+		fm.SetReplay(shape.replay)
+		tok, err := hsm.Open(fm.Config())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := tok.GenerateKey("ec", hsm.ECDSAP256, nil); err != nil {
+			b.Fatal(err)
+		}
+		fm.SetSignLatency(shape.latency)
+		signers := map[string]crypto.Signer{}
+		for _, tr := range []string{"framed", "grpc"} {
+			signers[tr] = transportSigner(b, tok, tr == "grpc")
+		}
+		for _, callers := range []int{1, 8, 32, 64} {
+			for _, tr := range []string{"framed", "grpc"} {
+				b.Run(fmt.Sprintf("%s/%d/%s", shape.name, callers, tr), func(b *testing.B) {
+					benchCallers(b, callers, signers[tr])
+				})
+			}
+		}
+		tok.Close()
+	}
+}
+
+// transportSigner starts an agent on tok, with signing connections or
+// without (gRPC's SignStream then), and returns a client's signer of "ec".
+func transportSigner(b *testing.B, tok *hsm.Token, grpcOnly bool) crypto.Signer {
+	srv, err := server.New(hsmstore.New(tok), server.Options{Audit: discardAudit()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	path := filepath.Join(b.TempDir(), "agent.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	serve := srv.Serve
+	if grpcOnly {
+		serve = srv.ServeGRPCOnly
+	}
+	go serve(l)
+	b.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := agent.Dial(ctx, path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	s, err := c.Signer(ctx, "ec")
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s
+}
+
+// benchCallers runs b.N signatures from callers goroutines and reports the
+// median latency and the process's CPU per signature (agent and client
+// together: both run in this process).
+func benchCallers(b *testing.B, callers int, s crypto.Signer) {
+	digest := sha256.Sum256([]byte("bench"))
+	var next atomic.Int64
+	lat := make([]time.Duration, b.N)
+	var wg sync.WaitGroup
+	var ru0 syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
+	b.ResetTimer()
+	for range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(b.N) {
+					return
+				}
+				start := time.Now()
+				if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
+					b.Error(err)
+					return
+				}
+				lat[i] = time.Since(start)
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	var ru1 syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru1)
+	cpu := ru1.Utime.Nano() + ru1.Stime.Nano() - ru0.Utime.Nano() - ru0.Stime.Nano()
+	b.ReportMetric(float64(cpu)/1e3/float64(b.N), "cpu-µs/op")
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-µs")
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "sig/s")
+}
+
+// discardAudit drops the audit records: the benchmark measures transports.
+func discardAudit() *slog.Logger { return slog.New(slog.NewJSONHandler(io.Discard, nil)) }
