@@ -286,7 +286,7 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 		return nil, err
 	}
 	if resp.Code != 0 {
-		return nil, &CallError{Op: fmt.Sprintf("signing with key %q", s.label), Code: codes.Code(resp.Code).String(),
+		return nil, &CallError{Op: fmt.Sprintf("signing with key %q", s.label), Code: codes.Code(resp.Code).String(), StatusCode: codes.Code(resp.Code),
 			Msg: resp.Message, RequestID: resp.RequestId}
 	}
 	return resp.Signature, nil
@@ -348,7 +348,7 @@ func callError(what string, err error) error {
 	if !ok {
 		return fmt.Errorf("agent: %s: %w", what, err)
 	}
-	e := &CallError{Op: what, Code: st.Code().String(), Msg: st.Message()}
+	e := &CallError{Op: what, Code: st.Code().String(), StatusCode: st.Code(), Msg: st.Message()}
 	var as *agentStatus
 	if errors.As(err, &as) {
 		e.RequestID = as.requestID
@@ -392,7 +392,10 @@ func withRequestID(err error, rid string) error {
 // CallError is an error returned by the agent, with its gRPC status code
 // (NotFound, PermissionDenied, InvalidArgument, Unavailable, ...).
 type CallError struct {
+	// Code is StatusCode's name, as gRPC spells it.
 	Op, Code, Msg string
+	// StatusCode is the code the agent answered with.
+	StatusCode codes.Code
 	// RequestID names the call's record in the agent's audit log, as the
 	// agent sent it in the answer's request_id field (or, for a call that
 	// failed as a whole, its trailer). Empty when the agent did not answer,
@@ -411,5 +414,5 @@ func (e *CallError) Error() string {
 // IsUnavailable reports whether err means the agent could not be reached.
 func IsUnavailable(err error) bool {
 	var ce *CallError
-	return errors.As(err, &ce) && (ce.Code == "Unavailable" || ce.Code == "DeadlineExceeded")
+	return errors.As(err, &ce) && (ce.StatusCode == codes.Unavailable || ce.StatusCode == codes.DeadlineExceeded)
 }

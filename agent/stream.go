@@ -144,7 +144,7 @@ func (st *signStream) failure(cl *call) (*agentpb.SignStreamResult, bool, error)
 }
 
 func deadlineError(ctx context.Context) error {
-	return &CallError{Op: "waiting for the agent", Code: codes.DeadlineExceeded.String(), Msg: ctx.Err().Error()}
+	return &CallError{Op: "waiting for the agent", Code: codes.DeadlineExceeded.String(), StatusCode: codes.DeadlineExceeded, Msg: ctx.Err().Error()}
 }
 
 // stream returns the open stream, or opens one; waiting is bounded by ctx.

@@ -93,7 +93,7 @@ func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late 
 		return nil, Invalid, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
 	sig, err := c.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
-	if err == errAnswered {
+	if errors.Is(err, errAnswered) {
 		return nil, Timeout, err
 	}
 	var ge *gateError

@@ -229,7 +229,7 @@ func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Dur
 		ss.queue(r)
 	}
 	sig, o, err := ss.c.sign(ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.outcome, ge) })
-	if err != errAnswered {
+	if !errors.Is(err, errAnswered) {
 		answer(sig, o, err)
 	}
 }
