@@ -1,4 +1,4 @@
-package server_test
+package softhsmtest
 
 import (
 	"context"
@@ -17,10 +17,12 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/core"
 	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/hsmagent/hsmagent/agent/transport/grpcsvc"
+	"github.com/hsmagent/hsmagent/agent/transport/listen"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/hsmagent/hsmagent/hsm/hsmstore"
-	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
 // BenchmarkTransports measures the framed signing connection against gRPC's
@@ -28,16 +30,17 @@ import (
 // on every HSM shape: SoftHSM as it is (CPU-bound), SoftHSM behind 2 ms of
 // latency, and the off-host shape of a network HSM (the fault module
 // replays a signature after 2 ms without SoftHSM). The agent without
-// signing connections (ServeGRPCOnly) is what the client falls back to.
+// signing connections (the core behind the gRPC adapter alone) is what the
+// client falls back to.
 //
-//	go test -run '^$' -bench Transports -benchtime 2000x ./agent/server
+//	go test -run '^$' -bench Transports -benchtime 2000x ./softhsm-test
 func BenchmarkTransports(b *testing.B) {
 	for _, shape := range []struct {
 		name    string
 		latency time.Duration
 		replay  bool
 	}{{"softhsm", 0, false}, {"softhsm+2ms", 2 * time.Millisecond, false}, {"network", 2 * time.Millisecond, true}} {
-		fm := softhsmtest.NewFaultModule(b, softhsmtest.New(b))
+		fm := NewFaultModule(b, New(b))
 		fm.SetReplay(shape.replay)
 		tok, err := hsm.Open(fm.Config())
 		if err != nil {
@@ -65,25 +68,37 @@ func BenchmarkTransports(b *testing.B) {
 // transportSigner starts an agent on tok, with signing connections or
 // without (gRPC's SignStream then), and returns a client's signer of "ec".
 func transportSigner(b *testing.B, tok *hsm.Token, grpcOnly bool) crypto.Signer {
-	srv, err := server.New(hsmstore.New(tok), server.Options{Audit: discardAudit()})
-	if err != nil {
-		b.Fatal(err)
-	}
 	path := filepath.Join(b.TempDir(), "agent.sock")
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		b.Fatal(err)
 	}
-	serve := srv.Serve
 	if grpcOnly {
-		serve = srv.ServeGRPCOnly
+		c, err := core.New(hsmstore.New(tok), core.Options{Audit: discardAudit()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		svc := grpcsvc.New(c, grpcsvc.Options{IdleTimeout: time.Minute, MaxStreamsPerConnection: 16, Handshake: 10 * time.Second})
+		go svc.Serve(listen.Admitted(l, c))
+		b.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c.Drain()
+			svc.Shutdown(ctx)
+			c.Close()
+		})
+	} else {
+		srv, err := server.New(hsmstore.New(tok), server.Options{Audit: discardAudit()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		go srv.Serve(l)
+		b.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			srv.Shutdown(ctx)
+		})
 	}
-	go serve(l)
-	b.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := agent.Dial(ctx, path)
