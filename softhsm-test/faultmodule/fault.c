@@ -82,8 +82,10 @@ struct controls {
 	CK_RV fail;           /* CKR_OK: no failures */
 	long fail_count;      /* < 0: fail while set; otherwise the next N calls */
 	unsigned fail_ops;
-	int hang;
+	int hang;     /* 1: until the file says otherwise; 2 (hang=forever): for ever */
 	unsigned hang_ops;
+	int crash;    /* the process dies of SIGSEGV inside a call of crash_ops */
+	unsigned crash_ops;
 	int token_absent;
 	int replay; /* off-host shape: a signature made once is answered again without the real module */
 };
@@ -253,7 +255,7 @@ static int parse_ops(const char *s, unsigned *out)
 /* The keys a control file or HSMAGENT_FAULT_<KEY> may set. */
 static const char *const keys[] = {
 	"sign_latency_us", "latency_us", "fail", "fail_count", "fail_ops",
-	"hang", "hang_ops", "token_absent", "replay", "generation",
+	"hang", "hang_ops", "crash", "crash_ops", "token_absent", "replay", "generation",
 };
 
 /* set applies one key=value to c; where names the source for warnings. */
@@ -270,8 +272,14 @@ static void set(struct controls *c, const char *key, const char *val, const char
 		bad = *val != '\0' && parse_long(val, &c->fail_count);
 	else if (strcmp(key, "fail_ops") == 0)
 		bad = parse_ops(val, &c->fail_ops);
+	else if (strcmp(key, "hang") == 0 && strcmp(val, "forever") == 0)
+		c->hang = 2;
 	else if (strcmp(key, "hang") == 0)
 		bad = parse_bool(val, &c->hang);
+	else if (strcmp(key, "crash") == 0)
+		bad = parse_bool(val, &c->crash);
+	else if (strcmp(key, "crash_ops") == 0)
+		bad = parse_ops(val, &c->crash_ops);
 	else if (strcmp(key, "hang_ops") == 0)
 		bad = parse_ops(val, &c->hang_ops);
 	else if (strcmp(key, "token_absent") == 0)
@@ -331,6 +339,7 @@ static void controls_from_env(struct controls *c)
 	c->fail_count = -1;
 	c->fail_ops = 1u << OP_SIGN;
 	c->hang_ops = 1u << OP_SIGN;
+	c->crash_ops = 1u << OP_SIGN;
 	for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
 		char name[64] = "HSMAGENT_FAULT_";
 		size_t n = strlen(name);
@@ -449,6 +458,9 @@ static CK_RV take_failure(enum op op)
 	return rv;
 }
 
+/* An address no mapping holds; volatile, so that the compiler cannot see it. */
+static volatile uintptr_t crash_address = 8;
+
 static void sleep_ns(long long ns)
 {
 	struct timespec ts = {.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
@@ -465,6 +477,19 @@ static CK_RV enter(enum op op, struct controls *c)
 {
 	count(op, F_CALLS, 1);
 	current(c);
+	if (c->crash && (c->crash_ops & (1u << op)) != 0) {
+		/* As a vendor module's bug would: a write through a bad pointer,
+		 * which the process's SIGSEGV handler (Go's) sees in C code. */
+		warnf("crash=1: dying of SIGSEGV in %s", op_names[op]);
+		*(volatile int *)crash_address = 1;
+	}
+	if (c->hang == 2 && (c->hang_ops & (1u << op)) != 0) {
+		/* hang=forever: the call never returns, whatever the file says next. */
+		count(op, F_HUNG, 1);
+		count(op, F_WAITING, 1);
+		for (;;)
+			pause();
+	}
 	if (c->hang && (c->hang_ops & (1u << op)) != 0) {
 		count(op, F_HUNG, 1);
 		count(op, F_WAITING, 1);
