@@ -90,7 +90,6 @@ func handshakeFix(err error, env Env) string {
 	var unknown x509.UnknownAuthorityError
 	var hostname x509.HostnameError
 	var invalid x509.CertificateInvalidError
-	var netErr net.Error
 	switch {
 	case errors.As(err, &unknown):
 		return fmt.Sprintf("D1's server certificate does not chain to the trusted roots (D1-C6): check d1.%s.server_ca (without it the embedded Amazon roots are used) and that the target is D1", env)
@@ -98,7 +97,7 @@ func handshakeFix(err error, env Env) string {
 		return fmt.Sprintf("D1's server certificate is not valid for d1.%s.target: check the host name and the clock", env)
 	case isAlertFromPeer(err): // before net.Error: an alert arrives as a *net.OpError
 		return "D1 refused the client certificate: it must be the one Thales signed for this environment, valid today"
-	case errors.As(err, &netErr):
+	case isNetworkError(err):
 		return fmt.Sprintf("check d1.%s.target, DNS and the firewall or proxy towards D1", env)
 	}
 	return fmt.Sprintf("check d1.%s.target and the network towards D1", env)
@@ -111,6 +110,17 @@ func isAlertFromPeer(err error) bool {
 	var alert tls.AlertError
 	var op *net.OpError
 	return errors.As(err, &alert) || errors.As(err, &op) && op.Op == "remote error"
+}
+
+// isNetworkError says whether err is the network's: a failed dial or
+// lookup, or a timeout (http.Client's own, or its context's). Not any net.Error: every error of http.Client.Do is
+// a *url.Error, which is one.
+func isNetworkError(err error) bool {
+	var op *net.OpError
+	var dns *net.DNSError
+	var netErr net.Error
+	return errors.As(err, &op) || errors.As(err, &dns) || errors.As(err, &netErr) && netErr.Timeout() ||
+		errors.Is(err, context.DeadlineExceeded)
 }
 
 func fetchToken(ctx context.Context, env Env, j JWTSettings, creds Credentials, hc *http.Client, timeout time.Duration) Finding {
