@@ -15,6 +15,9 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
+// The agent's client is what the online checks present keys through.
+var _ d1.Credentials = (*agent.Client)(nil)
+
 // checkAgent looks at the socket, then asks the agent for its keys and
 // health. The client is nil when the agent could not be dialled.
 func checkAgent(c *cli.Context, timeout time.Duration) (*agent.Client, []d1.Finding) {
