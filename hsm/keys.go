@@ -471,14 +471,15 @@ func (s *signer) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 			s.cached.Store(c)
 		}
 		var err error
-		sig, err = c.key.Sign(r, digest, pssAutoToExplicit(s.public, opts))
-		return err
+		if sig, err = c.key.Sign(r, digest, pssAutoToExplicit(s.public, opts)); err != nil {
+			// Named here, where it is the module's: the token's own errors
+			// (outage, key not found or replaced) already say which key and why.
+			return fmt.Errorf("hsm: signing with key %q: %w", s.label, explain(err))
+		}
+		return nil
 	})
 	if err != nil {
-		if strings.HasPrefix(err.Error(), "hsm: ") {
-			return nil, err // already says which key and why
-		}
-		return nil, fmt.Errorf("hsm: signing with key %q: %w", s.label, explain(err))
+		return nil, err
 	}
 	return sig, nil
 }

@@ -3,6 +3,15 @@
 // TLS and OAuth profiles for calls in both directions.
 //
 // Rule IDs such as D1-C2 refer to the project's D1 requirements page.
+//
+// # Checks
+//
+// The checks of 'hsmagent doctor' live here: CheckKeys, CheckSocket,
+// CheckAgent, CheckDNS, CheckOnline and Settings.Problems. They take plain
+// values (key labels and certificates, a socket's mode, what the agent
+// answered, the settings of an environment, a resolver, the agent as
+// Credentials) and return Findings, which doctor only prints; so they run
+// without the CLI, cgo or an HSM.
 package d1
 
 import (
@@ -200,11 +209,8 @@ func EnvOfCN(cn string) (Env, bool) {
 // EnvOfLabel guesses the environment a key label refers to, when it names one
 // as a word: "d1-ppr-mtls", "PRD_client".
 func EnvOfLabel(label string) (Env, bool) {
-	words := strings.FieldsFunc(strings.ToLower(label), func(r rune) bool {
-		return !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9')
-	})
 	var found []Env
-	for _, w := range words {
+	for _, w := range labelWords(label) {
 		if e, err := ParseEnv(w); err == nil {
 			found = append(found, e)
 		}

@@ -61,25 +61,46 @@ func (j *JWTBearer) now() time.Time {
 	return time.Now()
 }
 
+// BearerFieldError is a JWTBearer field that cannot make an assertion D1
+// accepts. It is found before anything is signed or sent, so it is the
+// caller's configuration, not D1 or the network.
+type BearerFieldError struct {
+	Field string // the JWTBearer field: Signer, KeyID, IssuerID, TokenURL or Lifetime
+	Err   error
+}
+
+func (e *BearerFieldError) Error() string { return e.Err.Error() }
+func (e *BearerFieldError) Unwrap() error { return e.Err }
+
 func (j *JWTBearer) check() error {
+	if err := j.checkFields(); err != nil {
+		return err
+	}
+	if err := CheckIssuerID(j.IssuerID); err != nil {
+		return &BearerFieldError{"IssuerID", err}
+	}
+	return nil
+}
+
+func (j *JWTBearer) checkFields() *BearerFieldError {
 	if j.Signer == nil {
-		return errors.New("d1: no JWT signing key")
+		return &BearerFieldError{"Signer", errors.New("d1: no JWT signing key")}
 	}
 	pub, ok := j.Signer.Public().(*ecdsa.PublicKey)
 	switch {
 	case !ok || pub.Curve != elliptic.P256():
-		return fmt.Errorf("d1: the JWT key is %T, D1 takes ES256 only: use an ecdsa-p256 key", j.Signer.Public())
+		return &BearerFieldError{"Signer", fmt.Errorf("d1: the JWT key is %T, D1 takes ES256 only: use an ecdsa-p256 key", j.Signer.Public())}
 	case j.KeyID == "":
-		return errors.New("d1: the JWT needs a kid: the key id registered with D1")
+		return &BearerFieldError{"KeyID", errors.New("d1: the JWT needs a kid: the key id registered with D1")}
 	case j.TokenURL == "":
-		return errors.New("d1: no token endpoint URL")
+		return &BearerFieldError{"TokenURL", errors.New("d1: no token endpoint URL")}
 	case j.Lifetime > MaxAssertionLifetime:
-		return fmt.Errorf("d1: assertion lifetime %v is over D1's maximum of 15 minutes", j.Lifetime)
+		return &BearerFieldError{"Lifetime", fmt.Errorf("d1: assertion lifetime %v is over D1's maximum of 15 minutes", j.Lifetime)}
 	}
 	if _, err := url.ParseRequestURI(j.TokenURL); err != nil {
-		return fmt.Errorf("d1: token endpoint %q: %w", j.TokenURL, err)
+		return &BearerFieldError{"TokenURL", fmt.Errorf("d1: token endpoint %q: %w", j.TokenURL, err)}
 	}
-	return CheckIssuerID(j.IssuerID)
+	return nil
 }
 
 // Assertion returns a fresh signed JWT: header alg ES256 and kid; claims iss,

@@ -51,6 +51,25 @@ func readCertFile(flag, path string) ([]*x509.Certificate, error) {
 	return hsm.ParseCertificatesPEM(path, data)
 }
 
+// importedCerts reads --cert and --chain, in that order.
+func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
+	if c.String("cert") == "" {
+		return nil, usagef("missing --cert FILE")
+	}
+	certs, err := readCertFile("cert", c.String("cert"))
+	if err != nil {
+		return nil, err
+	}
+	if p := c.String("chain"); p != "" {
+		more, err := readCertFile("chain", p)
+		if err != nil {
+			return nil, err
+		}
+		certs = append(certs, more...)
+	}
+	return certs, nil
+}
+
 func certImport(c *cli.Context) error {
 	sel, err := selectToken(c)
 	if err != nil {
@@ -60,21 +79,10 @@ func certImport(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if c.String("cert") == "" {
-		return usagef("missing --cert FILE")
-	}
-	certs, err := readCertFile("cert", c.String("cert"))
+	certs, err := importedCerts(c)
 	if err != nil {
 		return err
 	}
-	if p := c.String("chain"); p != "" {
-		more, err := readCertFile("chain", p)
-		if err != nil {
-			return err
-		}
-		certs = append(certs, more...)
-	}
-
 	return withToken(sel, func(tok *hsm.Token) error {
 		key, err := tok.Key(label)
 		if err != nil {

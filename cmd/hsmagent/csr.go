@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
@@ -55,56 +56,22 @@ func csrAction(c *cli.Context) error {
 	var d1req *d1.SubjectRequest
 	switch c.String("profile") {
 	case "d1", "D1":
-		if c.IsSet("subject") || c.IsSet("dns") || c.IsSet("ip") {
-			return usagef("--profile d1 builds the subject itself; drop --subject, --dns and --ip")
-		}
-		// Name the flag a user forgot, not the field of the subject it fills.
-		for _, f := range []string{"issuer-id", "env", "country", "state", "locality", "org", "org-unit"} {
-			if strings.TrimSpace(c.String(f)) == "" {
-				return usagef("missing --%s: the D1 profile needs --issuer-id, --env, --country, --state, --locality, --org and --org-unit", f)
-			}
-		}
-		env, err := d1.ParseEnv(c.String("env"))
-		if err != nil {
-			return usageError{err}
-		}
-		if e, ok := d1.EnvOfLabel(label); ok && e != env {
-			return usagef("key %q looks like a %s key but --env is %s; D1 needs a separate key per environment (D1-G2)", label, e, env)
-		}
-		d1req = &d1.SubjectRequest{
-			IssuerID: c.String("issuer-id"), Env: env,
-			Country: c.String("country"), State: c.String("state"), Locality: c.String("locality"),
-			Organization: c.String("org"), OrgUnit: c.String("org-unit"), CNTemplate: c.String("cn-template"),
-			KeyType: d1.KeyTypeECDSA, // replaced by the key's real type below
-		}
-		if _, err := d1req.Subject(); err != nil {
-			return usageError{err}
-		}
+		d1req, err = d1Subject(c, label)
 	case "":
-		if c.String("subject") == "" {
-			return usagef("give --profile d1 (with --issuer-id, --env, --country, --state, --locality, --org, --org-unit) or --subject DN")
-		}
-		if req.Subject, err = hsm.ParseSubject(c.String("subject")); err != nil {
-			return usageError{err}
-		}
-		req.DNSNames = c.StringSlice("dns")
-		for _, s := range c.StringSlice("ip") {
-			ip := net.ParseIP(s)
-			if ip == nil {
-				return usagef("--ip %q is not an IP address", s)
-			}
-			req.IPs = append(req.IPs, ip)
-		}
+		req, err = genericCSR(c)
 	default:
-		return usagef("unknown --profile %q; the only profile is d1", c.String("profile"))
+		err = usagef("unknown --profile %q; the only profile is d1", c.String("profile"))
 	}
-
+	if err != nil {
+		return err
+	}
 	return withToken(sel, func(tok *hsm.Token) error {
 		signer, err := tok.Signer(label)
 		if err != nil {
 			return err
 		}
 		if d1req != nil {
+			// The CN names the key's real type, known only now.
 			if d1req.KeyType, err = d1.CNKeyType(signer.Public()); err != nil {
 				return fmt.Errorf("key %q: %w", label, err)
 			}
@@ -112,24 +79,81 @@ func csrAction(c *cli.Context) error {
 				return fmt.Errorf("key %q: %w", label, err)
 			}
 		}
-		der, err := hsm.CreateCSR(signer, req)
-		if err != nil {
-			return err
-		}
-		fp, err := hsm.PublicKeyFingerprint(signer.Public())
-		if err != nil {
-			return err
-		}
-		infof(c, "subject: %s", subjectInOrder(req.Subject))
-		infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(signer.Public()), fp)
-		if err := writeOutput(c, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})); err != nil {
-			return err
-		}
-		if out := c.String("out"); out != "" {
-			infof(c, "wrote %s", out)
-		}
-		return nil
+		return writeCSR(c, label, signer, req)
 	})
+}
+
+// d1Subject reads the D1 profile's flags (D1-C3, D1-C4) and checks them
+// before the token is opened, with an ECDSA key type for now.
+func d1Subject(c *cli.Context, label string) (*d1.SubjectRequest, error) {
+	if c.IsSet("subject") || c.IsSet("dns") || c.IsSet("ip") {
+		return nil, usagef("--profile d1 builds the subject itself; drop --subject, --dns and --ip")
+	}
+	// Name the flag a user forgot, not the field of the subject it fills.
+	for _, f := range []string{"issuer-id", "env", "country", "state", "locality", "org", "org-unit"} {
+		if strings.TrimSpace(c.String(f)) == "" {
+			return nil, usagef("missing --%s: the D1 profile needs --issuer-id, --env, --country, --state, --locality, --org and --org-unit", f)
+		}
+	}
+	env, err := d1.ParseEnv(c.String("env"))
+	if err != nil {
+		return nil, usageError{err}
+	}
+	if e, ok := d1.EnvOfLabel(label); ok && e != env {
+		return nil, usagef("key %q looks like a %s key but --env is %s; D1 needs a separate key per environment (D1-G2)", label, e, env)
+	}
+	r := &d1.SubjectRequest{
+		IssuerID: c.String("issuer-id"), Env: env,
+		Country: c.String("country"), State: c.String("state"), Locality: c.String("locality"),
+		Organization: c.String("org"), OrgUnit: c.String("org-unit"), CNTemplate: c.String("cn-template"),
+		KeyType: d1.KeyTypeECDSA, // replaced by the key's real type once the token is open
+	}
+	if _, err := r.Subject(); err != nil {
+		return nil, usageError{err}
+	}
+	return r, nil
+}
+
+// genericCSR reads --subject and the SANs.
+func genericCSR(c *cli.Context) (hsm.CSRRequest, error) {
+	var req hsm.CSRRequest
+	if c.String("subject") == "" {
+		return req, usagef("give --profile d1 (with --issuer-id, --env, --country, --state, --locality, --org, --org-unit) or --subject DN")
+	}
+	var err error
+	if req.Subject, err = hsm.ParseSubject(c.String("subject")); err != nil {
+		return req, usageError{err}
+	}
+	req.DNSNames = c.StringSlice("dns")
+	for _, s := range c.StringSlice("ip") {
+		ip := net.ParseIP(s)
+		if ip == nil {
+			return req, usagef("--ip %q is not an IP address", s)
+		}
+		req.IPs = append(req.IPs, ip)
+	}
+	return req, nil
+}
+
+// writeCSR has the token sign the request and writes it as PEM.
+func writeCSR(c *cli.Context, label string, signer crypto.Signer, req hsm.CSRRequest) error {
+	der, err := hsm.CreateCSR(signer, req)
+	if err != nil {
+		return err
+	}
+	fp, err := hsm.PublicKeyFingerprint(signer.Public())
+	if err != nil {
+		return err
+	}
+	infof(c, "subject: %s", subjectInOrder(req.Subject))
+	infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(signer.Public()), fp)
+	if err := writeOutput(c, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})); err != nil {
+		return err
+	}
+	if out := c.String("out"); out != "" {
+		infof(c, "wrote %s", out)
+	}
+	return nil
 }
 
 // subjectInOrder prints a subject in encoding order (C first), the way

@@ -366,22 +366,29 @@ func proxyServerAction(c *cli.Context) error {
 	srv.TLSConfig.NextProtos = []string{"h2", "http/1.1"}
 	ctx, cancel := context.WithCancel(c.Context)
 	defer cancel()
-	go st.WatchCAFile(ctx, c.Duration("ca-reload-interval"), func(changed bool, err error) {
+	reload := watchClientCA(ctx, st, caFile, c.Duration("ca-reload-interval"), log)
+	return runHTTP(srv, log, true, reload, "proxy server serving",
+		"listen", srv.Addr, "backend", backend, "key", label, "client_ca", caFile)
+}
+
+// watchClientCA reloads the Thales client CA file every interval until ctx
+// is done, and returns the reload for SIGHUP. A file that does not load
+// leaves the previous CA in force, so a bad edit does not stop D1's calls.
+func watchClientCA(ctx context.Context, st *d1.ServerTLS, caFile string, interval time.Duration, log *slog.Logger) (reload func()) {
+	go st.WatchCAFile(ctx, interval, func(changed bool, err error) {
 		if err != nil {
 			log.Error("client CA reload failed, keeping the previous one", "file", caFile, "err", err)
 		} else {
 			log.Info("client CA reloaded", "file", caFile)
 		}
 	})
-	reload := func() {
+	return func() {
 		if _, err := st.Reload(); err != nil {
 			log.Error("client CA reload failed, keeping the previous one", "file", caFile, "err", err)
 			return
 		}
 		log.Info("reloaded", "file", caFile)
 	}
-	return runHTTP(srv, log, true, reload, "proxy server serving",
-		"listen", srv.Addr, "backend", backend, "key", label, "client_ca", caFile)
 }
 
 // serverOAuth builds the D1-S6 token issuer from the flags, or nil without them.

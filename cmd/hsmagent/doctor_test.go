@@ -241,10 +241,10 @@ d1:
 					t.Errorf("line %s twice", key)
 				}
 				got[key] = r.Status
-				if r.Status != checkPass && fix == "" {
+				if r.Status != d1.Pass.String() && fix == "" {
 					fix = r.Fix
 				}
-				if r.Status == checkPass && r.Fix != "" || r.Status != checkPass && r.Fix == "" {
+				if r.Status == d1.Pass.String() && r.Fix != "" || r.Status != d1.Pass.String() && r.Fix == "" {
 					t.Errorf("%s: status %s with fix %q", key, r.Status, r.Fix)
 				}
 			}

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/urfave/cli/v2"
+)
+
+// benchAgent connects to the agent of --socket, or starts one, and returns
+// the key through it and the agent's pid (for its memory); stop closes what
+// it opened.
+func benchAgent(c *cli.Context, label string) (remote crypto.Signer, pid int, stop func(), err error) {
+	cleanup := func() {}
+	socket := c.String("socket")
+	if socket == "" {
+		if cleanup, socket, err = startChildAgent(c); err != nil {
+			return nil, 0, nil, err
+		}
+	}
+	defer func() {
+		if err != nil {
+			cleanup()
+		}
+	}()
+	dialCtx, cancel := context.WithTimeout(c.Context, 10*time.Second)
+	client, err := agent.Dial(dialCtx, socket)
+	cancel()
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	stopChild := cleanup
+	cleanup = func() { client.Close(); stopChild() }
+	if remote, err = client.Signer(c.Context, label); err != nil {
+		return nil, 0, nil, err
+	}
+	if pid, err = socketPeerPID(socket); err != nil {
+		return nil, 0, nil, err
+	}
+	return remote, pid, cleanup, nil
+}
+
+// startChildAgent runs "hsmagent serve" on a temporary socket with the same
+// token selection. The PIN must come from a file, the environment or the URI:
+// a prompted PIN is not handed to another process.
+func startChildAgent(c *cli.Context) (stop func(), socket string, err error) {
+	if c.String("pin-file") == "" && os.Getenv("HSMAGENT_PIN") == "" && !strings.Contains(c.String("uri"), "pin-source") {
+		return nil, "", usagef("bench starts its own agent only with --pin-file, HSMAGENT_PIN or a URI pin-source; or pass --socket of a running agent")
+	}
+	dir, err := os.MkdirTemp("", "hsmagent-bench")
+	if err != nil {
+		return nil, "", err
+	}
+	socket = filepath.Join(dir, "agent.sock")
+	self, err := os.Executable()
+	if err != nil {
+		return nil, "", err
+	}
+	args := []string{"serve", "--socket", socket, "--log-level", "warn"}
+	for _, f := range []string{"module", "token", "token-serial", "uri", "pin-file"} {
+		if v := c.String(f); v != "" {
+			args = append(args, "--"+f, v)
+		}
+	}
+	if c.Bool("allow-insecure-pin-file") {
+		args = append(args, "--allow-insecure-pin-file")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Stderr = c.App.ErrWriter
+	// The audit log of a benchmark is millions of lines: send it nowhere.
+	cmd.Env = append(os.Environ(), "HSMAGENT_AUDIT_LOG=/dev/null")
+	if err := cmd.Start(); err != nil {
+		return nil, "", fmt.Errorf("starting the agent: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	stop = func() {
+		cmd.Process.Signal(os.Interrupt)
+		<-exited
+		os.RemoveAll(dir)
+	}
+	deadline := time.After(30 * time.Second)
+	for {
+		if conn, err := net.Dial("unix", socket); err == nil {
+			conn.Close()
+			return stop, socket, nil
+		}
+		select {
+		case <-exited:
+			os.RemoveAll(dir)
+			return nil, "", errors.New("the child agent exited; see its message above")
+		case <-deadline:
+			stop()
+			return nil, "", errors.New("the child agent did not start within 30s")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// socketPeerPID finds the agent's pid from its socket with SO_PEERCRED.
+func socketPeerPID(socket string) (int, error) {
+	conn, err := net.Dial("unix", socket)
+	if err != nil {
+		return 0, fmt.Errorf("connecting to %q: %w", socket, err)
+	}
+	defer conn.Close()
+	p, err := server.ReadPeer(conn)
+	if err != nil {
+		return 0, err
+	}
+	return p.PID, nil
+}
+
+// rssSampler records the largest resident set of a process while running.
+type rssSampler struct {
+	pid  int
+	mu   sync.Mutex
+	peak int64
+}
+
+func (s *rssSampler) start() (stop func()) {
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			s.sample()
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
+}
+
+func (s *rssSampler) sample() {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid))
+	if err != nil {
+		return
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if err == nil {
+				s.mu.Lock()
+				s.peak = max(s.peak, kb*1024)
+				s.mu.Unlock()
+			}
+		}
+	}
+}
+
+func (s *rssSampler) max() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.peak
+}
