@@ -66,7 +66,7 @@ var FaultOps = []string{"initialize", "finalize", "slots", "tokeninfo", "open", 
 
 // faultKeys are the control keys; HSMAGENT_FAULT_<KEY> gives initial values.
 var faultKeys = []string{"sign_latency_us", "latency_us", "fail", "fail_count", "fail_ops",
-	"hang", "hang_ops", "token_absent", "generation"}
+	"hang", "hang_ops", "crash", "crash_ops", "token_absent", "replay", "generation"}
 
 // NewFaultModule builds the fault module (once per test binary, cached by
 // content), gives this test its own copy of it, and points it at tok: the

@@ -1,0 +1,532 @@
+package worker
+
+import (
+	"bufio"
+	"crypto"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/core"
+)
+
+// Options configure the agent's side of the worker.
+type Options struct {
+	// Command is the worker's argv: this binary and its worker command.
+	Command []string
+	// Init says which token to open; its PIN is left empty and taken
+	// from PIN at each start, so that a changed PIN file is read again.
+	Init Init
+	PIN  func() (string, error)
+	// Logger gets a line when a worker dies or is killed and when another
+	// serves again; nil means slog.Default().
+	Logger *slog.Logger
+	// KillAfter is how long a call may go unanswered before the worker is
+	// killed and replaced; 0 means DefaultKillAfter.
+	KillAfter time.Duration
+	// RestartMin and RestartMax bound the wait before another start after
+	// a worker died (doubling); 0 means 100 ms and 5 s.
+	RestartMin, RestartMax time.Duration
+	// StartTimeout bounds a worker's start: opening the token, logging in;
+	// 0 means 30 s.
+	StartTimeout time.Duration
+}
+
+// DefaultKillAfter is the default Options.KillAfter: well past the HSM
+// timeout, which answers the caller long before.
+const DefaultKillAfter = 10 * time.Second
+
+// Store is the worker's token as the agent's core.KeyStore. Calls made
+// while no worker runs wait for the next one (up to KillAfter); calls
+// in flight when a worker dies fail as Unavailable.
+type Store struct {
+	o     Options
+	log   *slog.Logger
+	label string // the token's, from the first start
+
+	mu     sync.Mutex
+	cur    *proc
+	up     chan struct{} // closed when cur is set again
+	closed bool
+	keys   map[string]crypto.PublicKey // the last listing's, for Signer
+
+	stop chan struct{}
+}
+
+var _ core.KeyStore = (*Store)(nil)
+
+// Start starts a worker and waits for it to have opened the token (the
+// error of a wrong PIN, say, is the worker's).
+func Start(o Options) (*Store, error) {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.KillAfter <= 0 {
+		o.KillAfter = DefaultKillAfter
+	}
+	if o.RestartMin <= 0 {
+		o.RestartMin = 100 * time.Millisecond
+	}
+	if o.RestartMax <= 0 {
+		o.RestartMax = 5 * time.Second
+	}
+	if o.StartTimeout <= 0 {
+		o.StartTimeout = 30 * time.Second
+	}
+	s := &Store{o: o, log: o.Logger, up: make(chan struct{}), stop: make(chan struct{})}
+	p, ia, err := s.spawn()
+	if err != nil {
+		return nil, err
+	}
+	s.label = ia.TokenLabel
+	s.install(p)
+	go s.watchStuck()
+	return s, nil
+}
+
+// TokenLabel is the label of the token the worker opened.
+func (s *Store) TokenLabel() string { return s.label }
+
+// Close stops the worker and starts no other.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	p := s.cur
+	close(s.stop)
+	s.mu.Unlock()
+	if p != nil {
+		p.end(errors.New("hsm: the agent is stopping"), false)
+	}
+	return nil
+}
+
+// proc is one worker process and the calls it has been sent.
+type proc struct {
+	cmd  *exec.Cmd
+	conn net.Conn
+	pid  int
+
+	wmu  sync.Mutex
+	wbuf []byte
+
+	mu      sync.Mutex
+	next    uint64
+	pending map[uint64]*call
+	dead    chan struct{} // closed by end
+	why     error
+	once    sync.Once
+	exited  chan struct{} // closed when the process was waited for
+	status  string        // how it exited
+	killed  bool          // by the agent
+}
+
+type call struct {
+	sent time.Time
+	done chan answer
+}
+
+type answer struct {
+	status byte
+	body   []byte
+}
+
+// spawn starts a worker and sends it the Init.
+func (s *Store) spawn() (*proc, initAnswer, error) {
+	var ia initAnswer
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, ia, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "hsm-worker"), os.NewFile(uintptr(fds[1]), "agent")
+	defer theirs.Close()
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		theirs.Close()
+		return nil, ia, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+	}
+	cmd := exec.Command(s.o.Command[0], s.o.Command[1:]...)
+	cmd.ExtraFiles = []*os.File{theirs} // fd 3
+	cmd.Stderr = os.Stderr              // its log lines, beside the agent's
+	cmd.Env = workerEnv(os.Environ())
+	// The worker dies with the agent: no module runs without its supervisor.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		conn.Close()
+		return nil, ia, fmt.Errorf("hsm: starting the HSM worker %s: %w", s.o.Command[0], err)
+	}
+	p := &proc{cmd: cmd, conn: conn, pid: cmd.Process.Pid, pending: map[uint64]*call{},
+		dead: make(chan struct{}), exited: make(chan struct{})}
+	go p.wait()
+	in := s.o.Init
+	if s.o.PIN != nil {
+		if in.PIN, err = s.o.PIN(); err != nil {
+			p.end(err, true)
+			return nil, ia, err
+		}
+	}
+	body, _ := json.Marshal(in)
+	conn.SetDeadline(time.Now().Add(s.o.StartTimeout))
+	err = writeFrame(conn, append(appendHeader(nil, msgInit, 0), body...))
+	var msg []byte
+	if err == nil {
+		msg, err = readFrame(conn, nil)
+	}
+	conn.SetDeadline(time.Time{})
+	if err != nil {
+		p.end(err, true)
+		<-p.exited
+		return nil, ia, fmt.Errorf("hsm: the HSM worker did not start (%s): %w", p.status, err)
+	}
+	typ, _, rest := parseHeader(msg)
+	if typ != msgInit || len(rest) < 1 {
+		p.end(errMalformed, true)
+		return nil, ia, fmt.Errorf("hsm: the HSM worker answered its start with message type %d", typ)
+	}
+	if rest[0] != statusOK {
+		p.end(errors.New("start refused"), true)
+		return nil, ia, errors.New(string(rest[1:])) // the token's own error: PIN, slot, module
+	}
+	if err := json.Unmarshal(rest[1:], &ia); err != nil {
+		p.end(err, true)
+		return nil, ia, fmt.Errorf("hsm: the HSM worker's start: %w", err)
+	}
+	go p.read()
+	return p, ia, nil
+}
+
+// workerEnv is the agent's environment without the PIN, which the worker
+// gets in its Init only.
+func workerEnv(env []string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, "HSMAGENT_PIN=") {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+// install makes p the worker calls go to, and supervises it.
+func (s *Store) install(p *proc) {
+	s.mu.Lock()
+	s.cur = p
+	close(s.up)
+	s.mu.Unlock()
+	go s.supervise(p)
+}
+
+// supervise waits for p to die, fails its calls in flight (end does), and
+// starts another worker, with backoff, until one runs or the store closes.
+func (s *Store) supervise(p *proc) {
+	<-p.dead
+	<-p.exited
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.cur, s.up = nil, make(chan struct{})
+	s.mu.Unlock()
+	s.log.Error("the HSM worker ended; starting another: signatures in flight failed, the others wait for it",
+		"pid", p.pid, "exit", p.status, "killed", p.killed, "err", p.why)
+	wait := s.o.RestartMin
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-time.After(wait):
+		}
+		next, _, err := s.spawn()
+		if err == nil {
+			s.mu.Lock()
+			if s.closed {
+				s.mu.Unlock()
+				next.end(errors.New("hsm: the agent is stopping"), false)
+				return
+			}
+			s.mu.Unlock()
+			s.log.Info("the HSM worker serves again: token opened and logged in", "pid", next.pid)
+			s.install(next)
+			return
+		}
+		s.log.Error("starting the HSM worker failed; trying again", "err", err, "retry_in", 2*wait)
+		wait = min(2*wait, s.o.RestartMax)
+	}
+}
+
+// watchStuck kills a worker with a call unanswered for KillAfter.
+func (s *Store) watchStuck() {
+	t := time.NewTicker(min(time.Second, s.o.KillAfter/4))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		p := s.cur
+		s.mu.Unlock()
+		if p == nil {
+			continue
+		}
+		if oldest := p.oldest(); !oldest.IsZero() && time.Since(oldest) > s.o.KillAfter {
+			s.log.Error("an HSM call has not returned; killing the HSM worker and starting another",
+				"pid", p.pid, "stuck_for", time.Since(oldest).Round(time.Millisecond), "kill_after", s.o.KillAfter)
+			p.end(fmt.Errorf("an HSM call did not return within %v", s.o.KillAfter), true)
+		}
+	}
+}
+
+// worker returns the worker to send a call to, waiting up to KillAfter
+// for one while another is started.
+func (s *Store) worker() (*proc, error) {
+	s.mu.Lock()
+	p, up, closed := s.cur, s.up, s.closed
+	s.mu.Unlock()
+	if closed {
+		return nil, unavailableError{"hsm: the agent is stopping"}
+	}
+	if p != nil {
+		return p, nil
+	}
+	select {
+	case <-up:
+		return s.worker()
+	case <-time.After(s.o.KillAfter):
+		return nil, unavailableError{"hsm: the HSM worker is being restarted; try again"}
+	case <-s.stop:
+		return nil, unavailableError{"hsm: the agent is stopping"}
+	}
+}
+
+// call sends a request built by msg for id and waits for its answer. A
+// call not yet sent when its worker dies is sent to the next one.
+func (s *Store) call(msg func(b []byte, id uint64) []byte) (answer, error) {
+	for {
+		p, err := s.worker()
+		if err != nil {
+			return answer{}, err
+		}
+		a, sent, err := p.call(msg)
+		if err == nil || sent {
+			return a, err
+		}
+		// p died before the request left: it never reached the HSM.
+	}
+}
+
+func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, err error) {
+	c := &call{done: make(chan answer, 1)}
+	p.mu.Lock()
+	if p.why != nil {
+		p.mu.Unlock()
+		return answer{}, false, p.inFlightError()
+	}
+	p.next++
+	id := p.next
+	c.sent = time.Now()
+	p.pending[id] = c
+	p.mu.Unlock()
+	p.wmu.Lock()
+	p.wbuf = msg(p.wbuf[:0], id)
+	err = writeFrame(p.conn, p.wbuf)
+	p.wmu.Unlock()
+	if err != nil {
+		p.end(err, true)
+		return answer{}, false, p.inFlightError()
+	}
+	select {
+	case a := <-c.done:
+		return a, true, nil
+	case <-p.dead:
+		select {
+		case a := <-c.done: // answered as it died
+			return a, true, nil
+		default:
+		}
+		return answer{}, true, p.inFlightError()
+	}
+}
+
+func (p *proc) inFlightError() error {
+	return unavailableError{fmt.Sprintf("hsm: the HSM worker ended with the call in flight (%v); the agent is starting another", p.why)}
+}
+
+// read delivers the worker's answers until the connection ends.
+func (p *proc) read() {
+	r := bufio.NewReaderSize(p.conn, 64<<10)
+	var buf []byte
+	for {
+		msg, err := readFrame(r, buf)
+		if err != nil {
+			p.end(err, true)
+			return
+		}
+		typ, id, rest := parseHeader(msg)
+		if len(rest) < 1 || (typ != msgSign && typ != msgKeys) {
+			p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
+			return
+		}
+		p.mu.Lock()
+		c := p.pending[id]
+		delete(p.pending, id)
+		p.mu.Unlock()
+		if c != nil {
+			c.done <- answer{status: rest[0], body: append([]byte(nil), rest[1:]...)}
+		}
+	}
+}
+
+// oldest is when the longest-waiting call was sent, zero if none waits.
+func (p *proc) oldest() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var t time.Time
+	for _, c := range p.pending {
+		if t.IsZero() || c.sent.Before(t) {
+			t = c.sent
+		}
+	}
+	return t
+}
+
+// end stops p for why: its connection closes (the worker exits on that),
+// and kill ends the process at once.
+func (p *proc) end(why error, kill bool) {
+	p.once.Do(func() {
+		p.mu.Lock()
+		p.why = why
+		p.killed = kill
+		p.mu.Unlock()
+		p.conn.Close()
+		if kill {
+			p.cmd.Process.Kill()
+		} else {
+			go func() {
+				select {
+				case <-p.exited:
+				case <-time.After(2 * time.Second):
+					p.cmd.Process.Kill()
+				}
+			}()
+		}
+		close(p.dead)
+	})
+}
+
+func (p *proc) wait() {
+	err := p.cmd.Wait()
+	p.status = "exit status 0"
+	if err != nil {
+		p.status = err.Error() // "signal: segmentation fault", "exit status 2"
+	}
+	close(p.exited)
+	p.end(errors.New("the worker exited: "+p.status), false)
+}
+
+// Keys implements core.KeyStore.
+func (s *Store) Keys() ([]core.Key, error) {
+	a, err := s.call(func(b []byte, id uint64) []byte { return appendHeader(b, msgKeys, id) })
+	if err != nil {
+		return nil, err
+	}
+	if a.status != statusOK {
+		return nil, answerError(a, "")
+	}
+	var wks []wireKey
+	if err := json.Unmarshal(a.body, &wks); err != nil {
+		return nil, fmt.Errorf("hsm: the HSM worker's key list: %w", err)
+	}
+	keys := make([]core.Key, 0, len(wks))
+	pubs := make(map[string]crypto.PublicKey, len(wks))
+	for _, wk := range wks {
+		pub, err := x509.ParsePKIXPublicKey(wk.Public)
+		if err != nil {
+			return nil, fmt.Errorf("hsm: the HSM worker's key %q: %w", wk.Label, err)
+		}
+		k := core.Key{Label: wk.Label, ID: wk.ID, Public: pub}
+		for _, der := range wk.Chain {
+			c, err := x509.ParseCertificate(der)
+			if err != nil {
+				return nil, fmt.Errorf("hsm: the HSM worker's certificate of key %q: %w", wk.Label, err)
+			}
+			k.Chain = append(k.Chain, c)
+		}
+		keys = append(keys, k)
+		pubs[wk.Label] = pub
+	}
+	s.mu.Lock()
+	s.keys = pubs
+	s.mu.Unlock()
+	return keys, nil
+}
+
+// Signer implements core.KeyStore, for a key of the last listing.
+func (s *Store) Signer(label string) (crypto.Signer, error) {
+	s.mu.Lock()
+	pub := s.keys[label]
+	s.mu.Unlock()
+	if pub == nil {
+		return nil, fmt.Errorf("hsm: no key labelled %q in the token%.0w", label, core.ErrKeyNotFound)
+	}
+	return &signer{s: s, label: label, pub: pub, fp: Fingerprint(pub)}, nil
+}
+
+// signer signs in the worker with the key its public half names.
+type signer struct {
+	s     *Store
+	label string
+	pub   crypto.PublicKey
+	fp    [32]byte
+}
+
+func (k *signer) Public() crypto.PublicKey { return k.pub }
+
+func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	req := &signRequest{Label: k.label, Fingerprint: k.fp, Hash: opts.HashFunc(), Digest: digest}
+	if pss, ok := opts.(*rsa.PSSOptions); ok {
+		req.PSS, req.SaltLength = true, pss.SaltLength
+	}
+	if len(req.Label) > 255 || len(req.Digest) > 255 {
+		return nil, fmt.Errorf("hsm: label or digest too long for key %q", k.label)
+	}
+	a, err := k.s.call(func(b []byte, id uint64) []byte { return appendSign(b, id, req) })
+	if err != nil {
+		return nil, err
+	}
+	if a.status != statusOK {
+		return nil, answerError(a, k.label)
+	}
+	return a.body, nil
+}
+
+// answerError is the error a worker answered with, of its kind.
+func answerError(a answer, label string) error {
+	msg := string(a.body)
+	switch a.status {
+	case statusUnavailable:
+		return unavailableError{msg}
+	case statusKeyChanged:
+		return keyChangedError{label}
+	case statusNotFound:
+		return fmt.Errorf("%s%.0w", msg, core.ErrKeyNotFound)
+	}
+	return remoteError{msg}
+}
