@@ -139,7 +139,7 @@ test: deps
 # of 60 s per new input would take most of the run.
 FUZZTIME ?= 30s
 FUZZ_TARGETS := ./agent/server:FuzzSign ./agent/server:FuzzSignStream ./agent/server:FuzzPolicy \
-	./cmd/hsmagent:FuzzLoadConfig ./hsm:FuzzParseSubject ./hsm:FuzzParseCertificatesPEM
+	./cmd/hsmagent:FuzzLoadConfig ./hsm:FuzzParseSubject ./hsm:FuzzParseCertificatesPEM ./hsm/worker:FuzzParseSign
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "== $${t#*:} ($${t%%:*}, $(FUZZTIME))"; \
