@@ -166,8 +166,8 @@ func (c *Core) List(ctx context.Context, p Peer) (*agentpb.ListKeysResponse, str
 // core's refusals are *Error.
 func (c *Core) Watch(ctx context.Context, p Peer, send func(*agentpb.ListKeysResponse) error) error {
 	rid := newRequestID() // one for the watch: its records are its sends
-	if reason := c.watchers.admit(p.UID); reason != "" {
-		return c.refuseWatch(ctx, p, rid, reason)
+	if why := c.watchers.admit(p.UID); why != withinLimits {
+		return c.refuseWatch(ctx, p, rid, why)
 	}
 	defer c.watchers.release(p.UID)
 	sent := false

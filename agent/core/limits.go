@@ -221,21 +221,30 @@ var agentUID = os.Geteuid()
 
 func (c *connLimits) exempt(uid int) bool { return privileged(uid) }
 
-// admit counts a connection of uid, or returns the reason it is refused.
-func (c *connLimits) admit(uid int) string {
+// overLimit is which of a connLimits' limits refused a caller.
+type overLimit uint8
+
+const (
+	withinLimits overLimit = iota
+	overTotal              // the limit of all callers together
+	overPerUID             // the caller's uid's limit
+)
+
+// admit counts a connection of uid, or says which limit refuses it.
+func (c *connLimits) admit(uid int) overLimit {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	switch {
 	case c.exempt(uid) && c.total >= c.max:
-		return resultTooManyConns
+		return overTotal
 	case !c.exempt(uid) && c.total >= c.max-c.reserve:
-		return resultTooManyConns
+		return overTotal
 	case !c.exempt(uid) && c.byUID[uid] >= c.perUID:
-		return resultTooManyForUID
+		return overPerUID
 	}
 	c.total++
 	c.byUID[uid]++
-	return ""
+	return withinLimits
 }
 
 func (c *connLimits) release(uid int) {
@@ -257,8 +266,12 @@ func (c *Core) AdmitConn(p Peer) (release func(), ok bool) {
 		c.refuseConn(p, resultTooFastForUID)
 		return nil, false
 	}
-	if reason := c.conns.admit(p.UID); reason != "" {
-		c.refuseConn(p, reason)
+	switch c.conns.admit(p.UID) {
+	case overTotal:
+		c.refuseConn(p, resultTooManyConns)
+		return nil, false
+	case overPerUID:
+		c.refuseConn(p, resultTooManyForUID)
 		return nil, false
 	}
 	return func() { c.conns.release(p.UID) }, true
@@ -302,7 +315,7 @@ func fdLimit(want int, log *slog.Logger) int {
 // same reserve for root and the agent's own user as connections have.
 func (c *Core) admitStream(ctx context.Context, p Peer) (release func(), err error) {
 	why := c.streams.admit(p.UID)
-	if why == "" {
+	if why == withinLimits {
 		return func() { c.streams.release(p.UID) }, nil
 	}
 	reason, limit := c.overBudget(ctx, p, streamBudget, c.streams, why)
@@ -310,7 +323,7 @@ func (c *Core) admitStream(ctx context.Context, p Peer) (release func(), err err
 }
 
 // refuseWatch answers a WatchKeys over the watcher limits.
-func (c *Core) refuseWatch(ctx context.Context, p Peer, rid, why string) error {
+func (c *Core) refuseWatch(ctx context.Context, p Peer, rid string, why overLimit) error {
 	reason, limit := c.overBudget(ctx, p, watchBudget, c.watchers, why, slog.String("request_id", rid))
 	return &Error{Code: CodeResourceExhausted, RequestID: rid,
 		Msg: fmt.Sprintf("agent: %d key watchers are open (%s); close some", limit, reason)}
@@ -331,9 +344,9 @@ var (
 
 // overBudget logs (once per limit) and audits (rationed) a call refused by
 // l for why, and returns the audit result and the limit it hit.
-func (c *Core) overBudget(ctx context.Context, p Peer, b budget, l *connLimits, why string, attrs ...slog.Attr) (reason string, limit int) {
+func (c *Core) overBudget(ctx context.Context, p Peer, b budget, l *connLimits, why overLimit, attrs ...slog.Attr) (reason string, limit int) {
 	reason, limit = b.overTotal, l.max
-	if why == resultTooManyForUID {
+	if why == overPerUID {
 		reason, limit = b.overForUID, l.perUID
 		c.limits.hit(b.name+" per uid", p.UID, limit)
 	} else {
