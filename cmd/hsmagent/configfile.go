@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -97,6 +98,7 @@ func (r *fileReader) mapping(n *yaml.Node, path string, settings []setting, sect
 		for k := range sections {
 			names = append(names, k)
 		}
+		slices.Sort(names) // the same suggestion every time
 		line := r.cfg.pos[p].line
 		if near := nearest(key, names); near != "" {
 			r.wrongf(line, "unknown setting %q: did you mean %q?", p, join(path, near))
@@ -202,7 +204,9 @@ func (r *fileReader) list(dst *[]string) section {
 // d1 decodes the D1 sections, one per environment; the environments'
 // names are checked where they are used (mergeD1, doctor).
 func (r *fileReader) d1(n *yaml.Node, path string) {
-	r.cfg.D1 = map[string]*d1Section{}
+	if r.cfg.D1 == nil {
+		r.cfg.D1 = map[string]*d1Section{}
+	}
 	r.entries(n, path, func(env string, v *yaml.Node, p string) {
 		if isNull(v) {
 			r.cfg.D1[env] = nil

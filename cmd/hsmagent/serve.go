@@ -121,13 +121,7 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	defer stopMetrics()
-	// crypto11 keeps one session of its pool for itself, logged in.
-	sel.cfg.MaxSessions = opts.MaxInFlight + 1
-	sel.cfg.Logger = log
-	if m != nil {
-		sel.cfg.OnReopen = m.Reopened
-	}
-	tok, err := hsm.Open(sel.cfg)
+	tok, err := openToken(sel, opts.MaxInFlight, m, log)
 	if err != nil {
 		return err
 	}
@@ -148,6 +142,17 @@ func serveAction(c *cli.Context) error {
 		healthy:  srv.HSMAnswering,
 	}
 	return d.run("agent serving", "socket", socket, "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
+}
+
+// openToken opens the token with a session for each signature in the HSM
+// at once, and the one crypto11 keeps for itself, logged in.
+func openToken(sel tokenSelection, inFlight int, m *metrics.Agent, log *slog.Logger) (*hsm.Token, error) {
+	sel.cfg.MaxSessions = inFlight + 1
+	sel.cfg.Logger = log
+	if m != nil {
+		sel.cfg.OnReopen = m.Reopened
+	}
+	return hsm.Open(sel.cfg)
 }
 
 // checkListeners refuses what the agent could not listen on, before the

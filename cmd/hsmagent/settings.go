@@ -13,13 +13,13 @@ import (
 
 // A setting is one entry of the config file with the typed field it fills
 // and the flag that overrides it (and, through the flag, its HSMAGENT_*
-// environment variable). A setting with usage declares its flag: its flag's
-// name is its key with dashes (max_sessions, --max-sessions,
-// HSMAGENT_MAX_SESSIONS) and its default the value's. Without usage, the
-// command that has the flag declares it (tokenFlags, socketFlag, the D1
-// commands) and flag names it.
+// environment variable). Its flag is its key with dashes unless flag says
+// otherwise: max_sessions is --max-sessions. A setting with usage declares
+// its flag, whose environment variable is then named after the key
+// (HSMAGENT_MAX_SESSIONS) and whose default is the value's; without usage,
+// the command declares it (tokenFlags, socketFlag, the D1 commands).
 type setting struct {
-	key   string // in the file, under its section: "max_sessions", "jwt.kid" is "kid" in jwt
+	key   string // in the file, within its mapping: "kid" in d1.PPR.jwt
 	flag  string // "" for the key with dashes
 	usage string // the flag's help, when the setting declares its flag
 	val   value
