@@ -6,6 +6,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/urfave/cli/v2"
 )
 
@@ -120,8 +121,8 @@ func checkLabel(flag, label string) error {
 		}
 		shown = shown[:cut] + "..."
 	}
-	if len(label) > maxLabel {
-		return usagef("--%s %q is %d bytes; a key label is at most %d", flag, shown, len(label), maxLabel)
+	if len(label) > server.MaxLabel {
+		return usagef("--%s %q is %d bytes; a key label is at most %d", flag, shown, len(label), server.MaxLabel)
 	}
 	if !utf8.ValidString(label) {
 		return usagef("--%s %q is not valid UTF-8", flag, shown)
@@ -133,9 +134,6 @@ func checkLabel(flag, label string) error {
 	}
 	return nil
 }
-
-// maxLabel is the agent's limit on key labels (agent/server).
-const maxLabel = 128
 
 // checkCommandLine is every command's Before hook: it refuses what
 // urfave/cli would silently ignore (extra arguments) and labels that

@@ -16,7 +16,8 @@ var quoted = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
 var goType = regexp.MustCompile(`\[\]|map\[|\bmain\.|\bserver\.|\byaml\.|\bstruct\b|\binterface\b|\bint(8|16|32|64)?\b|\buint|\bfloat(32|64)\b|\*[a-z]`)
 
 // FuzzLoadConfig: any file gives a configuration or a one-line error that
-// names the file and no Go type, never a panic.
+// names the file (and, for a value its setting cannot take, the setting)
+// and no Go type, never a panic or a hang.
 func FuzzLoadConfig(f *testing.F) {
 	for _, s := range []string{
 		"socket: /run/hsmagent/agent.sock\nsocket_mode: \"0660\"\ntoken: t\npin_file: /etc/p\n",
@@ -31,9 +32,14 @@ func FuzzLoadConfig(f *testing.F) {
 		"max_sessions: 4\nhsm_timeout: 3s\n",
 		"- a\n- b\n",
 		"&a [*a]\n",
-		"0 0: x\n",              // a setting name with a space (found by this target)
-		"socket: !foo [a]\n",    // a custom tag
-		"access: \"a\\nb`c\"\n", // a value with a newline and a backquote
+		"0 0: x\n",                             // a setting name with a space (found by this target)
+		"socket: !foo [a]\n",                   // a custom tag
+		"access: \"a\\nb`c\"\n",                // a value with a newline and a backquote
+		"max_sessions: 0\n",                    // a value out of range
+		"socket_mode: 0660\nlog_level: WARN\n", // 0660 as written, not as a YAML number
+		"d1:\n  PPR: &p\n    kid: k\n  PRD:\n    <<: *p\n    target: t\n", // a merge key
+		"d1: &a\n  <<: *a\n", // a mapping merged into itself
+		"d1: {PPR: {jwt: {<<: [{kid: a}, {kid: b}]}}}\n",
 		"{",
 		"",
 	} {
@@ -56,7 +62,7 @@ func FuzzLoadConfig(f *testing.F) {
 		if strings.Contains(msg, "\n") {
 			t.Fatalf("error on more than one line: %q", msg)
 		}
-		if !strings.HasPrefix(msg, `config "`+path+`"`) {
+		if !strings.HasPrefix(msg, `config "`+path+`"`) && !(strings.HasPrefix(msg, `config setting "`) && strings.Contains(msg, " ("+path+" line ")) {
 			t.Fatalf("error does not name the file: %q", msg)
 		}
 		if m := goType.FindString(quoted.ReplaceAllString(msg, `""`)); m != "" {

@@ -19,7 +19,7 @@ func TestLimitsValidated(t *testing.T) {
 	} {
 		t.Run(tt.flag, func(t *testing.T) {
 			code, _, stderr := runCLI(t, "serve", "--socket", sock, "--"+tt.flag, tt.value)
-			if code != 2 || !strings.Contains(stderr, "--"+tt.flag+" must be positive") {
+			if code != 2 || !strings.Contains(stderr, "--"+tt.flag+" "+tt.value+": must be") {
 				t.Errorf("exit %d %q", code, stderr)
 			}
 		})
@@ -29,7 +29,7 @@ func TestLimitsValidated(t *testing.T) {
 		t.Errorf("bad max_connections_per_uid in the file: %q", stderr)
 	}
 	path = writeConfig(t, "socket: "+sock+"\nidle_timeout: 0s\n")
-	if _, _, stderr := runCLI(t, "serve", "--config", path); !strings.Contains(stderr, "--idle-timeout must be positive") {
+	if _, _, stderr := runCLI(t, "serve", "--config", path); !strings.Contains(stderr, `config setting "idle_timeout"`) || !strings.Contains(stderr, "line 2): 0s: must be positive") {
 		t.Errorf("idle_timeout 0s in the file: %q", stderr)
 	}
 }

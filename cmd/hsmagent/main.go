@@ -126,9 +126,9 @@ func explainFlagError(c *cli.Context, err error) error {
 		}
 		switch f.(type) {
 		case *cli.DurationFlag:
-			return fmt.Errorf("--%s: %q is not a duration; use e.g. 3s, 500ms or 5m", m[2], m[1])
+			return fmt.Errorf("--%s: %q%s", m[2], m[1], notDuration)
 		case *cli.IntFlag, *cli.UintFlag, *cli.Int64Flag:
-			return fmt.Errorf("--%s: %q is not a whole number", m[2], m[1])
+			return fmt.Errorf("--%s: %q%s", m[2], m[1], notWholeNumber)
 		}
 	}
 	return err

@@ -2,15 +2,30 @@ package main
 
 import (
 	"bytes"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/urfave/cli/v2"
 )
 
 // runCLI runs the command in process, as main does, with no terminal and a
 // clean HSMAGENT_* environment.
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	clearEnv(t)
+	var out, errOut bytes.Buffer
+	code = run(append([]string{"hsmagent"}, args...), &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+// clearEnv unsets the HSMAGENT_* variables for the test.
+func clearEnv(t *testing.T) {
 	t.Helper()
 	for _, kv := range os.Environ() {
 		if name, _, _ := strings.Cut(kv, "="); strings.HasPrefix(name, "HSMAGENT_") {
@@ -18,9 +33,6 @@ func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
 			os.Unsetenv(name)
 		}
 	}
-	var out, errOut bytes.Buffer
-	code = run(append([]string{"hsmagent"}, args...), &out, &errOut)
-	return code, out.String(), errOut.String()
 }
 
 func writeConfig(t *testing.T, body string) string {
@@ -88,7 +100,18 @@ func TestConfigErrorsNameSettingAndLine(t *testing.T) {
 		{"unknown setting", "socket: /run/x.sock\nsockt_mode: \"0600\"\n", []string{"serve"}, `line 2: unknown setting "sockt_mode"`},
 		{"list for a string", "log_level: info\nsocket: [a, b]\n", []string{"serve"}, `line 2: "socket" must be a string, not a list`},
 		{"mapping for a list", "access:\n  keys: web\n", []string{"serve"}, `"access" must be a list, not a mapping`},
-		{"bad value for a flag", "socket: " + sock + "\nlog_level: loud\n", []string{"serve"}, `--log-level "loud"`},
+		{"bad value", "socket: " + sock + "\nlog_level: loud\n", []string{"serve"}, `config setting "log_level" (`},
+		{"bad value, with its line", "socket: " + sock + "\nlog_level: loud\n", []string{"serve"}, `line 2): "loud": use debug, info, warn or error`},
+		{"misspelt setting", "socket_mod: \"0600\"\n", []string{"serve"}, `line 1: unknown setting "socket_mod": did you mean "socket_mode"?`},
+		{"misspelt nested setting", "d1:\n  PPR:\n    jwt:\n      kdi: k\n", []string{"serve"}, `line 4: unknown setting "d1.PPR.jwt.kdi": did you mean "d1.PPR.jwt.kid"?`},
+		{"setting twice", "socket: a\nsocket: b\n", []string{"serve"}, `line 2: setting "socket" given twice`},
+		{"list of strings", "access:\n  - keys: web\n", []string{"serve"}, `line 2: "access.0.keys" must be a list, not "web"`},
+		{"list for a number", "max_sessions: [1]\n", []string{"serve"}, `line 1: "max_sessions" must be a whole number, not a list`},
+		{"no number", "socket: " + sock + "\nmax_waiting: 0\n", []string{"serve"}, `config setting "max_waiting"`},
+		{"bad toggle", "metrics_tcp: yes\n", []string{"serve"}, `"yes" is not true or false`},
+		{"bad log format", "log_format: xml\n", []string{"serve"}, `config setting "log_format"`},
+		{"bad setting of another command", "d1:\n  PPR:\n    max_conn_age: soon\n", []string{"serve"}, `config setting "d1.PPR.max_conn_age"`},
+		{"not a mapping", "- socket\n", []string{"serve"}, `line 1: the file must be a mapping, not a list`},
 		{"rule without users", "socket: " + sock + "\naccess:\n  - keys: [web]\n  - keys: [\"*\"]\n    users: [root]\n", []string{"serve"}, `config setting "access" (`},
 		{"bad duration in a d1 section", "d1:\n  PPR:\n    target: https://d1.example\n    max_conn_age: soon\n", []string{"proxy", "client", "--listen", "127.0.0.1:0"}, `"d1.PPR.max_conn_age"`},
 		{"bad d1 environment", "d1:\n  staging:\n    target: https://d1.example\n", []string{"proxy", "client", "--listen", "127.0.0.1:0"}, `"d1.staging"`},
@@ -118,23 +141,61 @@ func TestConfigErrorsNameSettingAndLine(t *testing.T) {
 	}
 }
 
-// TestFlagsOverrideConfig: a flag (or its environment variable) wins over
-// the file; the file fills what the flag left unset.
+// TestFlagsOverrideConfig: a flag wins over its environment variable, the
+// variable over the file, and the file over the flag's default; the code
+// that reads flags sees the file's value.
 func TestFlagsOverrideConfig(t *testing.T) {
-	path := writeConfig(t, "socket: /nonexistent-dir/from-file.sock\nsocket_mode: \"999\"\n")
-	_, _, stderr := runCLI(t, "serve", "--config", path, "--socket-mode", "0600", "--log-level", "loud")
-	if !strings.Contains(stderr, `--log-level "loud"`) {
-		t.Fatalf("flag did not override the file: %q", stderr)
-	}
-	_, _, stderr = runCLI(t, "serve", "--config", path)
-	if !strings.Contains(stderr, `--socket-mode "999"`) {
-		t.Errorf("file value did not fill the flag: %q", stderr)
-	}
+	path := writeConfig(t, "token: from-file\nsocket_mode: \"0600\"\nmax_sessions: 4\nhsm_timeout: 5s\nlog_level: debug\nmetrics_tcp: true\n")
+	clearEnv(t)
 	t.Setenv("HSMAGENT_SOCKET_MODE", "0640")
-	code, _, stderr := run2(t, "serve", "--config", path, "--log-level", "loud")
-	if code != 2 || strings.Contains(stderr, "999") {
-		t.Errorf("environment did not override the file: exit %d %q", code, stderr)
+	t.Setenv("HSMAGENT_MAX_SESSIONS", "6")
+	cfg, c := servedConfig(t, "--config", path, "--max-sessions", "8")
+	for _, tt := range []struct {
+		name      string
+		got, want any
+	}{
+		{"flag over environment and file", cfg.Server.MaxInFlight, 8},
+		{"environment over file", cfg.SocketMode, os.FileMode(0o640)},
+		{"file over default", cfg.Server.HSMTimeout, 5 * time.Second},
+		{"file over default", cfg.LogLevel, slog.LevelDebug},
+		{"file over default", cfg.Metrics.TCP, true},
+		{"default", cfg.Server.MaxWaiting, server.DefaultMaxWaiting},
+		{"default", cfg.Server.IdleTimeout, server.DefaultIdleTimeout},
+		{"default", cfg.LogFormat, "text"},
+		{"the flag of the file's value", c.String("token"), "from-file"},
+		{"the flag of the file's value", c.Duration("hsm-timeout"), 5 * time.Second},
+	} {
+		if tt.got != tt.want {
+			t.Errorf("%s: got %v, want %v", tt.name, tt.got, tt.want)
+		}
 	}
+	// A value the file cannot hold is refused, whatever the flags say: the
+	// file is checked whole, as SIGHUP and --check-config read it.
+	bad := writeConfig(t, "socket: /nonexistent-dir/s.sock\nsocket_mode: \"999\"\n")
+	if _, _, stderr := runCLI(t, "serve", "--config", bad, "--socket-mode", "0600"); !strings.Contains(stderr, `config setting "socket_mode"`) || !strings.Contains(stderr, `line 2): "999" is not an octal file mode`) {
+		t.Errorf("bad socket_mode under a flag: %q", stderr)
+	}
+}
+
+// servedConfig is the configuration serve would run with, and its flags.
+func servedConfig(t *testing.T, args ...string) (*config, *cli.Context) {
+	t.Helper()
+	app := newApp(io.Discard, io.Discard)
+	var cfg *config
+	var ctx *cli.Context
+	for _, cmd := range app.Commands {
+		if cmd.Name == "serve" {
+			cmd.Action = func(c *cli.Context) (err error) {
+				cfg, ctx = nil, c
+				cfg, err = commandConfig(c)
+				return err
+			}
+		}
+	}
+	if err := app.Run(append([]string{"hsmagent", "serve"}, args...)); err != nil {
+		t.Fatal(err)
+	}
+	return cfg, ctx
 }
 
 // run2 is runCLI without clearing the environment.

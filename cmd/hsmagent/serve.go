@@ -5,8 +5,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
-	"strconv"
+	"slices"
 
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/metrics"
@@ -16,6 +17,7 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
+// socketFlag is the agent's socket, for serve and for its clients.
 var socketFlag = &cli.StringFlag{Name: "socket", Usage: "agent socket `PATH`", EnvVars: []string{agent.SocketEnv}}
 
 func serveCommand() *cli.Command {
@@ -31,40 +33,56 @@ the request id the caller sees in its error.
 Signals: SIGHUP reopens --audit-log (for logrotate) and reloads certificate chains and the
 config's access rules (a failed reload keeps the previous state); SIGTERM and SIGINT stop accepting, finish in-flight requests,
 close the token and exit 0.`,
-		Flags: append(append(tokenFlags(), limitFlags()...),
-			configFlag,
-			socketFlag,
-			&cli.StringFlag{Name: "socket-mode", Usage: "socket file `MODE` (octal)", Value: "0660", EnvVars: []string{"HSMAGENT_SOCKET_MODE"}},
-			&cli.StringFlag{Name: "socket-group", Usage: "`GROUP` owning the socket: its members may connect, the access rules then decide (default: the directory's or the agent's group)", EnvVars: []string{"HSMAGENT_SOCKET_GROUP"}},
-			&cli.StringFlag{Name: "log-format", Usage: "`FORMAT`: text or json", Value: "text", EnvVars: []string{"HSMAGENT_LOG_FORMAT"}},
-			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: debug, info, warn, error", Value: "info", EnvVars: []string{"HSMAGENT_LOG_LEVEL"}},
-			&cli.StringFlag{Name: "audit-log", Usage: "append audit records as JSON lines to `FILE` (default: the log)", EnvVars: []string{"HSMAGENT_AUDIT_LOG"}},
-			&cli.BoolFlag{Name: "audit-fail-open", Usage: "keep signing when the audit trail cannot be written (records lost, said once per outage in the log); by default nothing is signed without its record", EnvVars: []string{"HSMAGENT_AUDIT_FAIL_OPEN"}},
-			&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics at /metrics on a Unix socket `PATH` (mode 0600, or 0660 with --metrics-group) or, with --metrics-tcp, a loopback ADDR such as 127.0.0.1:9464 (default: off)", EnvVars: []string{"HSMAGENT_METRICS_LISTEN"}},
-			&cli.StringFlag{Name: "metrics-group", Usage: "`GROUP` owning the metrics socket: its members (the scrapers) may read it", EnvVars: []string{"HSMAGENT_METRICS_GROUP"}},
-			&cli.BoolFlag{Name: "metrics-tcp", Usage: "allow a loopback TCP --metrics-listen, which every local user can read: key labels, certificate expiry and signature counts per key", EnvVars: []string{"HSMAGENT_METRICS_TCP"}},
-			&cli.IntFlag{Name: "max-sessions", Usage: "signatures in the HSM at once: its PKCS#11 session pool", Value: server.DefaultMaxInFlight, EnvVars: []string{"HSMAGENT_MAX_SESSIONS"}},
-			&cli.IntFlag{Name: "max-waiting", Usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", Value: server.DefaultMaxWaiting, EnvVars: []string{"HSMAGENT_MAX_WAITING"}},
-			&cli.BoolFlag{Name: "check-config", Usage: "load the config, build the access policy, validate the flags and exit 0, without opening the token or listening"},
-			&cli.DurationFlag{Name: "hsm-timeout", Usage: "deadline of each HSM operation; past it the agent reports NOT_SERVING and fails fast", Value: server.DefaultHSMTimeout, EnvVars: []string{"HSMAGENT_HSM_TIMEOUT"}},
+		Flags: slices.Concat(tokenFlags(), flagsOf(limitSettings(new(server.Options))),
+			[]cli.Flag{configFlag, socketFlag}, flagsOf(new(config).serveSettings()),
+			[]cli.Flag{&cli.BoolFlag{Name: "check-config", Usage: "load the config, build the access policy, validate the flags and exit 0, without opening the token or listening"}},
 		),
 		Action: serveAction,
 	}
 }
 
+// serveSettings are the agent's own: its socket, logs, audit and metrics,
+// and the HSM's gate. Their flags are declared here, but for the socket's
+// (socketFlag, shared with the agent's clients).
+func (cfg *config) serveSettings() []setting {
+	o := &cfg.Server
+	return []setting{
+		{key: "socket", val: text{&cfg.Socket}},
+		{key: "socket_mode", usage: "socket file `MODE` (octal)", val: fileMode{&cfg.SocketMode, server.DefaultSocketMode}},
+		{key: "socket_group", usage: "`GROUP` owning the socket: its members may connect, the access rules then decide (default: the directory's or the agent's group)", val: text{&cfg.SocketGroup}},
+		{key: "log_format", usage: "`FORMAT`: text or json", val: logFormat{&cfg.LogFormat}},
+		{key: "log_level", usage: "`LEVEL`: debug, info, warn, error", val: logLevel{&cfg.LogLevel}},
+		{key: "audit_log", usage: "append audit records as JSON lines to `FILE` (default: the log)", val: text{&cfg.AuditLog}},
+		{key: "audit_fail_open", usage: "keep signing when the audit trail cannot be written (records lost, said once per outage in the log); by default nothing is signed without its record", val: toggle{&o.AuditFailOpen}},
+		{key: "metrics_listen", usage: "serve Prometheus metrics at /metrics on a Unix socket `PATH` (mode 0600, or 0660 with --metrics-group) or, with --metrics-tcp, a loopback ADDR such as 127.0.0.1:9464 (default: off)", val: text{&cfg.MetricsListen}, serveOnly: true},
+		{key: "metrics_group", usage: "`GROUP` owning the metrics socket: its members (the scrapers) may read it", val: text{&cfg.Metrics.Group}, serveOnly: true},
+		{key: "metrics_tcp", usage: "allow a loopback TCP --metrics-listen, which every local user can read: key labels, certificate expiry and signature counts per key", val: toggle{&cfg.Metrics.TCP}, serveOnly: true},
+		{key: "max_sessions", usage: "signatures in the HSM at once: its PKCS#11 session pool", val: count{&o.MaxInFlight, server.DefaultMaxInFlight}},
+		{key: "max_waiting", usage: "signatures queued behind them before new ones are refused (ResourceExhausted)", val: count{&o.MaxWaiting, server.DefaultMaxWaiting}},
+		{key: "hsm_timeout", usage: "deadline of each HSM operation; past it the agent reports NOT_SERVING and fails fast", val: positive(&o.HSMTimeout, server.DefaultHSMTimeout)},
+	}
+}
+
+// newLogger is the logger of a command whose flags give its format and
+// level as text.
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, usagef("--log-level %q: use debug, info, warn or error", level)
+	if err := (logLevel{&lv}).set(level); err != nil {
+		return nil, usagef("--log-level %v", err)
 	}
-	opts := &slog.HandlerOptions{Level: lv}
-	switch format {
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	if err := (logFormat{&format}).set(format); err != nil {
+		return nil, usagef("--log-format %v", err)
 	}
-	return nil, usagef("--log-format %q: use text or json", format)
+	return logger(w, format, lv), nil
+}
+
+// logger writes to w in format, text or json.
+func logger(w io.Writer, format string, level slog.Level) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 func serveAction(c *cli.Context) error {
@@ -75,87 +93,43 @@ func serveAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(c.App.ErrWriter, c.String("log-format"), c.String("log-level"))
-	if err != nil {
-		return err
-	}
-	mode, err := strconv.ParseUint(c.String("socket-mode"), 8, 32)
-	if err != nil || mode > 0o777 {
-		return usagef("--socket-mode %q is not an octal file mode such as 0660", c.String("socket-mode"))
-	}
-	if mode&0o007 != 0 {
-		log.Warn("the socket is open to all users; access rules still apply", "mode", fmt.Sprintf("%04o", mode))
-	}
+	log := logger(c.App.ErrWriter, cfg.LogFormat, cfg.LogLevel)
 	inherited, err := server.InheritedListener()
 	if err != nil {
 		return err
 	}
-	if c.String("socket") == "" && inherited == nil {
-		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
+	if err := cfg.checkListeners(inherited, log); err != nil {
+		return err
 	}
-	policy, err := cfg.policy()
+	check := c.Bool("check-config")
+	opts, audit, err := cfg.serverOptions(log, !check)
 	if err != nil {
 		return err
 	}
-	audit := log
-	var auditFile *server.AuditFile // reopened on SIGHUP, for logrotate
-	if path := c.String("audit-log"); path != "" && !c.Bool("check-config") {
-		if auditFile, err = server.OpenAuditFile(path); err != nil {
-			return err
-		}
-		defer auditFile.Close()
-		audit = slog.New(slog.NewJSONHandler(auditFile, nil))
-	}
-	for _, f := range []string{"max-sessions", "max-waiting"} {
-		if c.Int(f) < 1 {
-			return usagef("--%s %d: must be at least 1", f, c.Int(f))
-		}
-	}
-	if c.Duration("hsm-timeout") <= 0 {
-		return usagef("--hsm-timeout %v: must be positive, e.g. 3s", c.Duration("hsm-timeout"))
-	}
-	opts := server.Options{Logger: log, Audit: audit, Policy: policy,
-		MaxInFlight: c.Int("max-sessions"), MaxWaiting: c.Int("max-waiting"), HSMTimeout: c.Duration("hsm-timeout"),
-		AuditFailOpen: c.Bool("audit-fail-open"), Version: version}
-	if err := limitOptions(c, &opts); err != nil {
-		return err
-	}
+	defer audit.close()
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
 	}
-	metricsOpts := metrics.ListenOptions{Group: c.String("metrics-group"), TCP: c.Bool("metrics-tcp")}
-	if addr := c.String("metrics-listen"); addr != "" {
-		if err := metrics.CheckAddrWith(addr, metricsOpts); err != nil {
-			return usageError{err}
-		}
-	}
-	if c.Bool("check-config") {
+	if check {
 		infof(c, "serve: configuration valid (--check-config: token not opened, socket not created)")
 		return nil
 	}
 	var srv *server.Server
-	m, stopMetrics, err := startMetrics(c.String("metrics-listen"), metricsOpts, &opts, func() (int, int) { return srv.HSMLoad() }, log)
+	m, stopMetrics, err := startMetrics(cfg.MetricsListen, cfg.Metrics, &opts, func() (int, int) { return srv.HSMLoad() }, log)
 	if err != nil {
 		return err
 	}
 	defer stopMetrics()
-	// crypto11 keeps one session of its pool for itself, logged in.
-	sel.cfg.MaxSessions = c.Int("max-sessions") + 1
-	sel.cfg.Logger = log
-	if m != nil {
-		sel.cfg.OnReopen = m.Reopened
-	}
-	tok, err := hsm.Open(sel.cfg)
+	tok, err := openToken(sel, opts.MaxInFlight, m, log)
 	if err != nil {
 		return err
 	}
 	defer tok.Close()
-	srv, err = server.New(hsmstore.New(tok), opts)
-	if err != nil {
+	if srv, err = server.New(hsmstore.New(tok), opts); err != nil {
 		return err
 	}
-	l, socket, err := serveListener(c, inherited, os.FileMode(mode), log)
+	l, socket, err := serveListener(c, inherited, cfg.SocketMode, log)
 	if err != nil {
 		return err
 	}
@@ -164,10 +138,81 @@ func serveAction(c *cli.Context) error {
 		log:      log,
 		serve:    func() error { return srv.Serve(l) },
 		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
-		reload:   func() { reopenAudit(auditFile, log); reload(c, srv, log) },
+		reload:   func() { audit.reopen(log); reload(c, srv, log) },
 		healthy:  srv.HSMAnswering,
 	}
 	return d.run("agent serving", "socket", socket, "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
+}
+
+// openToken opens the token with a session for each signature in the HSM
+// at once, and the one crypto11 keeps for itself, logged in.
+func openToken(sel tokenSelection, inFlight int, m *metrics.Agent, log *slog.Logger) (*hsm.Token, error) {
+	sel.cfg.MaxSessions = inFlight + 1
+	sel.cfg.Logger = log
+	if m != nil {
+		sel.cfg.OnReopen = m.Reopened
+	}
+	return hsm.Open(sel.cfg)
+}
+
+// checkListeners refuses what the agent could not listen on, before the
+// token is opened: no socket, or a metrics address serve would refuse.
+func (cfg *config) checkListeners(inherited net.Listener, log *slog.Logger) error {
+	if cfg.Socket == "" && inherited == nil {
+		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
+	}
+	if cfg.SocketMode&0o007 != 0 {
+		log.Warn("the socket is open to all users; access rules still apply", "mode", fmt.Sprintf("%04o", uint32(cfg.SocketMode)))
+	}
+	if cfg.MetricsListen != "" {
+		if err := metrics.CheckAddrWith(cfg.MetricsListen, cfg.Metrics); err != nil {
+			return usageError{err}
+		}
+	}
+	return nil
+}
+
+// serverOptions are the server's options as configured, with the logger,
+// the access policy and the audit trail: the log, or the audit_log file
+// (opened unless open is false, for --check-config).
+func (cfg *config) serverOptions(log *slog.Logger, open bool) (server.Options, *auditFile, error) {
+	opts := cfg.Server
+	opts.Logger, opts.Audit, opts.Version = log, log, version
+	var err error
+	if opts.Policy, err = cfg.policy(); err != nil {
+		return opts, nil, err
+	}
+	var audit *auditFile
+	if cfg.AuditLog != "" && open {
+		f, err := server.OpenAuditFile(cfg.AuditLog)
+		if err != nil {
+			return opts, nil, err
+		}
+		audit = &auditFile{f}
+		opts.Audit = slog.New(slog.NewJSONHandler(f, nil))
+	}
+	return opts, audit, nil
+}
+
+// auditFile is the audit_log file, reopened on SIGHUP for logrotate; nil
+// when the audit records go to the log.
+type auditFile struct{ f *server.AuditFile }
+
+func (a *auditFile) close() {
+	if a != nil {
+		a.f.Close()
+	}
+}
+
+// reopen starts a new audit file after logrotate moved the old one; on
+// error the agent keeps writing to the old one.
+func (a *auditFile) reopen(log *slog.Logger) {
+	if a == nil {
+		return
+	}
+	if err := a.f.Reopen(); err != nil {
+		log.Error("reopening the audit log failed, writing to the previous file", "err", err)
+	}
 }
 
 // reload re-reads the config's access rules and the token's chains; on any
@@ -188,17 +233,6 @@ func reload(c *cli.Context, srv *server.Server, log *slog.Logger) {
 		return
 	}
 	log.Info("reloaded", "revision", srv.Revision())
-}
-
-// reopenAudit starts a new audit file after logrotate moved the old one; on
-// error the agent keeps writing to the old one.
-func reopenAudit(f *server.AuditFile, log *slog.Logger) {
-	if f == nil {
-		return
-	}
-	if err := f.Reopen(); err != nil {
-		log.Error("reopening the audit log failed, writing to the previous file", "err", err)
-	}
 }
 
 // startMetrics opens the metrics listener when addr is set and makes the
