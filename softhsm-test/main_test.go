@@ -19,6 +19,12 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Executable by the users the tests run it as, as an installed binary
+	// is: the agent starts its HSM worker from it.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	binary = filepath.Join(dir, "hsmagent")
 	build := exec.Command("go", "build", "-o", binary, "../cmd/hsmagent")
 	build.Stdout, build.Stderr = os.Stdout, os.Stderr

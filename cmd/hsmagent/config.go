@@ -30,6 +30,10 @@ type config struct {
 	AuditLog      string
 	MetricsListen string
 	Metrics       metrics.ListenOptions
+	// Where the PKCS#11 module runs: a supervised worker process, or with
+	// HSMInProcess the agent's own.
+	HSMInProcess bool
+	HSMKillAfter time.Duration
 
 	// Server holds the settings that are the server's options as they
 	// are: the HSM's gate, the audit's failure mode and the limits per

@@ -70,6 +70,9 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 }
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == workerCommand {
+		os.Exit(runHSMWorker()) // started by serve: no CLI, fd 3 is the agent
+	}
 	os.Exit(run(os.Args, os.Stdout, os.Stderr))
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/hsmagent/hsmagent/hsm/hsmstore"
+	"github.com/hsmagent/hsmagent/hsm/worker"
 	"github.com/urfave/cli/v2"
 )
 
@@ -52,6 +53,8 @@ func (cfg *config) serveSettings() []setting {
 		{key: "socket_group", usage: "`GROUP` owning the socket: its members may connect, the access rules then decide (default: the directory's or the agent's group)", val: text{&cfg.SocketGroup}},
 		{key: "log_format", usage: "`FORMAT`: text or json", val: logFormat{&cfg.LogFormat}},
 		{key: "log_level", usage: "`LEVEL`: debug, info, warn, error", val: logLevel{&cfg.LogLevel}},
+		{key: "hsm_in_process", usage: "load the PKCS#11 module in the agent's own process, not in a supervised worker process (a module that crashes then takes the agent with it)", val: toggle{&cfg.HSMInProcess}},
+		{key: "hsm_kill_after", usage: "kill and replace the HSM worker when one of its calls has not returned for this `DURATION`", val: positive(&cfg.HSMKillAfter, worker.DefaultKillAfter)},
 		{key: "audit_log", usage: "append audit records as JSON lines to `FILE` (default: the log)", val: text{&cfg.AuditLog}},
 		{key: "audit_fail_open", usage: "keep signing when the audit trail cannot be written (records lost, said once per outage in the log); by default nothing is signed without its record", val: toggle{&o.AuditFailOpen}},
 		{key: "metrics_listen", usage: "serve Prometheus metrics at /metrics on a Unix socket `PATH` (mode 0600, or 0660 with --metrics-group) or, with --metrics-tcp, a loopback ADDR such as 127.0.0.1:9464 (default: off)", val: text{&cfg.MetricsListen}, serveOnly: true},
@@ -121,12 +124,12 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	defer stopMetrics()
-	tok, err := openToken(sel, opts.MaxInFlight, m, log)
+	store, err := cfg.openStore(sel, opts.MaxInFlight, m, log)
 	if err != nil {
 		return err
 	}
-	defer tok.Close()
-	if srv, err = server.New(hsmstore.New(tok), opts); err != nil {
+	defer store.Close()
+	if srv, err = server.New(store, opts); err != nil {
 		return err
 	}
 	l, socket, err := serveListener(c, inherited, cfg.SocketMode, log)
@@ -141,19 +144,42 @@ func serveAction(c *cli.Context) error {
 		reload:   func() { audit.reopen(log); reload(c, srv, log) },
 		healthy:  srv.HSMAnswering,
 	}
-	return d.run("agent serving", "socket", socket, "token", tok.Label(), "pid", os.Getpid(), "revision", srv.Revision())
+	return d.run("agent serving", "socket", socket, "token", store.TokenLabel(), "pid", os.Getpid(), "revision", srv.Revision(),
+		"hsm_worker", !cfg.HSMInProcess)
 }
 
-// openToken opens the token with a session for each signature in the HSM
-// at once, and the one crypto11 keeps for itself, logged in.
-func openToken(sel tokenSelection, inFlight int, m *metrics.Agent, log *slog.Logger) (*hsm.Token, error) {
+// agentStore is the agent's key store: the token, in a worker process or
+// in this one.
+type agentStore interface {
+	server.KeyStore
+	TokenLabel() string
+	Close() error
+}
+
+// openStore opens the token with a session for each signature in the HSM
+// at once, and the one crypto11 keeps for itself, logged in: in a
+// supervised worker process unless hsm_in_process is set.
+func (cfg *config) openStore(sel tokenSelection, inFlight int, m *metrics.Agent, log *slog.Logger) (agentStore, error) {
 	sel.cfg.MaxSessions = inFlight + 1
+	if !cfg.HSMInProcess {
+		return startWorker(sel.cfg, cfg.HSMKillAfter, log)
+	}
 	sel.cfg.Logger = log
 	if m != nil {
 		sel.cfg.OnReopen = m.Reopened
 	}
-	return hsm.Open(sel.cfg)
+	tok, err := hsm.Open(sel.cfg)
+	if err != nil {
+		return nil, err
+	}
+	return inProcessStore{hsmstore.New(tok)}, nil
 }
+
+// inProcessStore is the token opened in the agent's process.
+type inProcessStore struct{ *hsmstore.Store }
+
+func (s inProcessStore) TokenLabel() string { return s.Token.Label() }
+func (s inProcessStore) Close() error       { return s.Token.Close() }
 
 // checkListeners refuses what the agent could not listen on, before the
 // token is opened: no socket, or a metrics address serve would refuse.
