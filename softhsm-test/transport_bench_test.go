@@ -22,14 +22,15 @@ import (
 	"github.com/hsmagent/hsmagent/agent/transport/grpcsvc"
 	"github.com/hsmagent/hsmagent/agent/transport/listen"
 	"github.com/hsmagent/hsmagent/hsm"
-	"github.com/hsmagent/hsmagent/hsm/hsmstore"
+	"github.com/hsmagent/hsmagent/hsm/worker"
 )
 
 // BenchmarkTransports measures the framed signing connection against gRPC's
 // SignStream, the two ways the Go client streams signatures, side by side
 // on every HSM shape: SoftHSM as it is (CPU-bound), SoftHSM behind 2 ms of
 // latency, and the off-host shape of a network HSM (the fault module
-// replays a signature after 2 ms without SoftHSM). The agent without
+// replays a signature after 2 ms without SoftHSM), each signed in an HSM
+// worker process as serve runs it. The agent without
 // signing connections (the core behind the gRPC adapter alone) is what the
 // client falls back to.
 //
@@ -49,10 +50,11 @@ func BenchmarkTransports(b *testing.B) {
 		if _, err := tok.GenerateKey("ec", hsm.ECDSAP256, nil); err != nil {
 			b.Fatal(err)
 		}
+		tok.Close()
 		fm.SetSignLatency(shape.latency)
 		signers := map[string]crypto.Signer{}
 		for _, tr := range []string{"framed", "grpc"} {
-			signers[tr] = transportSigner(b, tok, tr == "grpc")
+			signers[tr] = transportSigner(b, fm, tr == "grpc")
 		}
 		for _, callers := range []int{1, 8, 32, 64} {
 			for _, tr := range []string{"framed", "grpc"} {
@@ -61,20 +63,28 @@ func BenchmarkTransports(b *testing.B) {
 				})
 			}
 		}
-		tok.Close()
 	}
 }
 
-// transportSigner starts an agent on tok, with signing connections or
-// without (gRPC's SignStream then), and returns a client's signer of "ec".
-func transportSigner(b *testing.B, tok *hsm.Token, grpcOnly bool) crypto.Signer {
+// transportSigner starts an agent on fm's token, in an HSM worker as the
+// agent runs it (so that the HSM's calls do not share this process's
+// scheduler with both transports), with signing connections or without
+// (gRPC's SignStream then), and returns a client's signer of "ec".
+func transportSigner(b *testing.B, fm *FaultModule, grpcOnly bool) crypto.Signer {
+	cfg := fm.Config()
+	store, err := worker.Start(worker.Options{Command: []string{binary, "hsm-worker"}, PIN: cfg.PIN,
+		Init: worker.Init{ModulePath: cfg.ModulePath, TokenLabel: cfg.TokenLabel, MaxSessions: core.DefaultMaxInFlight + 1}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { store.Close() })
 	path := filepath.Join(b.TempDir(), "agent.sock")
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		b.Fatal(err)
 	}
 	if grpcOnly {
-		c, err := core.New(hsmstore.New(tok), core.Options{Audit: discardAudit()})
+		c, err := core.New(store, core.Options{Audit: discardAudit()})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -88,7 +98,7 @@ func transportSigner(b *testing.B, tok *hsm.Token, grpcOnly bool) crypto.Signer 
 			c.Close()
 		})
 	} else {
-		srv, err := server.New(hsmstore.New(tok), server.Options{Audit: discardAudit()})
+		srv, err := server.New(store, server.Options{Audit: discardAudit()})
 		if err != nil {
 			b.Fatal(err)
 		}
