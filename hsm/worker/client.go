@@ -124,6 +124,14 @@ type proc struct {
 	wmu  sync.Mutex
 	wbuf []byte
 
+	// turn is the reader's: the caller holding it reads answers, delivers
+	// the others' and hands it on once its own has come. A lone caller
+	// thus reads its own answer, with no goroutine between it and the
+	// socket.
+	turn chan struct{}
+	r    *bufio.Reader
+	rbuf []byte
+
 	mu      sync.Mutex
 	next    uint64
 	pending map[uint64]*call
@@ -171,7 +179,8 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 		return nil, ia, fmt.Errorf("hsm: starting the HSM worker %s: %w", s.o.Command[0], err)
 	}
 	p := &proc{cmd: cmd, conn: conn, pid: cmd.Process.Pid, pending: map[uint64]*call{},
-		dead: make(chan struct{}), exited: make(chan struct{})}
+		dead: make(chan struct{}), exited: make(chan struct{}), turn: make(chan struct{}, 1),
+		r: bufio.NewReaderSize(conn, 64<<10)}
 	go p.wait()
 	in := s.o.Init
 	if s.o.PIN != nil {
@@ -206,7 +215,7 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 		p.end(err, true)
 		return nil, ia, fmt.Errorf("hsm: the HSM worker's start: %w", err)
 	}
-	go p.read()
+	p.turn <- struct{}{}
 	return p, ia, nil
 }
 
@@ -352,46 +361,58 @@ func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, 
 		p.end(err, true)
 		return answer{}, false, p.inFlightError()
 	}
-	select {
-	case a := <-c.done:
-		return a, true, nil
-	case <-p.dead:
+	for {
 		select {
-		case a := <-c.done: // answered as it died
+		case a := <-c.done:
 			return a, true, nil
-		default:
+		case <-p.dead:
+			select {
+			case a := <-c.done: // answered as it died
+				return a, true, nil
+			default:
+			}
+			return answer{}, true, p.inFlightError()
+		case <-p.turn:
+			if a, ok := p.readUntil(id); ok {
+				return a, true, nil
+			}
 		}
-		return answer{}, true, p.inFlightError()
+	}
+}
+
+// readUntil reads answers, the turn held, until the answer to id (handing
+// the turn on), or until another caller's answer leaves id's pending
+// (delivered to it meanwhile), or until the connection fails.
+func (p *proc) readUntil(id uint64) (answer, bool) {
+	for {
+		msg, err := readFrame(p.r, p.rbuf)
+		if err != nil {
+			p.end(err, true)
+			return answer{}, false // the caller sees p.dead
+		}
+		p.rbuf = msg
+		typ, got, rest := parseHeader(msg)
+		if len(rest) < 1 || (typ != msgSign && typ != msgKeys) {
+			p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
+			return answer{}, false
+		}
+		a := answer{status: rest[0], body: append([]byte(nil), rest[1:]...)}
+		p.mu.Lock()
+		c := p.pending[got]
+		delete(p.pending, got)
+		p.mu.Unlock()
+		if got == id {
+			p.turn <- struct{}{}
+			return a, true
+		}
+		if c != nil {
+			c.done <- a
+		}
 	}
 }
 
 func (p *proc) inFlightError() error {
 	return unavailableError{fmt.Sprintf("hsm: the HSM worker ended with the call in flight (%v); the agent is starting another", p.why)}
-}
-
-// read delivers the worker's answers until the connection ends.
-func (p *proc) read() {
-	r := bufio.NewReaderSize(p.conn, 64<<10)
-	var buf []byte
-	for {
-		msg, err := readFrame(r, buf)
-		if err != nil {
-			p.end(err, true)
-			return
-		}
-		typ, id, rest := parseHeader(msg)
-		if len(rest) < 1 || (typ != msgSign && typ != msgKeys) {
-			p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
-			return
-		}
-		p.mu.Lock()
-		c := p.pending[id]
-		delete(p.pending, id)
-		p.mu.Unlock()
-		if c != nil {
-			c.done <- answer{status: rest[0], body: append([]byte(nil), rest[1:]...)}
-		}
-	}
 }
 
 // oldest is when the longest-waiting call was sent, zero if none waits.

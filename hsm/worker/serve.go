@@ -45,8 +45,10 @@ type wireKey struct {
 type Opener func(Init) (store core.KeyStore, label string, err error)
 
 // Serve is the worker: it reads the Init from conn, opens the token with
-// open, and answers requests until conn ends. Each signature runs in a
-// goroutine of its own (the agent bounds how many it sends at once).
+// open, and answers requests until conn ends. Readers take turns reading
+// the connection, and the one that reads a request answers it: no
+// goroutine hand-off between the socket and the HSM. There is a reader
+// for each session the agent may keep busy, and one more that reads.
 func Serve(conn io.ReadWriter, pid int, open Opener) error {
 	r := bufio.NewReaderSize(conn, 64<<10)
 	msg, err := readFrame(r, nil)
@@ -72,28 +74,50 @@ func Serve(conn io.ReadWriter, pid int, open Opener) error {
 	if err := w.answer(msgInit, id, statusOK, a); err != nil {
 		return err
 	}
-	s := &served{store: store, w: w, signers: map[string]crypto.Signer{}}
+	s := &served{store: store, w: w, r: r, signers: map[string]crypto.Signer{}}
+	ended := make(chan error, 1)
+	for range max(in.MaxSessions, 1) + 1 {
+		go s.serve(ended)
+	}
+	err = <-ended
+	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+		return nil // the agent is gone, or done
+	}
+	return err
+}
+
+// serve reads a request, when its turn comes, and answers it; the first
+// read that fails ends the worker.
+func (s *served) serve(ended chan<- error) {
+	var buf []byte
 	for {
-		msg, err := readFrame(r, nil)
-		if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-			return nil // the agent is gone, or done
+		s.rmu.Lock()
+		if s.failed {
+			s.rmu.Unlock()
+			return
 		}
+		msg, err := readFrame(s.r, buf)
 		if err != nil {
-			return err
+			s.failed = true
+			s.rmu.Unlock()
+			ended <- err
+			return
 		}
+		buf = msg // each reader its own buffer: the next cannot overwrite this request
+		s.rmu.Unlock()
 		typ, id, body := parseHeader(msg)
 		switch typ {
 		case msgKeys:
-			go s.keys(id)
+			s.keys(id)
 		case msgSign:
 			req, err := parseSign(body)
 			if err != nil {
-				w.answer(msgSign, id, statusFailed, []byte(err.Error()))
+				s.w.answer(msgSign, id, statusFailed, []byte(err.Error()))
 				continue
 			}
-			go s.sign(id, req)
+			s.sign(id, req)
 		default:
-			w.answer(typ, id, statusFailed, []byte(fmt.Sprintf("worker: unknown message type %d", typ)))
+			s.w.answer(typ, id, statusFailed, []byte(fmt.Sprintf("worker: unknown message type %d", typ)))
 		}
 	}
 }
@@ -115,6 +139,10 @@ func (a *answerer) answer(typ byte, id uint64, status byte, body []byte) error {
 type served struct {
 	store core.KeyStore
 	w     *answerer
+
+	rmu    sync.Mutex // the reader's turn
+	r      *bufio.Reader
+	failed bool // a read failed: the worker ends
 
 	mu      sync.Mutex
 	signers map[string]crypto.Signer // by label and fingerprint: a warm handle per key

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -133,6 +134,7 @@ func TestWorkerHasNoPINInArgvOrEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("HSMAGENT_PIN", strings.TrimSpace(string(pin)))
+	before := childPIDs(t) // workers of earlier tests may still be exiting
 	s, err := worker.Start(worker.Options{Command: []string{os.Args[0], childArg},
 		Init: worker.Init{ModulePath: tok.ModulePath, TokenLabel: tok.Label},
 		PIN:  hsm.PINFromEnv("HSMAGENT_PIN"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
@@ -140,7 +142,12 @@ func TestWorkerHasNoPINInArgvOrEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	pids := childPIDs(t)
+	var pids []int
+	for _, pid := range childPIDs(t) {
+		if !slices.Contains(before, pid) {
+			pids = append(pids, pid)
+		}
+	}
 	if len(pids) != 1 {
 		t.Fatalf("worker processes: %v; want one", pids)
 	}
