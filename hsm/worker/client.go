@@ -373,6 +373,14 @@ func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, 
 			}
 			return answer{}, true, p.inFlightError()
 		case <-p.turn:
+			// The answer may have been delivered before the turn came:
+			// then nobody will read another for this call.
+			select {
+			case a := <-c.done:
+				p.turn <- struct{}{}
+				return a, true, nil
+			default:
+			}
 			if a, ok := p.readUntil(id); ok {
 				return a, true, nil
 			}
@@ -380,9 +388,8 @@ func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, 
 	}
 }
 
-// readUntil reads answers, the turn held, until the answer to id (handing
-// the turn on), or until another caller's answer leaves id's pending
-// (delivered to it meanwhile), or until the connection fails.
+// readUntil reads answers, the turn held, delivering the others', until
+// the answer to id (handing the turn on) or until the connection fails.
 func (p *proc) readUntil(id uint64) (answer, bool) {
 	for {
 		msg, err := readFrame(p.r, p.rbuf)

@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -298,4 +299,38 @@ func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TestWorkerConcurrentCallers: many callers at once, each taking its turn
+// reading the worker's answers, all get theirs (a caller that took the
+// reader's turn after its answer had been delivered once read on for
+// ever, and its call stuck until the worker was killed).
+func TestWorkerConcurrentCallers(t *testing.T) {
+	f := start(t, 0)
+	ec := f.signer(t, "ec")
+	const callers, each = 32, 500
+	var wg sync.WaitGroup
+	errs := make(chan error, callers)
+	for range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range each {
+				start := time.Now()
+				if _, err := ec.Sign(nil, digest[:], crypto.SHA256); err != nil {
+					errs <- err
+					return
+				}
+				if d := time.Since(start); d > 2*time.Second {
+					errs <- fmt.Errorf("a signature took %v", d)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 }
