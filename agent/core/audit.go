@@ -1,6 +1,7 @@
 package core
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -16,6 +17,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/hsmagent/hsmagent/agent/auditchain"
 )
 
 // auditLog numbers the audit records: each record written gets the next
@@ -44,8 +47,22 @@ type auditLog struct {
 	down    atomic.Bool
 	refused atomic.Int64 // decisions refused or unrecorded during this outage
 
-	mu  sync.Mutex
-	seq uint64
+	mu    sync.Mutex
+	seq   uint64
+	chain Chain // nil: records are not chained
+}
+
+// Chain is an audit sink that knows the hash of the last line it wrote
+// (an AuditFile): each record then carries it as prev.
+type Chain interface {
+	LastLineHash() string
+}
+
+// head is the seq and line hash of the last record written.
+func (a *auditLog) head() (uint64, string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.seq, a.chain.LastLineHash()
 }
 
 // errAuditDown is what write returns while the trail cannot be written.
@@ -95,6 +112,9 @@ func (a *auditLog) numbered(ctx context.Context, r slog.Record, giveBack bool) e
 	defer a.mu.Unlock()
 	a.seq++
 	r.AddAttrs(slog.Uint64("seq", a.seq))
+	if a.chain != nil {
+		r.AddAttrs(slog.String("prev", a.chain.LastLineHash()))
+	}
 	err := a.h.Handle(ctx, r)
 	if err != nil && giveBack {
 		a.seq--
@@ -196,15 +216,58 @@ type AuditFile struct {
 	path string
 	mu   sync.Mutex
 	f    *os.File
+	last string // hash of the last line in the file (auditchain.LineHash), "" if none
 }
 
-// OpenAuditFile opens path for appending, creating it 0600.
+// OpenAuditFile opens path for appending, creating it 0600. The chain goes
+// on from the file's last line: a restart does not break it.
 func OpenAuditFile(path string) (*AuditFile, error) {
 	f, err := openAppend(path)
 	if err != nil {
 		return nil, err
 	}
-	return &AuditFile{path: path, f: f}, nil
+	last, err := lastLineHash(path)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("server: audit log %q: reading its last line: %w", path, err)
+	}
+	return &AuditFile{path: path, f: f, last: last}, nil
+}
+
+// LastLineHash is the hash of the last record written, which the next
+// record carries in its prev field.
+func (a *AuditFile) LastLineHash() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.last
+}
+
+// lastLineHash reads the hash of the last complete line of path.
+func lastLineHash(path string) (string, error) {
+	if path == os.DevNull {
+		return "", nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() == 0 {
+		return "", err
+	}
+	// A record is a few hundred bytes; 64 KiB holds the last one whole.
+	off := max(fi.Size()-64<<10, 0)
+	buf := make([]byte, fi.Size()-off)
+	if _, err := f.ReadAt(buf, off); err != nil {
+		return "", err
+	}
+	end := bytes.LastIndexByte(buf, '\n')
+	if end < 0 {
+		return "", nil
+	}
+	start := bytes.LastIndexByte(buf[:end], '\n') + 1
+	return auditchain.LineHash(buf[start : end+1]), nil
 }
 
 // openAppend opens the audit file as the socket is made: in a directory no
@@ -283,6 +346,9 @@ func (a *AuditFile) Write(p []byte) (int, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	n, err := a.f.Write(p)
+	if err == nil {
+		a.last = auditchain.LineHash(p)
+	}
 	if err != nil && n > 0 {
 		if st, serr := a.f.Stat(); serr == nil && st.Size() >= int64(n) {
 			a.f.Truncate(st.Size() - int64(n))
@@ -291,8 +357,8 @@ func (a *AuditFile) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// Reopen opens the path again and switches to it. On error the current file
-// stays in use.
+// Reopen opens the path again and switches to it; the chain goes on from
+// the last line of the file before. On error the current file stays in use.
 func (a *AuditFile) Reopen() error {
 	f, err := openAppend(a.path)
 	if err != nil {

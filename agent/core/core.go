@@ -8,6 +8,9 @@
 package core
 
 import (
+	"crypto"
+	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -24,6 +27,14 @@ type Options struct {
 	Audit *slog.Logger
 	// AuditFailOpen keeps signing while the audit trail cannot be written.
 	AuditFailOpen bool
+	// AuditChain, when set, is the sink under Audit (an AuditFile): each
+	// record then carries the hash of the line before it.
+	AuditChain Chain
+	// AuditSigningKey names a key of the store that signs a checkpoint of
+	// the chain every AuditCheckpointEvery (default a minute), on
+	// Checkpoint and on Close; "" signs none.
+	AuditSigningKey      string
+	AuditCheckpointEvery time.Duration
 	// Policy says who may use which key; nil means only the agent's own user and root.
 	Policy *Policy
 	// Observer is told of signatures, reloads and health, for metrics; nil: nobody.
@@ -92,6 +103,10 @@ type Core struct {
 	workers    *workers
 	checkEvery time.Duration // ExpiryCheckEvery
 
+	auditKey   string        // AuditSigningKey
+	auditSig   crypto.Signer // its signer, nil without one
+	checkpoint time.Duration // AuditCheckpointEvery
+
 	healthMu sync.Mutex // orders health reports
 	onHealth []func(serving bool)
 
@@ -131,10 +146,13 @@ func New(store KeyStore, opts Options) (*Core, error) {
 	orDefault(&opts.ConnectionRatePerUID, DefaultConnectionRatePerUID)
 	orDefault(&opts.ExpiryCheckEvery, 24*time.Hour)
 	orDefault(&opts.AuditProbeEvery, time.Second)
+	orDefault(&opts.AuditCheckpointEvery, time.Minute)
 	opts.MaxConnections = fdLimit(opts.MaxConnections, opts.Logger)
 	c := &Core{store: store, log: opts.Logger, stopping: make(chan struct{}), stallAfter: opts.StreamSendTimeout,
 		observer: opts.Observer, checkEvery: opts.ExpiryCheckEvery}
 	c.audit = newAuditLog(opts.Audit, opts.Logger, opts.AuditFailOpen, opts.AuditProbeEvery, c.setAuditWritable)
+	c.audit.chain = opts.AuditChain
+	c.auditKey, c.checkpoint = opts.AuditSigningKey, opts.AuditCheckpointEvery
 	if opts.AuditFailOpen {
 		opts.Logger.Warn("audit_fail_open is set: if the audit trail cannot be written, signatures go on WITHOUT audit records")
 	}
@@ -154,6 +172,15 @@ func New(store KeyStore, opts Options) (*Core, error) {
 	if err := c.load(opts.Policy); err != nil {
 		return nil, err
 	}
+	if c.auditKey != "" { // after load: a store may know its keys from a listing
+		if opts.AuditChain == nil {
+			return nil, errors.New("agent: audit_signing_key needs an audit_log file: checkpoints sign the chain of its lines")
+		}
+		var err error
+		if c.auditSig, err = store.Signer(c.auditKey); err != nil {
+			return nil, fmt.Errorf("agent: audit_signing_key %q: %w", c.auditKey, err)
+		}
+	}
 	return c, nil
 }
 
@@ -165,7 +192,12 @@ func orDefault[T int | time.Duration](v *T, def T) {
 
 // Start runs the core's background work (the certificate expiry check)
 // until Close.
-func (c *Core) Start() { go c.watchExpiry(c.checkEvery) }
+func (c *Core) Start() {
+	go c.watchExpiry(c.checkEvery)
+	if c.auditSig != nil {
+		go c.checkpoints()
+	}
+}
 
 // OnHealth adds f to what is told when the core's health changes: false
 // while the HSM is stuck, or while the audit trail cannot be written and
@@ -234,5 +266,6 @@ func (c *Core) Close() {
 	c.Drain()
 	c.refusals.stop()
 	c.listings.stop()
+	c.Checkpoint("shutdown")
 	c.audit.close()
 }

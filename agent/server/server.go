@@ -33,6 +33,14 @@ type Options struct {
 	// the records are lost (their seq numbers show as gaps), the log says
 	// so once per outage. Off by default: no signature without its record.
 	AuditFailOpen bool
+	// AuditChain, when set, is the file under Audit (an AuditFile): each
+	// record then carries the hash of the line before it, and
+	// AuditSigningKey, when set, names the key that signs a checkpoint of
+	// that chain every AuditCheckpointEvery (default a minute), on
+	// Checkpoint and at Shutdown (package agent/auditchain checks them).
+	AuditChain           *AuditFile
+	AuditSigningKey      string
+	AuditCheckpointEvery time.Duration
 	// Policy says who may use which key; nil means only the agent's own user and root.
 	Policy *Policy
 	// MaxInFlight bounds the signatures inside the key store at once: the
@@ -128,8 +136,13 @@ type Server struct {
 func New(store KeyStore, opts Options) (*Server, error) {
 	orDefault(&opts.MaxStreamsPerConnection, DefaultMaxStreamsPerConnection)
 	orDefault(&opts.IdleTimeout, DefaultIdleTimeout)
-	c, err := core.New(store, core.Options{
+	var chain core.Chain
+	if opts.AuditChain != nil {
+		chain = opts.AuditChain
+	}
+	c, err := core.New(store, core.Options{AuditChain: chain,
 		Logger: opts.Logger, Audit: opts.Audit, AuditFailOpen: opts.AuditFailOpen, Policy: opts.Policy,
+		AuditSigningKey: opts.AuditSigningKey, AuditCheckpointEvery: opts.AuditCheckpointEvery,
 		Observer: opts.Observer, Now: opts.Now,
 		MaxInFlight: opts.MaxInFlight, MaxWaiting: opts.MaxWaiting, HSMTimeout: opts.HSMTimeout,
 		MaxSignaturesPerUID: opts.MaxSignaturesPerUID, AuditRefusalBurst: opts.AuditRefusalBurst,
@@ -178,6 +191,10 @@ func (s *Server) Shutdown(ctx context.Context) {
 	s.framed.Shutdown(ctx)
 	s.core.Close()
 }
+
+// Checkpoint writes a signed checkpoint of the audit chain now (before the
+// audit file is rotated, say), if an audit signing key is set.
+func (s *Server) Checkpoint(reason string) { s.core.Checkpoint(reason) }
 
 // Reload reads the keys and chains again and installs policy (nil keeps the
 // current one). On error the previous state stays in force.

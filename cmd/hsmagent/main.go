@@ -55,6 +55,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			proxyCommand(),
 			d1Command(),
 			jwtCommand(),
+			auditCommand(),
 			completionCommand(),
 			manCommand(),
 		}, "")),

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/metrics"
@@ -56,6 +57,8 @@ func (cfg *config) serveSettings() []setting {
 		{key: "hsm_in_process", usage: "load the PKCS#11 module in the agent's own process, not in a supervised worker process (a module that crashes then takes the agent with it)", val: toggle{&cfg.HSMInProcess}},
 		{key: "hsm_kill_after", usage: "kill and replace the HSM worker when one of its calls has not returned for this `DURATION`", val: positive(&cfg.HSMKillAfter, worker.DefaultKillAfter)},
 		{key: "audit_log", usage: "append audit records as JSON lines to `FILE` (default: the log)", val: text{&cfg.AuditLog}},
+		{key: "audit_signing_key", usage: "`LABEL` of a key in the token that signs a checkpoint of the audit chain (hsmagent audit verify checks it) every --audit-checkpoint-every, on SIGHUP and at shutdown; needs --audit-log", val: text{&o.AuditSigningKey}},
+		{key: "audit_checkpoint_every", usage: "how often the audit chain gets a signed checkpoint", val: positive(&o.AuditCheckpointEvery, time.Minute)},
 		{key: "audit_fail_open", usage: "keep signing when the audit trail cannot be written (records lost, said once per outage in the log); by default nothing is signed without its record", val: toggle{&o.AuditFailOpen}},
 		{key: "metrics_listen", usage: "serve Prometheus metrics at /metrics on a Unix socket `PATH` (mode 0600, or 0660 with --metrics-group) or, with --metrics-tcp, a loopback ADDR such as 127.0.0.1:9464 (default: off)", val: text{&cfg.MetricsListen}, serveOnly: true},
 		{key: "metrics_group", usage: "`GROUP` owning the metrics socket: its members (the scrapers) may read it", val: text{&cfg.Metrics.Group}, serveOnly: true},
@@ -141,7 +144,7 @@ func serveAction(c *cli.Context) error {
 		log:      log,
 		serve:    func() error { return srv.Serve(l) },
 		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
-		reload:   func() { audit.reopen(log); reload(c, srv, log) },
+		reload:   func() { srv.Checkpoint("sighup"); audit.reopen(log); reload(c, srv, log) },
 		healthy:  srv.HSMAnswering,
 	}
 	return d.run("agent serving", "socket", socket, "token", store.TokenLabel(), "pid", os.Getpid(), "revision", srv.Revision(),
@@ -216,6 +219,7 @@ func (cfg *config) serverOptions(log *slog.Logger, open bool) (server.Options, *
 		}
 		audit = &auditFile{f}
 		opts.Audit = slog.New(slog.NewJSONHandler(f, nil))
+		opts.AuditChain = f
 	}
 	return opts, audit, nil
 }
