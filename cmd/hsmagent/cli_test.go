@@ -110,6 +110,7 @@ func TestCLIHelps(t *testing.T) {
 		{"bad value names the flag", []string{"serve", "--max-sessions", "many"}, `--max-sessions: "many" is not a whole number`},
 		{"bad value with =", []string{"serve", "--max-sessions=many"}, `--max-sessions: "many" is not a whole number`},
 		{"bad duration says what one is", []string{"serve", "--hsm-timeout", "3 seconds"}, `--hsm-timeout: "3 seconds" is not a duration; use e.g. 3s`},
+		{"worker bound within the HSM timeout", []string{"serve", "--socket", "/run/x.sock", "--hsm-timeout", "5s", "--hsm-kill-after", "5s"}, "--hsm-kill-after 5s must be longer than --hsm-timeout 5s"},
 		{"bad duration of a subcommand", []string{"bench", "--key", "k", "--duration=3x"}, `--duration: "3x" is not a duration`},
 		{"missing value", []string{"status", "--socket"}, "flag needs an argument: --socket"},
 		{"typo in a command", []string{"stauts"}, `unknown command "stauts": did you mean "status"? run 'hsmagent --help'`},

@@ -185,10 +185,15 @@ func (s inProcessStore) TokenLabel() string { return s.Token.Label() }
 func (s inProcessStore) Close() error       { return s.Token.Close() }
 
 // checkListeners refuses what the agent could not listen on, before the
-// token is opened: no socket, or a metrics address serve would refuse.
+// token is opened: no socket, or a metrics address serve would refuse; and
+// an HSM worker bound no longer than the HSM timeout.
 func (cfg *config) checkListeners(inherited net.Listener, log *slog.Logger) error {
 	if cfg.Socket == "" && inherited == nil {
 		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
+	}
+	if !cfg.HSMInProcess && cfg.HSMKillAfter <= cfg.Server.HSMTimeout {
+		// A slow answer would kill the worker before the caller was told.
+		return usagef("--hsm-kill-after %v must be longer than --hsm-timeout %v", cfg.HSMKillAfter, cfg.Server.HSMTimeout)
 	}
 	if cfg.SocketMode&0o007 != 0 {
 		log.Warn("the socket is open to all users; access rules still apply", "mode", fmt.Sprintf("%04o", uint32(cfg.SocketMode)))
