@@ -15,7 +15,7 @@ var examples = map[string][]string{
 	"keys generate": {"hsmagent keys generate --token issuer --label d1-ppr-mtls --type ecdsa-p256"},
 	"keys list":     {"hsmagent keys list --token issuer", "hsmagent keys list --uri 'pkcs11:token=issuer' --json"},
 	"keys delete":   {"hsmagent keys delete --token issuer --label old-key --yes"},
-	"csr": {"hsmagent csr --token issuer --key d1-ppr-mtls --profile d1 --issuer-id 12345 --env PPR --out d1-ppr.csr",
+	"csr": {"hsmagent csr --token issuer --key d1-ppr-mtls --profile d1 --issuer-id 12345 --env PPR --country FR --state Ile-de-France --locality Paris --org 'Example Bank' --org-unit Cards --out d1-ppr.csr",
 		"hsmagent csr --token issuer --key web --subject 'CN=api.example.com,O=Example,C=FR' --dns api.example.com"},
 	"cert":        {"hsmagent cert show --token issuer --key d1-ppr-mtls"},
 	"cert import": {"hsmagent cert import --token issuer --key d1-ppr-mtls --cert d1-ppr.pem --chain thales-ca.pem"},
