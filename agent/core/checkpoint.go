@@ -35,9 +35,11 @@ func (c *Core) Checkpoint(reason string) {
 	if c.auditSig == nil {
 		return
 	}
+	c.checkMu.Lock()
+	defer c.checkMu.Unlock()
 	seq, head := c.audit.head()
-	if head == "" {
-		return // nothing written yet
+	if head == "" || head == c.lastCheck {
+		return // nothing written yet, or nothing since the last checkpoint
 	}
 	digest := auditchain.CheckpointDigest(head, seq)
 	sig, err := c.gate.do(context.Background(), agentUID, func() ([]byte, error) {
@@ -51,5 +53,7 @@ func (c *Core) Checkpoint(reason string) {
 		slog.String("reason", reason), slog.String("key", c.auditKey), slog.Uint64("covers_seq", seq),
 		slog.String("covers", head), slog.String("sig", base64.StdEncoding.EncodeToString(sig))); err != nil {
 		c.log.Error("the audit checkpoint could not be written", "reason", reason, "err", err)
+		return
 	}
+	_, c.lastCheck = c.audit.head() // its own line, if nothing came in between
 }

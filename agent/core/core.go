@@ -32,7 +32,8 @@ type Options struct {
 	AuditChain Chain
 	// AuditSigningKey names a key of the store that signs a checkpoint of
 	// the chain every AuditCheckpointEvery (default a minute), on
-	// Checkpoint and on Close; "" signs none.
+	// Checkpoint and on Close; "" signs none. The key is the agent's own:
+	// no caller sees it or signs with it, whatever the rules say.
 	AuditSigningKey      string
 	AuditCheckpointEvery time.Duration
 	// Policy says who may use which key; nil means only the agent's own user and root.
@@ -105,6 +106,8 @@ type Core struct {
 
 	auditKey   string        // AuditSigningKey
 	auditSig   crypto.Signer // its signer, nil without one
+	lastCheck  string        // line hash of the last checkpoint written (Checkpoint's, serialised by checkMu)
+	checkMu    sync.Mutex
 	checkpoint time.Duration // AuditCheckpointEvery
 
 	healthMu sync.Mutex // orders health reports

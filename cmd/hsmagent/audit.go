@@ -50,7 +50,7 @@ func auditVerify(c *cli.Context) error {
 	var b *auditchain.Break
 	switch {
 	case errors.As(err, &b):
-		return fmt.Errorf("audit verify: BROKEN at %v (%d records before it verified)", b, r.Records)
+		return fmt.Errorf("audit verify: BROKEN at %v", b)
 	case err != nil:
 		return fmt.Errorf("audit verify: %w", err)
 	case r.Records == 0:
@@ -65,8 +65,8 @@ func auditVerify(c *cli.Context) error {
 	if r.Starts > 1 {
 		note += fmt.Sprintf("; %d chains start on an empty file (agent restarts after a rotation)", r.Starts-1)
 	}
-	infof(c, "audit verify: OK: %d records in %d file(s), chain intact, %d checkpoints verified; %d records after the last checkpoint (not yet signed: a truncation there would not show)%s",
-		r.Records, r.Files, r.Checkpoints, r.Uncovered, note)
+	infof(c, "audit verify: OK: %d records in %d file(s), chain intact, %d checkpoints verified; %d record%s after the last signed record, the last checkpoint included (a truncation or edit there would not show)%s",
+		r.Records, r.Files, r.Checkpoints, r.Uncovered, plural(r.Uncovered), note)
 	return nil
 }
 
@@ -122,3 +122,4 @@ func auditPublicKey(c *cli.Context) error {
 		return pem.Encode(c.App.Writer, &pem.Block{Type: "PUBLIC KEY", Bytes: der})
 	})
 }
+

@@ -111,6 +111,7 @@ func TestCLIHelps(t *testing.T) {
 		{"bad value with =", []string{"serve", "--max-sessions=many"}, `--max-sessions: "many" is not a whole number`},
 		{"bad duration says what one is", []string{"serve", "--hsm-timeout", "3 seconds"}, `--hsm-timeout: "3 seconds" is not a duration; use e.g. 3s`},
 		{"worker bound within the HSM timeout", []string{"serve", "--socket", "/run/x.sock", "--hsm-timeout", "5s", "--hsm-kill-after", "5s"}, "--hsm-kill-after 5s must be longer than --hsm-timeout 5s"},
+		{"audit signing key without a file", []string{"serve", "--socket", "/run/x.sock", "--audit-signing-key", "k", "--check-config"}, `--audit-signing-key "k" needs --audit-log FILE`},
 		{"bad duration of a subcommand", []string{"bench", "--key", "k", "--duration=3x"}, `--duration: "3x" is not a duration`},
 		{"missing value", []string{"status", "--socket"}, "flag needs an argument: --socket"},
 		{"typo in a command", []string{"stauts"}, `unknown command "stauts": did you mean "status"? run 'hsmagent --help'`},

@@ -191,6 +191,9 @@ func (cfg *config) checkListeners(inherited net.Listener, log *slog.Logger) erro
 	if cfg.Socket == "" && inherited == nil {
 		return usagef("no socket path: pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)
 	}
+	if cfg.Server.AuditSigningKey != "" && cfg.AuditLog == "" {
+		return usagef("--audit-signing-key %q needs --audit-log FILE: the checkpoints sign the chain of that file's lines", cfg.Server.AuditSigningKey)
+	}
 	if !cfg.HSMInProcess && cfg.HSMKillAfter <= cfg.Server.HSMTimeout {
 		// A slow answer would kill the worker before the caller was told.
 		return usagef("--hsm-kill-after %v must be longer than --hsm-timeout %v", cfg.HSMKillAfter, cfg.Server.HSMTimeout)
