@@ -122,4 +122,3 @@ func auditPublicKey(c *cli.Context) error {
 		return pem.Encode(c.App.Writer, &pem.Block{Type: "PUBLIC KEY", Bytes: der})
 	})
 }
-
