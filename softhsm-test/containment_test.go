@@ -148,8 +148,10 @@ func TestModuleCrashContained(t *testing.T) {
 		t.Errorf("the log does not say how the worker ended: %s", ended)
 	}
 	ca.logLine(t, "the HSM worker serves again")
-	if audit := ca.auditResults(t); !strings.Contains(audit, `"result":"hsm-down"`) {
-		t.Errorf("no hsm-down record for the signature in flight:\n%s", audit)
+	if audit := ca.auditResults(t); !strings.Contains(audit, `"result":"hsm-down"`) ||
+		!strings.Contains(audit, `"msg":"hsm worker ended"`) || !strings.Contains(audit, `"in_flight_failed":1`) ||
+		!strings.Contains(audit, `"msg":"hsm worker started"`) {
+		t.Errorf("the audit trail does not say what happened (hsm-down, worker ended with 1 in flight, worker started):\n%s", audit)
 	}
 }
 
@@ -170,7 +172,7 @@ func TestModuleHangContained(t *testing.T) {
 	ca.expectAlive(t)
 	ca.logLine(t, "killing the HSM worker")
 	ca.logLine(t, "the HSM worker serves again")
-	if audit := ca.auditResults(t); !strings.Contains(audit, `"result":"timeout"`) {
+	if audit := ca.auditResults(t); !strings.Contains(audit, `"result":"timeout"`) || !strings.Contains(audit, `"killed":true`) {
 		t.Errorf("no timeout record for the hung signature:\n%s", audit)
 	}
 }

@@ -8,6 +8,7 @@
 package core
 
 import (
+	"context"
 	"crypto"
 	"errors"
 	"fmt"
@@ -245,6 +246,12 @@ func (c *Core) updateHealth() {
 	for _, f := range c.onHealth {
 		f(serving)
 	}
+}
+
+// AuditEvent writes a record of something that happened to the agent
+// rather than a decision on a request (an HSM worker that died, say).
+func (c *Core) AuditEvent(msg string, attrs ...slog.Attr) {
+	c.audit.write(context.Background(), slog.LevelWarn, msg, attrs...)
 }
 
 // Drain makes the core stop taking new work: watches end, streams answer

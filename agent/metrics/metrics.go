@@ -34,6 +34,7 @@ type Agent struct {
 	auditDowns prometheus.Counter
 	reloads    prometheus.Counter
 	reopens    *prometheus.CounterVec
+	workerEnds *prometheus.CounterVec
 
 	mu     sync.Mutex
 	labels map[string]bool
@@ -70,13 +71,18 @@ func NewAgent(load func() (inFlight, waiting int)) *Agent {
 		reopens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hsmagent_hsm_reopens_total", Help: "Attempts to reopen the HSM token after a lost session or during an outage, by result (ok, failed).",
 		}, []string{"result"}),
+		workerEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hsmagent_hsm_worker_ends_total", Help: "HSM worker processes that ended and were replaced, by how (crashed: it died; killed: a call stayed stuck past hsm_kill_after).",
+		}, []string{"how"}),
 		labels: map[string]bool{},
 	}
+	m.workerEnds.WithLabelValues("crashed")
+	m.workerEnds.WithLabelValues("killed")
 	m.serving.Set(1)
 	m.audit.Set(1)
 	m.reopens.WithLabelValues("ok")
 	m.reopens.WithLabelValues("failed")
-	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.audit, m.auditDowns, m.reloads, m.reopens,
+	m.registry.MustRegister(m.signatures, m.latency, m.refusals, m.expiry, m.keys, m.serving, m.audit, m.auditDowns, m.reloads, m.reopens, m.workerEnds,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if load != nil {
 		m.registry.MustRegister(
@@ -131,6 +137,15 @@ func (m *Agent) Reopened(ok bool) {
 		m.reopens.WithLabelValues("ok").Inc()
 	} else {
 		m.reopens.WithLabelValues("failed").Inc()
+	}
+}
+
+// WorkerEnded counts an HSM worker that ended (hsm/worker's OnEnd).
+func (m *Agent) WorkerEnded(killed bool) {
+	if killed {
+		m.workerEnds.WithLabelValues("killed").Inc()
+	} else {
+		m.workerEnds.WithLabelValues("crashed").Inc()
 	}
 }
 

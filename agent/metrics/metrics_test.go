@@ -52,7 +52,8 @@ func TestScrape(t *testing.T) {
 	var a *agenttest.Agent
 	m := metrics.NewAgent(func() (int, int) { return a.Server.HSMLoad() })
 	a = agenttest.Start(t, store, server.Options{Observer: m})
-	m.Reopened(true) // as hsm.Config.OnReopen reports
+	m.Reopened(true)     // as hsm.Config.OnReopen reports
+	m.WorkerEnded(false) // as hsm/worker's OnEnd reports
 	l, err := metrics.Listen(filepath.Join(agenttest.SocketDir(t), "metrics.sock"))
 	if err != nil {
 		t.Fatal(err)
@@ -99,6 +100,8 @@ func TestScrape(t *testing.T) {
 		`hsmagent_keys 1`,
 		`hsmagent_hsm_reopens_total{result="failed"} 0`,
 		`hsmagent_hsm_reopens_total{result="ok"} 1`,
+		`hsmagent_hsm_worker_ends_total{how="crashed"} 1`,
+		`hsmagent_hsm_worker_ends_total{how="killed"} 0`,
 		`hsmagent_certificate_expiry_timestamp_seconds{key="ec"} ` + formatFloat(notAfter.Unix()),
 	} {
 		if !strings.Contains(text, want) {

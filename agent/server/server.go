@@ -192,6 +192,10 @@ func (s *Server) Shutdown(ctx context.Context) {
 	s.core.Close()
 }
 
+// AuditEvent writes an audit record of something that happened to the
+// agent (an HSM worker that died, and the one that replaced it).
+func (s *Server) AuditEvent(msg string, attrs ...slog.Attr) { s.core.AuditEvent(msg, attrs...) }
+
 // Checkpoint writes a signed checkpoint of the audit chain now (before the
 // audit file is rotated, say), if an audit signing key is set.
 func (s *Server) Checkpoint(reason string) { s.core.Checkpoint(reason) }

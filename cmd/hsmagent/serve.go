@@ -114,12 +114,8 @@ func serveAction(c *cli.Context) error {
 	}
 	defer audit.close()
 	sel, err := selectToken(c)
-	if err != nil {
-		return err
-	}
-	if check {
-		infof(c, "serve: configuration valid (--check-config: token not opened, socket not created)")
-		return nil
+	if err != nil || check {
+		return configChecked(c, err)
 	}
 	var srv *server.Server
 	m, stopMetrics, err := startMetrics(cfg.MetricsListen, cfg.Metrics, &opts, func() (int, int) { return srv.HSMLoad() }, log)
@@ -127,7 +123,8 @@ func serveAction(c *cli.Context) error {
 		return err
 	}
 	defer stopMetrics()
-	store, err := cfg.openStore(sel, opts.MaxInFlight, m, log)
+	events := &workerEvents{metrics: m}
+	store, err := cfg.openStore(sel, opts.MaxInFlight, m, log, events)
 	if err != nil {
 		return err
 	}
@@ -135,6 +132,7 @@ func serveAction(c *cli.Context) error {
 	if srv, err = server.New(store, opts); err != nil {
 		return err
 	}
+	events.srv.Store(srv)
 	l, socket, err := serveListener(c, inherited, cfg.SocketMode, log)
 	if err != nil {
 		return err
@@ -151,6 +149,14 @@ func serveAction(c *cli.Context) error {
 		"hsm_worker", !cfg.HSMInProcess)
 }
 
+// configChecked ends --check-config: err, or the news that all is well.
+func configChecked(c *cli.Context, err error) error {
+	if err == nil {
+		infof(c, "serve: configuration valid (--check-config: token not opened, socket not created)")
+	}
+	return err
+}
+
 // agentStore is the agent's key store: the token, in a worker process or
 // in this one.
 type agentStore interface {
@@ -162,10 +168,10 @@ type agentStore interface {
 // openStore opens the token with a session for each signature in the HSM
 // at once, and the one crypto11 keeps for itself, logged in: in a
 // supervised worker process unless hsm_in_process is set.
-func (cfg *config) openStore(sel tokenSelection, inFlight int, m *metrics.Agent, log *slog.Logger) (agentStore, error) {
+func (cfg *config) openStore(sel tokenSelection, inFlight int, m *metrics.Agent, log *slog.Logger, ev *workerEvents) (agentStore, error) {
 	sel.cfg.MaxSessions = inFlight + 1
 	if !cfg.HSMInProcess {
-		return startWorker(sel.cfg, cfg.HSMKillAfter, log)
+		return startWorker(sel.cfg, cfg.HSMKillAfter, log, ev)
 	}
 	sel.cfg.Logger = log
 	if m != nil {

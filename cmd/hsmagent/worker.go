@@ -7,9 +7,12 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/core"
+	"github.com/hsmagent/hsmagent/agent/metrics"
+	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/hsmagent/hsmagent/hsm/hsmstore"
 	"github.com/hsmagent/hsmagent/hsm/worker"
@@ -49,9 +52,32 @@ func runHSMWorker() int {
 	return 0
 }
 
+// workerEvents is where a worker's end and its replacement are told: the
+// audit trail and the metrics, once serve has them.
+type workerEvents struct {
+	srv     atomic.Pointer[server.Server]
+	metrics *metrics.Agent
+}
+
+func (e *workerEvents) ended(pid int, exit string, killed bool, inFlight int) {
+	if e.metrics != nil {
+		e.metrics.WorkerEnded(killed)
+	}
+	if srv := e.srv.Load(); srv != nil {
+		srv.AuditEvent("hsm worker ended", slog.Int("pid", pid), slog.String("exit", exit), slog.Bool("killed", killed),
+			slog.Int("in_flight_failed", inFlight))
+	}
+}
+
+func (e *workerEvents) started(pid int) {
+	if srv := e.srv.Load(); srv != nil {
+		srv.AuditEvent("hsm worker started", slog.Int("pid", pid))
+	}
+}
+
 // startWorker starts the HSM worker for the token cfg selects, with the
 // PIN cfg's source gives, and returns it as the agent's key store.
-func startWorker(cfg hsm.Config, killAfter time.Duration, log *slog.Logger) (*worker.Store, error) {
+func startWorker(cfg hsm.Config, killAfter time.Duration, log *slog.Logger, ev *workerEvents) (*worker.Store, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("hsm: finding this binary to start the HSM worker: %w", err)
@@ -62,5 +88,7 @@ func startWorker(cfg hsm.Config, killAfter time.Duration, log *slog.Logger) (*wo
 		PIN:       cfg.PIN,
 		Logger:    log,
 		KillAfter: killAfter,
+		OnEnd:     ev.ended,
+		OnStart:   ev.started,
 	})
 }

@@ -41,6 +41,12 @@ type Options struct {
 	// StartTimeout bounds a worker's start: opening the token, logging in;
 	// 0 means 30 s.
 	StartTimeout time.Duration
+	// OnEnd, if set, is told of each worker that ended (not at Close): its
+	// pid, how it exited, whether the agent killed it, and how many calls
+	// it had in flight (they failed). OnStart is told of each worker that
+	// replaced one. For the audit trail and metrics; they must not block.
+	OnEnd   func(pid int, exit string, killed bool, inFlight int)
+	OnStart func(pid int)
 }
 
 // DefaultKillAfter is the default Options.KillAfter: well past the HSM
@@ -252,8 +258,14 @@ func (s *Store) supervise(p *proc) {
 	}
 	s.cur, s.up = nil, make(chan struct{})
 	s.mu.Unlock()
+	p.mu.Lock()
+	inFlight := len(p.pending)
+	p.mu.Unlock()
 	s.log.Error("the HSM worker ended; starting another: signatures in flight failed, the others wait for it",
-		"pid", p.pid, "exit", p.status, "killed", p.killed, "err", p.why)
+		"pid", p.pid, "exit", p.status, "killed", p.killed, "in_flight", inFlight, "err", p.why)
+	if s.o.OnEnd != nil {
+		s.o.OnEnd(p.pid, p.status, p.killed, inFlight)
+	}
 	wait := s.o.RestartMin
 	for {
 		select {
@@ -272,6 +284,9 @@ func (s *Store) supervise(p *proc) {
 			s.mu.Unlock()
 			s.log.Info("the HSM worker serves again: token opened and logged in", "pid", next.pid)
 			s.install(next)
+			if s.o.OnStart != nil {
+				s.o.OnStart(next.pid)
+			}
 			return
 		}
 		s.log.Error("starting the HSM worker failed; trying again", "err", err, "retry_in", 2*wait)
