@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -11,28 +12,45 @@ import (
 	"time"
 )
 
-// ParseCertificatesPEM reads every CERTIFICATE block of a PEM file, in order.
-// name is the file name used in errors.
+// ParseCertificatesPEM reads every CERTIFICATE block of a PEM file (and the
+// certificates of PKCS7 blocks), in order. name is the file name used in
+// errors; a block whose body does not decode is named, with its line.
 func ParseCertificatesPEM(name string, data []byte) ([]*x509.Certificate, error) {
+	begin := []byte("-----BEGIN")
 	var certs []*x509.Certificate
-	rest := data
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
+	for off := 0; ; {
+		i := bytes.Index(data[off:], begin)
+		if i < 0 {
 			break
 		}
-		if block.Type != "CERTIFICATE" {
-			if strings.Contains(block.Type, "PRIVATE KEY") {
-				return nil, fmt.Errorf("hsm: %q holds a private key; keys belong in the HSM, remove it from this file", name)
+		start := off + i
+		block, rest := pem.Decode(data[start:])
+		end := len(data) - len(rest)
+		// pem.Decode skips a block it cannot decode and returns the next
+		// one: then another BEGIN lies between this one and the end.
+		if block == nil || bytes.Contains(data[start+len(begin):end], begin) {
+			return nil, fmt.Errorf("hsm: %q: the PEM block at line %d does not decode (its base64 body is corrupt or cut); copy the file again from the CA",
+				name, bytes.Count(data[:start], []byte("\n"))+1)
+		}
+		off = end
+		switch {
+		case block.Type == "PKCS7":
+			more, err := parsePKCS7(block.Bytes)
+			if err != nil {
+				return nil, fmt.Errorf("hsm: %q: PKCS7 block: %w", name, err)
 			}
+			certs = append(certs, more...)
+		case strings.Contains(block.Type, "PRIVATE KEY"):
+			return nil, fmt.Errorf("hsm: %q holds a private key; keys belong in the HSM, remove it from this file", name)
+		case block.Type != "CERTIFICATE":
 			return nil, fmt.Errorf("hsm: %q: unexpected PEM block %q; want CERTIFICATE", name, block.Type)
+		default:
+			c, err := x509.ParseCertificate(block.Bytes)
+			if err != nil {
+				return nil, fmt.Errorf("hsm: %q: certificate %d: %w", name, len(certs)+1, err)
+			}
+			certs = append(certs, c)
 		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("hsm: %q: certificate %d: %w", name, len(certs)+1, err)
-		}
-		certs = append(certs, c)
 	}
 	if len(certs) == 0 {
 		return nil, fmt.Errorf("hsm: %q holds no PEM certificate (want -----BEGIN CERTIFICATE-----)", name)

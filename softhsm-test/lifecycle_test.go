@@ -182,7 +182,7 @@ func TestCLIErrors(t *testing.T) {
 		{"no CSR mode", fx.args([]string{"csr"}, "--key", "d1-ppr"), 2, "give --profile d1"},
 		{"certificate of another key", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", foreign), 1, `does not belong to key "d1-ppr": its public key differs`},
 		{"expired certificate", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", expired), 1, "expired on"},
-		{"malformed PEM", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", garbage), 1, "holds no PEM certificate"},
+		{"neither PEM, DER nor PKCS #7", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", garbage), 1, "is neither PEM (-----BEGIN CERTIFICATE-----), a DER certificate nor PKCS #7"},
 		{"private key in PEM", fx.args([]string{"cert", "import"}, "--key", "d1-ppr", "--cert", keyFile), 1, "holds a private key"},
 		{"no certificate yet", fx.args([]string{"cert", "export"}, "--key", "d1-ppr"), 1, "no certificate stored"},
 		{"unknown flag", fx.args([]string{"keys", "list"}, "--bogus"), 2, "unknown flag --bogus"},

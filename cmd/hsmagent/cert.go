@@ -48,7 +48,7 @@ func readCertFile(flag, path string) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, usagef("--%s: %v", flag, err)
 	}
-	return hsm.ParseCertificatesPEM(path, data)
+	return hsm.ParseCertificates(path, data)
 }
 
 // importedCerts reads --cert and --chain, in that order.
@@ -95,6 +95,9 @@ func certImport(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
+		if chain, err = keptChain(c, chain, key); err != nil {
+			return err
+		}
 		warnings, err := hsm.ChainWarnings(chain, time.Now())
 		if err != nil {
 			return err
@@ -117,6 +120,23 @@ func certImport(c *cli.Context) error {
 			leaf.Subject, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.DateOnly), len(chain)-1, label)
 		return nil
 	})
+}
+
+// keptChain is chain, or, for a lone leaf given without --chain, the leaf
+// with the chain stored before it, if that still links to it: a renewal
+// from the same CA keeps its intermediates. A stored chain that does not
+// link is never dropped in silence.
+func keptChain(c *cli.Context, chain []*x509.Certificate, key *hsm.Key) ([]*x509.Certificate, error) {
+	if len(chain) > 1 || c.String("chain") != "" || len(key.Chain) < 2 {
+		return chain, nil
+	}
+	kept, err := hsm.SortChain(key.Public, append([]*x509.Certificate{chain[0]}, key.Chain[1:]...))
+	if err != nil {
+		return nil, fmt.Errorf("the %d chain certificate(s) stored with key %q do not link to the new certificate (issued by %q); give its chain with --chain FILE",
+			len(key.Chain)-1, key.Label, chain[0].Issuer)
+	}
+	infof(c, "kept the %d chain certificate(s) stored with key %q: they still link to the new certificate", len(kept)-1, key.Label)
+	return kept, nil
 }
 
 type certView struct {
