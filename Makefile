@@ -58,7 +58,7 @@ build-agent:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/hsmagent
 
 # docs generates the man page and the shell completions from the CLI
-# definition (hidden commands 'hsmagent man' and 'hsmagent completion').
+# definition ('hsmagent man' and 'hsmagent completion').
 docs: build-agent
 	mkdir -p bin/doc
 	$(BIN) man > bin/doc/hsmagent.1

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"strings"
 	"testing"
 
@@ -166,6 +167,20 @@ func TestNearest(t *testing.T) {
 	for _, tt := range tests {
 		if got := nearest(tt.in, names); got != tt.want {
 			t.Errorf("nearest(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+// TestHelpListsEveryCommand: the top-level help names every command,
+// completion and man included (they were hidden, and nobody found them).
+func TestHelpListsEveryCommand(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := run([]string{"hsmagent", "--help"}, &out, &errOut); code != 0 {
+		t.Fatalf("hsmagent --help: exit %d\n%s", code, errOut.String())
+	}
+	for _, c := range newApp(nil, nil).Commands {
+		if !strings.Contains(out.String(), "   "+c.Name+" ") {
+			t.Errorf("hsmagent --help does not list %q:\n%s", c.Name, out.String())
 		}
 	}
 }

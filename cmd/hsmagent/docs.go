@@ -101,7 +101,6 @@ func completionCommand() *cli.Command {
 		Name:      "completion",
 		Usage:     "print the shell completion script for bash, zsh or fish",
 		ArgsUsage: "bash|zsh|fish",
-		Hidden:    true,
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 1 {
 				return usagef("completion: name one shell: bash, zsh or fish")
@@ -128,9 +127,8 @@ func completionCommand() *cli.Command {
 // manCommand prints the man page (roff, section 1).
 func manCommand() *cli.Command {
 	return &cli.Command{
-		Name:   "man",
-		Usage:  "print the man page (roff) generated from the commands' help",
-		Hidden: true,
+		Name:  "man",
+		Usage: "print the man page (roff) generated from the commands' help",
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 0 {
 				return usagef("man takes no arguments")
