@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 )
 
@@ -79,6 +80,9 @@ func New(c *core.Core, o Options) *Service {
 	agentpb.RegisterAgentServer(s.grpc, s)
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
+	// For callers in other languages (grpcurl list, describe): the
+	// services' descriptors only; no key or caller is in them.
+	reflection.Register(s.grpc)
 	c.OnHealth(s.setHealth)
 	return s
 }
