@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -67,7 +68,9 @@ func agentSocket(c *cli.Context) (string, error) {
 	if s := c.String("socket"); s != "" {
 		return s, nil
 	}
-	if _, err := os.Stat(packagedSocket); err == nil {
+	// A socket the caller may not reach (its directory is the agent's
+	// group's) is still the one: dialling it explains the permission.
+	if _, err := os.Stat(packagedSocket); !errors.Is(err, fs.ErrNotExist) {
 		return packagedSocket, nil
 	}
 	return "", usagef("no agent socket: pass --socket PATH, set %s or put socket: in the config (none at %s)", agent.SocketEnv, packagedSocket)

@@ -98,7 +98,7 @@ func statusAction(c *cli.Context) error {
 		return err
 	}
 	v := statusReport(keys, time.Now())
-	v.Socket, v.Version, v.Health = c.String("socket"), client.AgentVersion(), health
+	v.Socket, v.Version, v.Health = socket, client.AgentVersion(), health
 	if v.Version == "" {
 		v.Version = "unknown"
 	}
