@@ -334,3 +334,30 @@ func TestWorkerConcurrentCallers(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestWorkerCrashLoopBacksOff: a module that crashes at every start (in
+// C_Login here) is started again with backoff, not in a tight loop; calls
+// meanwhile fail as Unavailable within KillAfter; once the module behaves,
+// a worker serves again by itself.
+func TestWorkerCrashLoopBacksOff(t *testing.T) {
+	f := start(t, time.Second)
+	ec := f.signer(t, "ec")
+	f.fm.Set("crash_ops", "sign,login")
+	f.fm.Set("crash", "1")
+	if _, err := ec.Sign(nil, digest[:], crypto.SHA256); err == nil {
+		t.Fatal("signed through a crashing module")
+	}
+	begin := time.Now()
+	_, err := ec.Sign(nil, digest[:], crypto.SHA256) // waits for a worker that never comes up
+	var u interface{ Unavailable() bool }
+	if !errors.As(err, &u) || !u.Unavailable() || time.Since(begin) > 3*time.Second {
+		t.Fatalf("a call during the crash loop: %v after %v; want Unavailable within about KillAfter (1s)", err, time.Since(begin))
+	}
+	time.Sleep(time.Second)
+	// Started at 50 ms, doubling: about 6 starts in 2.5 s, never dozens.
+	if n := strings.Count(f.log.String(), "starting the HSM worker failed"); n < 2 || n > 8 {
+		t.Errorf("%d failed starts in about 2.5 s; want a few, spaced by the backoff:\n%s", n, f.log)
+	}
+	f.fm.Set("crash", "")
+	signsAgainWithin(t, ec, 8*time.Second) // the backoff has reached at most RestartMax (5 s)
+}
