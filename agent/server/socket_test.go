@@ -80,7 +80,7 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 	}{
 		{"owned by another user", true, func(t *testing.T, base string) string {
 			return mkdir(t, base, "d", 0o755, 65534)
-		}, `is owned by uid 65534 (not the agent's uid`, false},
+		}, `is owned by user nobody (uid 65534), not the agent's uid 0 or root: run the agent as user nobody (uid 65534)`, false},
 		{"writable by others", false, func(t *testing.T, base string) string {
 			return mkdir(t, base, "d", 0o777, -1)
 		}, "is writable by others (mode 0777)", false},
@@ -90,7 +90,7 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 		{"parent owned by another user", true, func(t *testing.T, base string) string {
 			p := mkdir(t, base, "p", 0o755, 65534)
 			return mkdir(t, p, "d", 0o750, -1)
-		}, "is owned by uid 65534", false},
+		}, "is owned by user nobody (uid 65534)", false},
 		{"parent writable by others without the sticky bit", false, func(t *testing.T, base string) string {
 			p := mkdir(t, base, "p", 0o777, -1)
 			return mkdir(t, p, "d", 0o750, -1)
@@ -115,7 +115,7 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 				t.Fatal(err)
 			}
 			return filepath.Join(evil, "sub", "deeper")
-		}, `evil", on the socket path, is owned by uid 65534`, false},
+		}, `evil", on the socket path, is owned by user nobody (uid 65534)`, false},
 		{"symlink owned by another user in a sticky directory", true, func(t *testing.T, base string) string {
 			p := mkdir(t, base, "p", os.ModeSticky|0o777, -1)
 			safe := mkdir(t, base, "safe", 0o750, -1)

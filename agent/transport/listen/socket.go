@@ -199,7 +199,13 @@ func checkDir(dir, name string, above bool) error {
 	}
 	euid := os.Geteuid()
 	if owner := int(st.Uid); owner != 0 && owner != euid {
-		return fmt.Errorf("agent: %s is owned by uid %d (not the agent's uid %d or root); %s", name, owner, euid, safeDirHint)
+		// The directory is another user's: most often the packaged
+		// agent's, whose user should run this agent too.
+		who := fmt.Sprintf("uid %d", owner)
+		if u, err := user.LookupId(strconv.Itoa(owner)); err == nil {
+			who = fmt.Sprintf("user %s (uid %d)", u.Username, owner)
+		}
+		return fmt.Errorf("agent: %s is owned by %s, not the agent's uid %d or root: run the agent as %s (the packaged unit does: systemctl start hsmagent), or give --socket in a directory of your own", name, who, euid, who)
 	}
 	shared := fi.Mode()&os.ModeSticky != 0
 	if above && shared {
