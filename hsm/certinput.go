@@ -49,8 +49,7 @@ func parsePKCS7(der []byte) ([]*x509.Certificate, error) {
 		DigestAlgorithms asn1.RawValue
 		ContentInfo      asn1.RawValue
 		Certificates     asn1.RawValue `asn1:"optional,tag:0"`
-		Rest             asn1.RawValue `asn1:"optional"` // crls or signerInfos
-		More             asn1.RawValue `asn1:"optional"`
+		// crls and signerInfos follow; encoding/asn1 leaves them unread.
 	}
 	if _, err := asn1.Unmarshal(ci.Content.Bytes, &sd); err != nil {
 		return nil, fmt.Errorf("hsm: PKCS #7 signedData: %w", err)

@@ -9,10 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
-	"slices"
-	"sync"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -123,43 +119,15 @@ func transportSigner(b *testing.B, fm *FaultModule, grpcOnly bool) crypto.Signer
 	return s
 }
 
-// benchCallers runs b.N signatures from callers goroutines and reports the
-// median latency and the process's CPU per signature (agent and client
-// together: both run in this process).
+// benchCallers runs b.N signatures with s from callers goroutines (the
+// CPU RunCallers reports is the agent's and the client's: both run in
+// this process), and the signatures per second.
 func benchCallers(b *testing.B, callers int, s crypto.Signer) {
 	digest := sha256.Sum256([]byte("bench"))
-	var next atomic.Int64
-	lat := make([]time.Duration, b.N)
-	var wg sync.WaitGroup
-	var ru0 syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
-	b.ResetTimer()
-	for range callers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(b.N) {
-					return
-				}
-				start := time.Now()
-				if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
-					b.Error(err)
-					return
-				}
-				lat[i] = time.Since(start)
-			}
-		}()
-	}
-	wg.Wait()
-	b.StopTimer()
-	var ru1 syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru1)
-	cpu := ru1.Utime.Nano() + ru1.Stime.Nano() - ru0.Utime.Nano() - ru0.Stime.Nano()
-	b.ReportMetric(float64(cpu)/1e3/float64(b.N), "cpu-µs/op")
-	slices.Sort(lat)
-	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-µs")
+	RunCallers(b, callers, func() error {
+		_, err := s.Sign(nil, digest[:], crypto.SHA256)
+		return err
+	})
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "sig/s")
 }
 

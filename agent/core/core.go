@@ -213,9 +213,6 @@ func (c *Core) OnHealth(f func(serving bool)) {
 	f(c.serving())
 }
 
-// Serving reports the core's health.
-func (c *Core) Serving() bool { return c.serving() }
-
 func (c *Core) serving() bool { return c.HSMAnswering() && !c.audit.refusing() }
 
 // HSMAnswering reports whether no operation is stuck in the HSM past the
