@@ -38,8 +38,8 @@ func (c *Core) Checkpoint(reason string) {
 	c.checkMu.Lock()
 	defer c.checkMu.Unlock()
 	seq, head := c.audit.head()
-	if head == "" || head == c.lastCheck {
-		return // nothing written yet, or nothing since the last checkpoint
+	if head == "" || (c.checkedSeq != 0 && seq == c.checkedSeq+1) {
+		return // nothing written yet, or nothing since the last checkpoint but itself
 	}
 	digest := auditchain.CheckpointDigest(head, seq)
 	sig, err := c.gate.do(context.Background(), agentUID, func() ([]byte, error) {
@@ -55,5 +55,5 @@ func (c *Core) Checkpoint(reason string) {
 		c.log.Error("the audit checkpoint could not be written", "reason", reason, "err", err)
 		return
 	}
-	_, c.lastCheck = c.audit.head() // its own line, if nothing came in between
+	c.checkedSeq = seq
 }

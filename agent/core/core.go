@@ -107,7 +107,7 @@ type Core struct {
 
 	auditKey   string        // AuditSigningKey
 	auditSig   crypto.Signer // its signer, nil without one
-	lastCheck  string        // line hash of the last checkpoint written (Checkpoint's, serialised by checkMu)
+	checkedSeq uint64        // seq the last checkpoint written covers; 0: none yet (serialised by checkMu)
 	checkMu    sync.Mutex
 	checkpoint time.Duration // AuditCheckpointEvery
 
