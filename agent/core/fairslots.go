@@ -73,6 +73,17 @@ func (f *fairSlots) acquire(ctx context.Context, uid int) error {
 	return ctx.Err()
 }
 
+// tryAcquire takes a session for uid if one is free for it now.
+func (f *fairSlots) tryAcquire(uid int) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.fits(uid) { // waiters exist only while none fits: nobody is passed
+		return false
+	}
+	f.inUse++
+	return true
+}
+
 // release gives a session back and hands it on.
 func (f *fairSlots) release() {
 	f.mu.Lock()

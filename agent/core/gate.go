@@ -170,7 +170,7 @@ func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 	}
 	// The uid's place is given back with the HSM slot: an operation its
 	// caller abandoned still occupies the HSM until it returns.
-	free = func() { g.slots.release(); g.leave(uid) }
+	free = func() { g.free(uid) }
 	if g.waiting.Add(1) > g.maxWaiting {
 		g.waiting.Add(-1)
 		g.leave(uid)
@@ -190,6 +190,22 @@ func (g *gate) admit(ctx context.Context, uid int) (free func(), err error) {
 	}
 	return free, nil
 }
+
+// tryAdmit takes an HSM slot for uid if it may have one without waiting;
+// g.free(uid) gives it back. Whatever would wait or be refused is left to
+// admit, which answers it.
+func (g *gate) tryAdmit(uid int) bool {
+	if g.stuck.Load() > 0 || !g.enter(uid) {
+		return false
+	}
+	if !g.slots.tryAcquire(uid) {
+		g.leave(uid)
+		return false
+	}
+	return true
+}
+
+func (g *gate) free(uid int) { g.slots.release(); g.leave(uid) }
 
 func (g *gate) timedOut() *gateError {
 	return &gateError{Timeout, fmt.Sprintf("agent: the HSM did not answer within %v", g.timeout)}

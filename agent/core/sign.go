@@ -45,14 +45,31 @@ func (c *Core) Sign(ctx context.Context, p Peer, req *agentpb.SignRequest) Answe
 // calling goroutine and gets the answer if the HSM timeout passes first;
 // sign then returns errAnswered when the call has returned (see gate.do).
 func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, Outcome, error) {
+	e, opts, o, err := c.check(p, req)
+	if err != nil {
+		return nil, o, err
+	}
+	sig, err := c.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
+	if errors.Is(err, errAnswered) {
+		return nil, Timeout, err
+	}
+	var ge *gateError
+	if errors.As(err, &ge) {
+		return nil, ge.outcome, ge
+	}
+	return c.signed(req, e, sig, err)
+}
+
+// check decides whether p may have req signed, and with which options.
+func (c *Core) check(p Peer, req *agentpb.SignRequest) (*entry, crypto.SignerOpts, Outcome, error) {
 	switch {
 	case req.Key == "":
-		return nil, Invalid, errors.New("agent: key label is empty")
+		return nil, nil, Invalid, errors.New("agent: key label is empty")
 	case len(req.Key) > MaxLabel:
-		return nil, Invalid, fmt.Errorf("agent: key label longer than %d bytes", MaxLabel)
+		return nil, nil, Invalid, fmt.Errorf("agent: key label longer than %d bytes", MaxLabel)
 	}
 	if c.audit.refusing() {
-		return nil, AuditDown, auditUnavailable()
+		return nil, nil, AuditDown, auditUnavailable()
 	}
 	st := c.state.Load()
 	e := st.keys[req.Key]
@@ -63,22 +80,22 @@ func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late 
 		if e == nil {
 			o = DeniedNotFound
 		}
-		return nil, o, fmt.Errorf("agent: key %q not found or not allowed for uid %d", req.Key, p.UID)
+		return nil, nil, o, fmt.Errorf("agent: key %q not found or not allowed for uid %d", req.Key, p.UID)
 	}
 	if e == nil {
-		return nil, NotFound, fmt.Errorf("agent: key %q not found", req.Key)
+		return nil, nil, NotFound, fmt.Errorf("agent: key %q not found", req.Key)
 	}
 	hash, ok := wire.GoHash(req.Hash)
 	if !ok {
-		return nil, Invalid, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
+		return nil, nil, Invalid, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
 	}
 	if len(req.Digest) != hash.Size() {
-		return nil, Invalid, fmt.Errorf("agent: digest is %d bytes, %v needs %d", len(req.Digest), hash, hash.Size())
+		return nil, nil, Invalid, fmt.Errorf("agent: digest is %d bytes, %v needs %d", len(req.Digest), hash, hash.Size())
 	}
 	var opts crypto.SignerOpts = hash
 	switch {
 	case e.rsaPub == nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED:
-		return nil, Invalid, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
+		return nil, nil, Invalid, fmt.Errorf("agent: key %q is an ECDSA key; padding %v applies to RSA only", req.Key, req.Padding)
 	case e.rsaPub != nil && req.Padding == agentpb.Padding_PADDING_PSS:
 		salt := int(req.PssSaltLength)
 		maxSalt := keytype.MaxPSSSaltLength(e.rsaPub, hash)
@@ -86,20 +103,17 @@ func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late 
 		case salt == 0:
 			salt = rsa.PSSSaltLengthEqualsHash
 		case salt < 0 || salt > maxSalt:
-			return nil, Invalid, fmt.Errorf("agent: PSS salt length %d is outside 1..%d for key %q", salt, maxSalt, req.Key)
+			return nil, nil, Invalid, fmt.Errorf("agent: PSS salt length %d is outside 1..%d for key %q", salt, maxSalt, req.Key)
 		}
 		opts = &rsa.PSSOptions{Hash: hash, SaltLength: salt}
 	case e.rsaPub != nil && req.Padding != agentpb.Padding_PADDING_UNSPECIFIED && req.Padding != agentpb.Padding_PADDING_PKCS1V15:
-		return nil, Invalid, fmt.Errorf("agent: padding %v is not supported", req.Padding)
+		return nil, nil, Invalid, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
-	sig, err := c.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
-	if errors.Is(err, errAnswered) {
-		return nil, Timeout, err
-	}
-	var ge *gateError
-	if errors.As(err, &ge) {
-		return nil, ge.outcome, ge
-	}
+	return e, opts, Signed, nil
+}
+
+// signed is the outcome of the key store's answer sig, err to req.
+func (c *Core) signed(req *agentpb.SignRequest, e *entry, sig []byte, err error) ([]byte, Outcome, error) {
 	if isKeyChanged(err) {
 		ke := c.keyChanged(req.Key, e, err)
 		return nil, ke.outcome, ke

@@ -43,11 +43,14 @@ type Breaker interface {
 
 // ServeStream admits p's stream and serves it until the client ends it, it
 // breaks or the core drains; ctx ends with the stream. A reader goroutine
-// takes the stream's messages and hands each item to a worker, which signs
-// in the HSM itself and queues its result. Whichever item finds no send
-// under way sends the queued results in one message, and goes on while
-// more are queued: under load a message carries many results, and no
-// goroutine sits between the HSM and the socket. On Drain the stream stops
+// takes the stream's messages. An item whose key's signer is an
+// AsyncSigner and that finds an HSM session free is sent to the HSM from
+// the reader itself, and its answer audited and queued by whoever reads
+// the HSM's answers, for the handler to send: no goroutine waits for it.
+// Every other item goes to a worker, which signs in the HSM itself and
+// queues its result. Whichever finds no send under way sends the queued
+// results in one message, and goes on while more are queued: under load a
+// message carries many results. On Drain the stream stops
 // taking requests, answers those in flight and ends. The error is the
 // stream's end: an *Error the core decided, or the transport's own.
 func (c *Core) ServeStream(ctx context.Context, p Peer, stream Stream) error {
@@ -84,6 +87,7 @@ func (c *Core) serveStream(ctx context.Context, p Peer, stream Stream) error {
 			stopping = nil
 			ss.drain()
 		case <-ss.changed:
+			ss.flushQueued()
 		case <-ctx.Done():
 			return ss.end(ctx.Err())
 		}
@@ -198,7 +202,9 @@ func (ss *signStream) receive() error {
 			ss.pending++
 			ss.mu.Unlock()
 			id, req, timeout := it.Id, it.Request, time.Duration(it.TimeoutMs)*time.Millisecond
-			ss.c.workers.run(func() { ss.sign(id, req, timeout) })
+			if !ss.startAsync(id, req, timeout) {
+				ss.c.workers.run(func() { ss.sign(id, req, timeout) })
+			}
 		}
 	}
 }

@@ -23,7 +23,7 @@ import (
 const workerCommand = "hsm-worker"
 
 // runHSMWorker is the worker process: it opens the token the agent names
-// over fd 3 and signs what it is asked, until the agent closes fd 3.
+// over fd 3 and signs what it is asked (the signatures on fd 4), until the agent closes fd 3.
 func runHSMWorker() int {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil)).With("component", "hsm-worker", "pid", os.Getpid())
 	conn, err := net.FileConn(os.NewFile(3, "agent"))
@@ -31,7 +31,7 @@ func runHSMWorker() int {
 		fmt.Fprintf(os.Stderr, "hsmagent %s: fd 3 is not the agent's socket (this command is started by 'hsmagent serve'): %v\n", workerCommand, err)
 		return 2
 	}
-	err = worker.Serve(conn, os.Getpid(), func(in worker.Init) (core.KeyStore, string, error) {
+	err = worker.Serve(conn, os.NewFile(4, "signatures"), os.Getpid(), func(in worker.Init) (core.KeyStore, string, error) {
 		// Every session's call waits in C holding a scheduler slot, so
 		// the worker has a slot per session and two for its socket: no
 		// answer ever waits for the runtime to take a slot back. It

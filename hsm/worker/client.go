@@ -123,18 +123,17 @@ func (s *Store) Close() error {
 
 // proc is one worker process and the calls it has been sent.
 type proc struct {
-	cmd  *exec.Cmd
-	conn net.Conn
-	pid  int
+	cmd   *exec.Cmd
+	conn  net.Conn // frames: the start, listings
+	signs net.Conn // SOCK_SEQPACKET: signatures, a packet each
+	pid   int
 
 	wmu  sync.Mutex
 	wbuf []byte
 
-	// turn is the reader's: the caller holding it reads answers, delivers
-	// the others' and hands it on once its own has come. A lone caller
-	// thus reads its own answer, with no goroutine between it and the
-	// socket.
-	turn chan struct{}
+	// One goroutine reads the answers and completes each call in place:
+	// a caller that waits is woken once, and one that gave a callback
+	// (SignAsync) needs no goroutine at all while the HSM works.
 	r    *bufio.Reader
 	rbuf []byte
 
@@ -142,6 +141,8 @@ type proc struct {
 	next    uint64
 	pending map[uint64]*call
 	dead    chan struct{} // closed by end
+	read    chan struct{} // closed when the reader has failed the calls left
+	lost    int           // calls in flight when the worker ended
 	why     error
 	once    sync.Once
 	exited  chan struct{} // closed when the process was waited for
@@ -151,7 +152,7 @@ type proc struct {
 
 type call struct {
 	sent time.Time
-	done chan answer
+	done func(answer, error) // called once, by the reader, without locks held
 }
 
 type answer struct {
@@ -162,30 +163,30 @@ type answer struct {
 // spawn starts a worker and sends it the Init.
 func (s *Store) spawn() (*proc, initAnswer, error) {
 	var ia initAnswer
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	conn, theirs, err := socketPair(syscall.SOCK_STREAM, "hsm-worker")
 	if err != nil {
-		return nil, ia, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+		return nil, ia, err
 	}
-	ours, theirs := os.NewFile(uintptr(fds[0]), "hsm-worker"), os.NewFile(uintptr(fds[1]), "agent")
 	defer theirs.Close()
-	conn, err := net.FileConn(ours)
-	ours.Close()
+	signs, theirSigns, err := socketPair(syscall.SOCK_SEQPACKET, "hsm-worker signatures")
 	if err != nil {
-		theirs.Close()
-		return nil, ia, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+		conn.Close()
+		return nil, ia, err
 	}
+	defer theirSigns.Close()
 	cmd := exec.Command(s.o.Command[0], s.o.Command[1:]...)
-	cmd.ExtraFiles = []*os.File{theirs} // fd 3
-	cmd.Stderr = os.Stderr              // its log lines, beside the agent's
+	cmd.ExtraFiles = []*os.File{theirs, theirSigns} // fd 3, fd 4
+	cmd.Stderr = os.Stderr // its log lines, beside the agent's
 	cmd.Env = workerEnv(os.Environ())
 	// The worker dies with the agent: no module runs without its supervisor.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		conn.Close()
+		signs.Close()
 		return nil, ia, fmt.Errorf("hsm: starting the HSM worker %s: %w", s.o.Command[0], err)
 	}
-	p := &proc{cmd: cmd, conn: conn, pid: cmd.Process.Pid, pending: map[uint64]*call{},
-		dead: make(chan struct{}), exited: make(chan struct{}), turn: make(chan struct{}, 1),
+	p := &proc{cmd: cmd, conn: conn, signs: signs, pid: cmd.Process.Pid, pending: map[uint64]*call{},
+		dead: make(chan struct{}), exited: make(chan struct{}), read: make(chan struct{}),
 		r: bufio.NewReaderSize(conn, 64<<10)}
 	go p.wait()
 	in := s.o.Init
@@ -221,8 +222,25 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 		p.end(err, true)
 		return nil, ia, fmt.Errorf("hsm: the HSM worker's start: %w", err)
 	}
-	p.turn <- struct{}{}
+	go p.readBoth()
 	return p, ia, nil
+}
+
+// socketPair makes a socketpair of type typ: our end as a net.Conn, the
+// worker's as a file to hand it.
+func socketPair(typ int, name string) (net.Conn, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, typ|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), name), os.NewFile(uintptr(fds[1]), "agent")
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		theirs.Close()
+		return nil, nil, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+	}
+	return conn, theirs, nil
 }
 
 // workerEnv is the agent's environment without the PIN, which the worker
@@ -250,16 +268,23 @@ func (s *Store) install(p *proc) {
 // starts another worker, with backoff, until one runs or the store closes.
 func (s *Store) supervise(p *proc) {
 	<-p.dead
-	<-p.exited
+	// At once, so that calls wait for the next worker instead of finding
+	// this one dead again and again.
 	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.closed {
+		s.cur, s.up = nil, make(chan struct{})
+	}
+	s.mu.Unlock()
+	<-p.exited
+	<-p.read
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
 		return
 	}
-	s.cur, s.up = nil, make(chan struct{})
-	s.mu.Unlock()
 	p.mu.Lock()
-	inFlight := len(p.pending)
+	inFlight := p.lost
 	p.mu.Unlock()
 	s.log.Error("the HSM worker ended; starting another: signatures in flight failed, the others wait for it",
 		"pid", p.pid, "exit", p.status, "killed", p.killed, "in_flight", inFlight, "err", p.why)
@@ -342,95 +367,133 @@ func (s *Store) worker() (*proc, error) {
 
 // call sends a request built by msg for id and waits for its answer. A
 // call not yet sent when its worker dies is sent to the next one.
-func (s *Store) call(msg func(b []byte, id uint64) []byte) (answer, error) {
+func (s *Store) call(msg func(b []byte, id uint64) []byte, sign bool) (answer, error) {
+	type result struct {
+		a   answer
+		err error
+	}
+	got := make(chan result, 1)
+	done := func(a answer, err error) { got <- result{a, err} }
 	for {
 		p, err := s.worker()
 		if err != nil {
 			return answer{}, err
 		}
-		a, sent, err := p.call(msg)
-		if err == nil || sent {
-			return a, err
+		if p.start(msg, sign, done) {
+			r := <-got
+			return r.a, r.err
 		}
 		// p died before the request left: it never reached the HSM.
 	}
 }
 
-func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, err error) {
-	c := &call{done: make(chan answer, 1)}
+// start sends a request built by msg, a signature on the signatures
+// socket, anything else in a frame; done gets its answer, or the error of
+// the worker's end. It reports false, and done is never called, when the
+// request did not leave because p had died.
+func (p *proc) start(msg func(b []byte, id uint64) []byte, sign bool, done func(answer, error)) bool {
 	p.mu.Lock()
 	if p.why != nil {
 		p.mu.Unlock()
-		return answer{}, false, p.inFlightError()
+		return false
 	}
 	p.next++
 	id := p.next
-	c.sent = time.Now()
-	p.pending[id] = c
+	p.pending[id] = &call{sent: time.Now(), done: done}
 	p.mu.Unlock()
-	p.wmu.Lock()
-	p.wbuf = msg(p.wbuf[:0], id)
-	err = writeFrame(p.conn, p.wbuf)
-	p.wmu.Unlock()
-	if err != nil {
-		p.end(err, true)
-		return answer{}, false, p.inFlightError()
+	var err error
+	if sign {
+		_, err = p.signs.Write(msg(make([]byte, 0, 256), id)) // a packet is written whole
+	} else {
+		p.wmu.Lock()
+		p.wbuf = msg(p.wbuf[:0], id)
+		err = writeFrame(p.conn, p.wbuf)
+		p.wmu.Unlock()
 	}
-	for {
-		select {
-		case a := <-c.done:
-			return a, true, nil
-		case <-p.dead:
-			select {
-			case a := <-c.done: // answered as it died
-				return a, true, nil
-			default:
-			}
-			return answer{}, true, p.inFlightError()
-		case <-p.turn:
-			// The answer may have been delivered before the turn came:
-			// then nobody will read another for this call.
-			select {
-			case a := <-c.done:
-				p.turn <- struct{}{}
-				return a, true, nil
-			default:
-			}
-			if a, ok := p.readUntil(id); ok {
-				return a, true, nil
-			}
-		}
+	if err == nil {
+		return true
 	}
+	p.end(err, true)
+	p.mu.Lock()
+	_, unsent := p.pending[id]
+	delete(p.pending, id)
+	p.mu.Unlock()
+	// Unless the readers failed it first (then done has its error).
+	return !unsent
 }
 
-// readUntil reads answers, the turn held, delivering the others', until
-// the answer to id (handing the turn on) or until the connection fails.
-func (p *proc) readUntil(id uint64) (answer, bool) {
+// read runs the readers of both sockets; when both have stopped, after
+// p ended, it fails the calls left.
+func (p *proc) readBoth() {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); p.readFrames() }()
+	go func() { defer wg.Done(); p.readSigns() }()
+	wg.Wait()
+	p.mu.Lock()
+	calls := p.pending
+	p.pending = map[uint64]*call{}
+	p.lost = len(calls)
+	p.mu.Unlock()
+	err := p.inFlightError()
+	for _, c := range calls {
+		c.done(answer{}, err)
+	}
+	close(p.read)
+}
+
+// readFrames reads the answers in frames until the connection fails.
+func (p *proc) readFrames() {
 	for {
 		msg, err := readFrame(p.r, p.rbuf)
 		if err != nil {
 			p.end(err, true)
-			return answer{}, false // the caller sees p.dead
+			return
 		}
 		p.rbuf = msg
-		typ, got, rest := parseHeader(msg)
-		if len(rest) < 1 || (typ != msgSign && typ != msgKeys) {
-			p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
-			return answer{}, false
-		}
-		a := answer{status: rest[0], body: append([]byte(nil), rest[1:]...)}
-		p.mu.Lock()
-		c := p.pending[got]
-		delete(p.pending, got)
-		p.mu.Unlock()
-		if got == id {
-			p.turn <- struct{}{}
-			return a, true
-		}
-		if c != nil {
-			c.done <- a
+		if !p.complete(msg) {
+			return
 		}
 	}
+}
+
+// readSigns reads the signatures' answers until the socket fails.
+func (p *proc) readSigns() {
+	buf := make([]byte, maxPacket)
+	for {
+		n, err := p.signs.Read(buf)
+		if err == nil && n == 0 {
+			err = io.EOF
+		}
+		if err != nil {
+			p.end(err, true)
+			return
+		}
+		if !p.complete(buf[:n]) {
+			return
+		}
+	}
+}
+
+// complete gives an answer to its call; a malformed one ends p.
+func (p *proc) complete(msg []byte) bool {
+	if len(msg) < header+1 {
+		p.end(fmt.Errorf("%w: an answer of %d bytes", errMalformed, len(msg)), true)
+		return false
+	}
+	typ, id, rest := parseHeader(msg)
+	if typ != msgSign && typ != msgKeys {
+		p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
+		return false
+	}
+	p.mu.Lock()
+	c := p.pending[id]
+	delete(p.pending, id)
+	p.mu.Unlock()
+	if c != nil {
+		c.done(answer{status: rest[0], body: append([]byte(nil), rest[1:]...)}, nil)
+	}
+	return true
 }
 
 func (p *proc) inFlightError() error {
@@ -459,6 +522,7 @@ func (p *proc) end(why error, kill bool) {
 		p.killed = kill
 		p.mu.Unlock()
 		p.conn.Close()
+		p.signs.Close()
 		if kill {
 			p.cmd.Process.Kill()
 		} else {
@@ -486,7 +550,7 @@ func (p *proc) wait() {
 
 // Keys implements core.KeyStore.
 func (s *Store) Keys() ([]core.Key, error) {
-	a, err := s.call(func(b []byte, id uint64) []byte { return appendHeader(b, msgKeys, id) })
+	a, err := s.call(func(b []byte, id uint64) []byte { return appendHeader(b, msgKeys, id) }, false)
 	if err != nil {
 		return nil, err
 	}
@@ -543,6 +607,33 @@ type signer struct {
 func (k *signer) Public() crypto.PublicKey { return k.pub }
 
 func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	msg, err := k.request(digest, opts)
+	if err != nil {
+		return nil, err
+	}
+	return k.result(k.s.call(msg, true))
+}
+
+// SignAsync implements core.AsyncSigner: the request is sent at once and
+// done is called by the goroutine that reads the worker's answers. Only
+// while no worker is up does a goroutine wait for the next, as Sign does.
+func (k *signer) SignAsync(digest []byte, opts crypto.SignerOpts, done func([]byte, error)) {
+	msg, err := k.request(digest, opts)
+	if err != nil {
+		done(nil, err)
+		return
+	}
+	k.s.mu.Lock()
+	p, closed := k.s.cur, k.s.closed
+	k.s.mu.Unlock()
+	if p != nil && !closed && p.start(msg, true, func(a answer, err error) { done(k.result(a, err)) }) {
+		return
+	}
+	go func() { done(k.result(k.s.call(msg, true))) }()
+}
+
+// request checks a signature's input and builds its message.
+func (k *signer) request(digest []byte, opts crypto.SignerOpts) (func(b []byte, id uint64) []byte, error) {
 	req := &signRequest{Label: k.label, Fingerprint: k.fp, Hash: opts.HashFunc(), Digest: digest}
 	if pss, ok := opts.(*rsa.PSSOptions); ok {
 		req.PSS, req.SaltLength = true, pss.SaltLength
@@ -550,7 +641,11 @@ func (k *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	if len(req.Label) > 255 || len(req.Digest) > 255 {
 		return nil, fmt.Errorf("hsm: label or digest too long for key %q", k.label)
 	}
-	a, err := k.s.call(func(b []byte, id uint64) []byte { return appendSign(b, id, req) })
+	return func(b []byte, id uint64) []byte { return appendSign(b, id, req) }, nil
+}
+
+// result is a signature's answer as Sign returns it.
+func (k *signer) result(a answer, err error) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}

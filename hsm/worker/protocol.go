@@ -38,6 +38,10 @@ const (
 // maxMessage bounds a message: a key list with its chains is the largest.
 const maxMessage = 4 << 20
 
+// maxPacket bounds a message on the signatures socket, either way: a
+// request's label and digest, or a signature or an error's text.
+const maxPacket = 4 << 10
+
 // header is a message's type and id; answers carry their request's id.
 const header = 1 + 8
 
@@ -131,6 +135,12 @@ func appendAnswer(b []byte, typ byte, id uint64, status byte, body []byte) []byt
 	b = appendHeader(b, typ, id)
 	b = append(b, status)
 	return append(b, body...)
+}
+
+// appendFramed appends appendAnswer's message with its length.
+func appendFramed(b []byte, typ byte, id uint64, status byte, body []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(header+1+len(body)))
+	return appendAnswer(b, typ, id, status, body)
 }
 
 // writeFrame writes one message with its length.

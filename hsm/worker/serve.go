@@ -11,7 +11,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 
 	"github.com/hsmagent/hsmagent/agent/core"
 )
@@ -45,11 +47,16 @@ type wireKey struct {
 type Opener func(Init) (store core.KeyStore, label string, err error)
 
 // Serve is the worker: it reads the Init from conn, opens the token with
-// open, and answers requests until conn ends. Readers take turns reading
-// the connection, and the one that reads a request answers it: no
-// goroutine hand-off between the socket and the HSM. There is a reader
-// for each session the agent may keep busy, and one more that reads.
-func Serve(conn io.ReadWriter, pid int, open Opener) error {
+// open, and answers requests until conn ends. Signatures come on signs, a
+// SOCK_SEQPACKET socket, a request or an answer per packet: a goroutine
+// per session the agent may keep busy waits in a blocking read of it, so
+// that the kernel wakes one thread per request, which makes the HSM call
+// and writes the answer, with no goroutine hand-off in the worker. (One
+// reader handing requests to the sessions cost a wake-up of the Go
+// scheduler per request on the way in, and readers taking turns at a
+// stream socket queued those wake-ups one behind the other.) The other
+// requests (key listings) come on conn, in frames.
+func Serve(conn io.ReadWriter, signs *os.File, pid int, open Opener) error {
 	r := bufio.NewReaderSize(conn, 64<<10)
 	msg, err := readFrame(r, nil)
 	if err != nil {
@@ -74,91 +81,121 @@ func Serve(conn io.ReadWriter, pid int, open Opener) error {
 	if err := w.answer(msgInit, id, statusOK, a); err != nil {
 		return err
 	}
-	s := &served{store: store, w: w, r: r, signers: map[string]crypto.Signer{}}
-	ended := make(chan error, 1)
-	for range max(in.MaxSessions, 1) + 1 {
-		go s.serve(ended)
+	s := &served{store: store, w: w, signers: map[string]crypto.Signer{}, signs: signs}
+	fd := int(signs.Fd()) // Fd puts it in blocking mode: the reads below block their thread
+	for range max(in.MaxSessions, 1) {
+		go s.serveSigns(fd)
 	}
-	err = <-ended
-	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-		return nil // the agent is gone, or done
-	}
-	return err
-}
-
-// serve reads a request, when its turn comes, and answers it; the first
-// read that fails ends the worker.
-func (s *served) serve(ended chan<- error) {
-	var buf []byte
 	for {
-		s.rmu.Lock()
-		if s.failed {
-			s.rmu.Unlock()
-			return
+		msg, err := readFrame(r, nil) // each request its own buffer: the reader moves on
+		if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+			return nil // the agent is gone, or done
 		}
-		msg, err := readFrame(s.r, buf)
 		if err != nil {
-			s.failed = true
-			s.rmu.Unlock()
-			ended <- err
-			return
+			return err
 		}
-		buf = msg // each reader its own buffer: the next cannot overwrite this request
-		s.rmu.Unlock()
-		typ, id, body := parseHeader(msg)
-		switch typ {
-		case msgKeys:
-			s.keys(id)
-		case msgSign:
-			req, err := parseSign(body)
-			if err != nil {
-				s.w.answer(msgSign, id, statusFailed, []byte(err.Error()))
-				continue
-			}
-			s.sign(id, req)
-		default:
-			s.w.answer(typ, id, statusFailed, []byte(fmt.Sprintf("worker: unknown message type %d", typ)))
-		}
+		go s.handle(msg, w.answer) // rare: listings, and the agent bounds them
 	}
 }
 
-// answerer writes answers, one at a time.
+// serveSigns answers the requests of the signatures socket until it fails.
+func (s *served) serveSigns(fd int) {
+	in := make([]byte, maxPacket)
+	var out []byte
+	reply := func(typ byte, id uint64, status byte, body []byte) error {
+		body = body[:min(len(body), maxPacket-header-1)] // an error's text, cut to fit
+		out = appendAnswer(out[:0], typ, id, status, body)
+		_, err := syscall.Write(fd, out) // a packet is written whole: no lock
+		return err
+	}
+	for {
+		n, err := syscall.Read(fd, in)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil || n == 0 {
+			return // the agent is gone: the reader of conn ends the worker
+		}
+		if n < header {
+			reply(0, 0, statusFailed, []byte("worker: a request shorter than its header"))
+			continue
+		}
+		s.handle(in[:n], reply)
+	}
+}
+
+// handle answers one request with answer.
+func (s *served) handle(msg []byte, answer func(typ byte, id uint64, status byte, body []byte) error) {
+	typ, id, body := parseHeader(msg)
+	switch typ {
+	case msgKeys:
+		s.keys(id, answer)
+	case msgSign:
+		req, err := parseSign(body)
+		if err != nil {
+			answer(msgSign, id, statusFailed, []byte(err.Error()))
+			return
+		}
+		s.sign(id, req, answer)
+	default:
+		answer(typ, id, statusFailed, []byte(fmt.Sprintf("worker: unknown message type %d", typ)))
+	}
+}
+
+// answerer writes answers. One writer at a time; answers that come while
+// it writes wait in pend and leave together in its next write, so that
+// under load a system call carries many answers.
 type answerer struct {
-	mu  sync.Mutex
-	w   io.Writer
-	buf []byte
+	w io.Writer
+
+	mu      sync.Mutex
+	pend    []byte // framed answers not yet written
+	spare   []byte // the buffer last written, reused
+	writing bool
+	err     error // the last write's
 }
 
 func (a *answerer) answer(typ byte, id uint64, status byte, body []byte) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.buf = appendAnswer(a.buf[:0], typ, id, status, body)
-	return writeFrame(a.w, a.buf)
+	a.pend = appendFramed(a.pend, typ, id, status, body)
+	if a.writing {
+		return nil // the writer takes it
+	}
+	a.writing = true
+	for len(a.pend) > 0 && a.err == nil {
+		out := a.pend
+		a.pend = a.spare[:0]
+		a.mu.Unlock()
+		_, err := a.w.Write(out)
+		a.mu.Lock()
+		a.spare, a.err = out, err
+	}
+	a.writing = false
+	a.pend = a.pend[:0] // after a failed write nothing more can be sent
+	return a.err
 }
 
 type served struct {
 	store core.KeyStore
 	w     *answerer
-
-	rmu    sync.Mutex // the reader's turn
-	r      *bufio.Reader
-	failed bool // a read failed: the worker ends
+	signs *os.File // kept: its finalizer would close the descriptor the sessions read
 
 	mu      sync.Mutex
 	signers map[string]crypto.Signer // by label and fingerprint: a warm handle per key
 }
 
-func (s *served) keys(id uint64) {
+func (s *served) keys(id uint64, answer func(typ byte, id uint64, status byte, body []byte) error) {
 	keys, err := s.store.Keys()
 	if err != nil {
-		s.w.answer(msgKeys, id, errorStatus(err), []byte(err.Error()))
+		answer(msgKeys, id, errorStatus(err), []byte(err.Error()))
 		return
 	}
 	out := make([]wireKey, 0, len(keys))
 	for _, k := range keys {
 		spki, err := x509.MarshalPKIXPublicKey(k.Public)
 		if err != nil {
-			s.w.answer(msgKeys, id, statusFailed, []byte(fmt.Sprintf("worker: key %q: %v", k.Label, err)))
+			answer(msgKeys, id, statusFailed, []byte(fmt.Sprintf("worker: key %q: %v", k.Label, err)))
 			return
 		}
 		wk := wireKey{Label: k.Label, ID: k.ID, Public: spki}
@@ -168,21 +205,21 @@ func (s *served) keys(id uint64) {
 		out = append(out, wk)
 	}
 	b, _ := json.Marshal(out)
-	s.w.answer(msgKeys, id, statusOK, b)
+	answer(msgKeys, id, statusOK, b)
 }
 
-func (s *served) sign(id uint64, req *signRequest) {
+func (s *served) sign(id uint64, req *signRequest, answer func(typ byte, id uint64, status byte, body []byte) error) {
 	signer, err := s.signer(req.Label, req.Fingerprint)
 	if err != nil {
-		s.w.answer(msgSign, id, errorStatus(err), []byte(err.Error()))
+		answer(msgSign, id, errorStatus(err), []byte(err.Error()))
 		return
 	}
 	sig, err := signer.Sign(rand.Reader, req.Digest, req.opts())
 	if err != nil {
-		s.w.answer(msgSign, id, errorStatus(err), []byte(err.Error()))
+		answer(msgSign, id, errorStatus(err), []byte(err.Error()))
 		return
 	}
-	s.w.answer(msgSign, id, statusOK, sig)
+	answer(msgSign, id, statusOK, sig)
 }
 
 // signer returns the signer of label whose public key has fingerprint fp.

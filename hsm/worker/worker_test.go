@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 		if err != nil {
 			os.Exit(2)
 		}
-		err = worker.Serve(conn, os.Getpid(), func(in worker.Init) (core.KeyStore, string, error) {
+		err = worker.Serve(conn, os.NewFile(4, "signatures"), os.Getpid(), func(in worker.Init) (core.KeyStore, string, error) {
 			tok, err := hsm.Open(hsm.Config{ModulePath: in.ModulePath, TokenLabel: in.TokenLabel,
 				MaxSessions: in.MaxSessions, PIN: func() (string, error) { return in.PIN, nil }})
 			if err != nil {
