@@ -176,7 +176,7 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 	defer theirSigns.Close()
 	cmd := exec.Command(s.o.Command[0], s.o.Command[1:]...)
 	cmd.ExtraFiles = []*os.File{theirs, theirSigns} // fd 3, fd 4
-	cmd.Stderr = os.Stderr // its log lines, beside the agent's
+	cmd.Stderr = os.Stderr                          // its log lines, beside the agent's
 	cmd.Env = workerEnv(os.Environ())
 	// The worker dies with the agent: no module runs without its supervisor.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
