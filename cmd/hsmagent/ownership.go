@@ -31,11 +31,11 @@ const softhsmConfDefault = "/etc/softhsm/softhsm2.conf"
 // foreignFile is a file in a SoftHSM token directory that the token's owner
 // (the owner of its token.object) may not read: it belongs to someone else.
 type foreignFile struct {
-	Path      string
-	UID, GID  int // the file's
-	Owner     int // the token's owner, and the group its files should have
-	OwnerGID  int
-	TokenDir  string
+	Path     string
+	UID, GID int // the file's
+	Owner    int // the token's owner, and the group its files should have
+	OwnerGID int
+	TokenDir string
 }
 
 // ownershipScan is what the token directories of SoftHSM's config hold.
