@@ -98,7 +98,7 @@ cleanup() {
 	if getent passwd payments >/dev/null; then userdel payments; fi
 	if dpkg-query -W -f='${Status}' hsmagent 2>/dev/null | grep -q installed; then dpkg --purge hsmagent >/dev/null; fi
 	# The package keeps its audit log on purge; this one is the test's.
-	rm -rf /var/log/hsmagent /root/hsmagent-so-pin /tmp/hsmagent-creds.* "${work:-/nonexistent}" "$test_dir"
+	rm -rf /var/log/hsmagent /root/hsmagent-so-pin /tmp/hsmagent-creds.* /run/hsmagent-creds.* "${work:-/nonexistent}" "$test_dir"
 	if [ "$rc" = 0 ]; then echo "first-run-test: OK"; else echo "first-run-test: FAIL (exit $rc)" >&2; fi
 	exit "$rc"
 }
@@ -113,3 +113,40 @@ set -x
 source "$guide"
 set +x
 echo "== the guide ran in $((SECONDS - start)) s"
+
+# The agent by hand, as docs/operations.md shows for a host without systemd:
+# its "# systemd" lines (stopping the unit) run here through the stand-in,
+# the rest in the background until the agent serves; then status as root
+# must list the guide's key, and SIGTERM must leave no credential behind.
+by_heading='## Running the agent by hand on the packaged host'
+grep -qxF "$by_heading" docs/operations.md || fail "docs/operations.md has no heading '$by_heading'"
+by_hand=$test_dir/by-hand.sh
+by_hand_log=$test_dir/by-hand.log
+awk -v h="$by_heading" -v stand_ins="$test_dir/by-hand-systemd.sh" '
+	$0 == h { in_section = 1; next }
+	in_section && /^## / { exit }
+	in_section && /^```sh$/ { in_block = 1; next }
+	in_block && /^```$/ { in_block = 0; next }
+	in_block && /# systemd$/ { sub(/[ \t]*# systemd$/, ""); print "systemd_stand_in " $0 >stand_ins; next }
+	in_block { print }
+' docs/operations.md >"$by_hand"
+grep -q 'hsmagent serve' "$by_hand" || fail "no hsmagent serve in the sh block under '$by_heading'"
+echo "== running the agent by hand"
+cat -n "$test_dir/by-hand-systemd.sh" "$by_hand"
+# shellcheck disable=SC1091 # made above
+source "$test_dir/by-hand-systemd.sh"
+[ -z "$agent_pid" ] || fail "the unit's agent still runs"
+bash -eu "$by_hand" >"$by_hand_log" 2>&1 &
+by_hand_pid=$!
+for _ in $(seq 100); do
+	grep -q 'agent serving' "$by_hand_log" && break
+	kill -0 "$by_hand_pid" 2>/dev/null || { cat "$by_hand_log"; fail "the agent run by hand exited at start"; }
+	sleep 0.1
+done
+grep -q 'agent serving' "$by_hand_log" || { cat "$by_hand_log"; fail "the agent run by hand did not serve in 10 s"; }
+hsmagent status --socket /run/hsmagent/agent.sock | grep -q '^d1-ppr-mtls ' || fail "status does not list d1-ppr-mtls from the agent run by hand"
+serve_pid=$(pgrep -P "$by_hand_pid" -x hsmagent) || fail "no hsmagent process under the by-hand shell"
+kill -TERM "$serve_pid"
+wait "$by_hand_pid" || { cat "$by_hand_log"; fail "the by-hand block exited non-zero after SIGTERM"; }
+! compgen -G '/run/hsmagent-creds.*' >/dev/null || fail "the by-hand block left its credential directory"
+echo "== the agent ran by hand as hsmagent, with the PIN as its credential"
