@@ -24,12 +24,18 @@ const (
 func doctorCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "doctor",
-		Usage: "check a D1 host end to end: token, PIN, keys and certificates per environment, agent, config, DNS (and with --online, D1 itself)",
+		Usage: "check a D1 host end to end: token, PIN, keys and certificates per environment, agent and what it serves, config, DNS (and with --online, D1 itself)",
 		Description: `Runs every check and prints one line per check: pass, warn or fail, and for
 each warning or failure what to do. Environments (PPR, PRD) are those with a d1 section in
 the config and those a key label names (d1-ppr-mtls). Per environment the mTLS client key
 is d1.ENV.key, else the keys whose label names the environment (labels with jwt, oauth or
 server in them excepted).
+
+Key by key, doctor compares what the token holds (public key, CKA_ID, certificate, chain)
+with what the running agent serves, which it reads only at start and on reload, and fails
+on any difference with the fix (mostly: reload the agent). With SoftHSM it also fails on
+token files their token's owner cannot read (written by root: see 'ownership' in
+docs/operations.md).
 
 Without --online nothing leaves the host but DNS queries. With --online, doctor makes an
 mTLS handshake with each configured D1 target, presenting d1.ENV.key through the agent (any HTTP answer
