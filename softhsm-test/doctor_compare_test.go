@@ -266,6 +266,9 @@ func TestDirectAsRootKeepsTokenFiles(t *testing.T) {
 	}
 	d.signal(t, syscall.SIGHUP)
 	d.waitFor(t, "msg=reloaded")
+	if line := d.waitFor(t, "the agent cannot read them"); !strings.Contains(line, "owner=root") || !strings.Contains(line, "chown nobody:") {
+		t.Errorf("the agent's warning does not name the owner and the fix: %s", line)
+	}
 	code, lines = fx.doctor(t, socket)
 	if got := served(lines); code != 1 || !slices.Equal(got["third"], []string{"not-served"}) || status(lines, "ownership") != "fail" {
 		t.Errorf("root-owned files: exit %d, served %v, ownership %q\n%+v", code, got, status(lines, "ownership"), lines)

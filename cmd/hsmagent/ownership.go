@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -189,4 +190,31 @@ func checkTokenOwnership(module string) []d1.Finding {
 			len(scan.Foreign), f.TokenDir, userName(uint32(f.UID)), userName(uint32(f.Owner)), filepath.Base(f.Path)),
 		Fix: fmt.Sprintf("chown %s:%s %s/*, then reload the agent (any direct hsmagent command run as root does the chown)",
 			userName(uint32(f.Owner)), groupName(uint32(f.OwnerGID)), f.TokenDir)}}
+}
+
+// warnUnreadableTokenFiles is the agent's own word on the trap: at start
+// and on each reload it logs the files of its SoftHSM tokens (those whose
+// token.object is its own) that belong to another user, whose keys and
+// certificates it therefore does not serve. Root reads them all anyway.
+func warnUnreadableTokenFiles(module string, log *slog.Logger) {
+	uid := os.Geteuid()
+	if uid == 0 {
+		return
+	}
+	scan, err := scanTokenOwnership(module)
+	if err != nil {
+		return // not SoftHSM's layout, or hidden from the agent: doctor checks it as root
+	}
+	byDir := map[string][]foreignFile{}
+	for _, f := range scan.Foreign {
+		if f.Owner == uid {
+			byDir[f.TokenDir] = append(byDir[f.TokenDir], f)
+		}
+	}
+	for dir, files := range byDir {
+		f := files[0]
+		log.Warn("SoftHSM token files of another user: the agent cannot read them and does not serve the keys or certificates in them",
+			"dir", dir, "files", len(files), "owner", userName(uint32(f.UID)), "first", filepath.Base(f.Path),
+			"fix", fmt.Sprintf("chown %s:%s %s/* and reload (any direct hsmagent command run as root does the chown)", userName(uint32(uid)), groupName(uint32(f.OwnerGID)), dir))
+	}
 }
