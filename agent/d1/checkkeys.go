@@ -15,6 +15,7 @@ import (
 // Key is a key pair on the token, as the key checks see it.
 type Key struct {
 	Label  string
+	ID     []byte       // CKA_ID
 	Type   keytype.Type // "" for a type hsmagent does not generate
 	Public crypto.PublicKey
 	// CanSign and PolicyProblems are what the token reports of the private

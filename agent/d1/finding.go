@@ -54,6 +54,11 @@ type Finding struct {
 	Status  Status
 	Message string
 	Fix     string // "" when the check passed
+	// Key is the label of the key a finding is about, "" when it is about
+	// none in particular (only the served check sets it).
+	Key string
+	// Differences are what the served check found to differ for Key.
+	Differences []Difference
 }
 
 func passed(check Check, env Env, format string, args ...any) Finding {

@@ -108,6 +108,9 @@ func TestCLIHelps(t *testing.T) {
 	}{
 		{"long flag as typed", []string{"serve", "--frobnicate"}, "unknown flag --frobnicate"},
 		{"short flag as typed", []string{"serve", "-frobnicate"}, "unknown flag -frobnicate"},
+		{"typo in a flag", []string{"keys", "generate", "--lable", "x"}, "unknown flag --lable: did you mean --label?"},
+		{"typo in a flag with =", []string{"status", "--sockt=/run/x.sock"}, "unknown flag --sockt: did you mean --socket?"},
+		{"nothing near a flag", []string{"serve", "--frobnicate"}, "unknown flag --frobnicate\n"},
 		{"bad value names the flag", []string{"serve", "--max-sessions", "many"}, `--max-sessions: "many" is not a whole number`},
 		{"bad value with =", []string{"serve", "--max-sessions=many"}, `--max-sessions: "many" is not a whole number`},
 		{"bad duration says what one is", []string{"serve", "--hsm-timeout", "3 seconds"}, `--hsm-timeout: "3 seconds" is not a duration; use e.g. 3s`},

@@ -133,14 +133,7 @@ func manCommand() *cli.Command {
 			if c.NArg() != 0 {
 				return usagef("man takes no arguments")
 			}
-			if c.App.Description == "" {
-				c.App.Description = docDescription
-			}
-			page, err := c.App.ToManWithSection(1)
-			if err != nil {
-				return fmt.Errorf("man page: %w", err)
-			}
-			return writeString(c.App.Writer, page+manFooter)
+			return writeString(c.App.Writer, manPage(c.App))
 		},
 	}
 }

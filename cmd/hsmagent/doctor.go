@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent/d1"
+	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/urfave/cli/v2"
 )
 
@@ -23,12 +24,18 @@ const (
 func doctorCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "doctor",
-		Usage: "check a D1 host end to end: token, PIN, keys and certificates per environment, agent, config, DNS (and with --online, D1 itself)",
+		Usage: "check a D1 host end to end: token, PIN, keys and certificates per environment, agent and what it serves, config, DNS (and with --online, D1 itself)",
 		Description: `Runs every check and prints one line per check: pass, warn or fail, and for
 each warning or failure what to do. Environments (PPR, PRD) are those with a d1 section in
 the config and those a key label names (d1-ppr-mtls). Per environment the mTLS client key
 is d1.ENV.key, else the keys whose label names the environment (labels with jwt, oauth or
 server in them excepted).
+
+Key by key, doctor compares what the token holds (public key, CKA_ID, certificate, chain)
+with what the running agent serves, which it reads only at start and on reload, and fails
+on any difference with the fix (mostly: reload the agent). With SoftHSM it also fails on
+token files their token's owner cannot read (written by root: see 'ownership' in
+docs/operations.md).
 
 Without --online nothing leaves the host but DNS queries. With --online, doctor makes an
 mTLS handshake with each configured D1 target, presenting d1.ENV.key through the agent (any HTTP answer
@@ -56,6 +63,10 @@ type checkResult struct {
 	Status string `json:"status"`
 	Detail string `json:"detail"`
 	Fix    string `json:"fix"`
+	// Key and Differences: the key a served line is about and how what the
+	// agent serves differs from the token (d1.Difference names).
+	Key         string   `json:"key,omitempty"`
+	Differences []string `json:"differences,omitempty"`
 }
 
 // doctorAction gathers what the host has, from the config to the agent,
@@ -77,16 +88,26 @@ func doctorAction(c *cli.Context) error {
 	settings := d1Settings(cfg)
 	tok, tokenLines := openToken(c, sel)
 	found = append(found, tokenLines...)
+	var keys []*hsm.Key // nil when the token could not be read
 	if tok != nil {
 		defer tok.Close()
-		found = append(found, checkTokenKeys(tok, settings, time.Now())...)
+		var keyLines []d1.Finding
+		keys, keyLines = checkTokenKeys(tok, settings, time.Now())
+		found = append(found, keyLines...)
 	}
-	client, agentLines := checkAgent(c, timeout)
+	if tokenLines[0].Status == d1.Pass { // the module loads
+		found = append(found, checkTokenOwnership(doctorModule(c, sel))...)
+	}
+	agentAt, _ := agentSocket(c)
+	client, served, agentLines := checkAgent(c, timeout)
 	found = append(found, agentLines...)
 	var creds d1.Credentials // stays nil without an agent: a nil *agent.Client would not be
 	if client != nil {
 		defer client.Close()
 		creds = client
+		if keys != nil && served != nil {
+			found = append(found, checkServed(keys, served, agentAt, cfg.Server.AuditSigningKey)...)
+		}
 	}
 	found = append(found, d1.CheckDNS(c.Context, settings, net.DefaultResolver, timeout)...)
 	if c.Bool("online") {
@@ -100,7 +121,10 @@ func report(c *cli.Context, found []d1.Finding) error {
 	results := make([]checkResult, len(found))
 	var failed []string
 	for i, f := range found {
-		results[i] = checkResult{Check: string(f.Check), Env: string(f.Env), Status: f.Status.String(), Detail: f.Message, Fix: f.Fix}
+		results[i] = checkResult{Check: string(f.Check), Env: string(f.Env), Status: f.Status.String(), Detail: f.Message, Fix: f.Fix, Key: f.Key}
+		for _, d := range f.Differences {
+			results[i].Differences = append(results[i].Differences, string(d))
+		}
 		if f.Status == d1.Fail {
 			failed = append(failed, strings.TrimSpace(string(f.Env)+" "+string(f.Check)))
 		}

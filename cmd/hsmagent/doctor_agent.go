@@ -19,19 +19,20 @@ import (
 var _ d1.Credentials = (*agent.Client)(nil)
 
 // checkAgent looks at the socket, then asks the agent for its keys and
-// health. The client is nil when the agent could not be dialled.
-func checkAgent(c *cli.Context, timeout time.Duration) (*agent.Client, []d1.Finding) {
+// health. The client is nil when the agent could not be dialled, the keys
+// nil when it did not list them.
+func checkAgent(c *cli.Context, timeout time.Duration) (*agent.Client, []agent.Key, []d1.Finding) {
 	path, err := agentSocket(c) // the same socket the other commands use
 	if err != nil {
-		return nil, []d1.Finding{{Check: d1.AgentCheck, Status: d1.Fail, Message: "no socket path",
+		return nil, nil, []d1.Finding{{Check: d1.AgentCheck, Status: d1.Fail, Message: "no socket path",
 			Fix: fmt.Sprintf("pass --socket PATH, set %s or put socket: in the config", agent.SocketEnv)}}
 	}
 	socket := d1.CheckSocket(statSocket(path))
 	if socket.Status == d1.Fail {
-		return nil, []d1.Finding{socket}
+		return nil, nil, []d1.Finding{socket}
 	}
-	client, answer := askAgent(c.Context, path, timeout)
-	return client, []d1.Finding{socket, d1.CheckAgent(answer)}
+	client, keys, answer := askAgent(c.Context, path, timeout)
+	return client, keys, []d1.Finding{socket, d1.CheckAgent(answer)}
 }
 
 func statSocket(path string) d1.SocketFile {
@@ -47,16 +48,19 @@ func statSocket(path string) d1.SocketFile {
 }
 
 // askAgent dials the agent and asks what doctor reports of it.
-func askAgent(ctx context.Context, path string, timeout time.Duration) (*agent.Client, d1.AgentAnswer) {
+func askAgent(ctx context.Context, path string, timeout time.Duration) (*agent.Client, []agent.Key, d1.AgentAnswer) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	client, err := agent.Dial(ctx, path)
 	if err != nil {
-		return nil, d1.AgentAnswer{DialErr: err}
+		return nil, nil, d1.AgentAnswer{DialErr: err}
 	}
 	keys, kerr := client.Keys(ctx)
 	health, herr := client.Health(ctx)
-	return client, d1.AgentAnswer{Err: errors.Join(kerr, herr), Health: health, Version: client.AgentVersion(), Keys: len(keys)}
+	if kerr == nil && keys == nil {
+		keys = []agent.Key{} // listed, and none offered
+	}
+	return client, keys, d1.AgentAnswer{Err: errors.Join(kerr, herr), Health: health, Version: client.AgentVersion(), Keys: len(keys)}
 }
 
 func userName(uid uint32) string {

@@ -102,6 +102,7 @@ var goodHost = map[string]string{
 	"config": "pass", "module": "pass", "token": "pass", "pin": "pass",
 	"key/PPR": "pass", "certificate/PPR": "pass", "chain/PPR": "pass", "cn/PPR": "pass", "expiry/PPR": "pass",
 	"jwt-key/PPR": "pass", "socket": "pass", "agent": "pass", "dns/PPR": "pass", "mtls/PPR": "pass", "oauth/PPR": "pass",
+	"ownership": "pass", "served": "pass",
 }
 
 // TestDoctor runs doctor --online in process against a real SoftHSM token,
@@ -154,7 +155,7 @@ func TestDoctor(t *testing.T) {
 		{name: "socket open to all", cn: cnPPR, validFor: 90 * day, server: "d1", sockMode: 0o666,
 			want: map[string]string{"socket": "warn"}, code: 0, fix: "socket_mode"},
 		{name: "agent stopped", cn: cnPPR, validFor: 90 * day, server: "d1", stopped: true,
-			want: map[string]string{"socket": "fail", "agent": "-", "mtls/PPR": "fail", "oauth/PPR": "-"}, code: 1, fix: "start the agent", mtls: "not tried"},
+			want: map[string]string{"socket": "fail", "agent": "-", "served": "-", "mtls/PPR": "fail", "oauth/PPR": "-"}, code: 1, fix: "start the agent", mtls: "not tried"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -311,7 +312,8 @@ func TestDoctorText(t *testing.T) {
 		`PASS  PRD  key          "d1-prd-mtls": ecdsa-p256, sign only, sensitive, never extractable`,
 		`FAIL  PRD  certificate  key "d1-prd-mtls" has no certificate`,
 		"PASS  -    agent        version test-text, SERVING, 2 key(s) offered to this user",
-		"\n6 pass, 1 warn, 2 fail\n",
+		"PASS  -    served       the agent serves the token's 2 key(s) as stored",
+		"\n8 pass, 1 warn, 2 fail\n",
 	} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("no %q in:\n%s", want, stdout)

@@ -38,10 +38,7 @@ func doctorSelection(c *cli.Context) (*tokenSelection, error) {
 // openToken loads the module, finds the token and logs in. The token is
 // nil after a failed check.
 func openToken(c *cli.Context, sel *tokenSelection) (*hsm.Token, []d1.Finding) {
-	module := c.String("module")
-	if sel != nil && sel.cfg.ModulePath != "" {
-		module = sel.cfg.ModulePath
-	}
+	module := doctorModule(c, sel)
 	shown := module
 	if shown == "" {
 		shown = hsm.DefaultModulePath()
@@ -99,17 +96,29 @@ func findToken(infos []hsm.TokenInfo, cfg hsm.Config) (*hsm.TokenInfo, d1.Findin
 	return found, d1.Finding{Check: tokenCheck, Status: d1.Pass, Message: fmt.Sprintf("%q (serial %s, %s)", found.Label, found.Serial, found.Model)}
 }
 
-// checkTokenKeys reads the token's keys and checks those of each D1 environment.
-func checkTokenKeys(tok *hsm.Token, settings map[d1.Env]*d1.Settings, now time.Time) []d1.Finding {
+// checkTokenKeys reads the token's keys and checks those of each D1
+// environment. The keys are nil when they could not be read.
+func checkTokenKeys(tok *hsm.Token, settings map[d1.Env]*d1.Settings, now time.Time) ([]*hsm.Key, []d1.Finding) {
 	keys, err := tok.Keys()
 	if err != nil {
-		return []d1.Finding{{Check: d1.KeysCheck, Status: d1.Fail, Message: err.Error(), Fix: "see the HSM's log; 'hsmagent keys list' shows the same error"}}
+		return nil, []d1.Finding{{Check: d1.KeysCheck, Status: d1.Fail, Message: err.Error(), Fix: "see the HSM's log; 'hsmagent keys list' shows the same error"}}
+	}
+	if keys == nil {
+		keys = []*hsm.Key{} // read, and none there
 	}
 	facts := make([]d1.Key, len(keys))
 	for i, k := range keys {
-		facts[i] = d1.Key{Label: k.Label, Type: k.Type, Public: k.Public, CanSign: k.Usage.Sign, PolicyProblems: k.Usage.Problems(), Chain: k.Chain}
+		facts[i] = tokenFact(k)
 	}
-	return d1.CheckKeys(facts, settings, hsmChains{}, now)
+	return keys, d1.CheckKeys(facts, settings, hsmChains{}, now)
+}
+
+// doctorModule is the module doctor loaded.
+func doctorModule(c *cli.Context, sel *tokenSelection) string {
+	if sel != nil && sel.cfg.ModulePath != "" {
+		return sel.cfg.ModulePath
+	}
+	return c.String("module")
 }
 
 // hsmChains gives the D1 checks the chain rules of 'cert import'.

@@ -112,18 +112,32 @@ func run(args []string, stdout, stderr io.Writer) int {
 // badFlagValue is how the CLI library reports a value it could not parse.
 var badFlagValue = regexp.MustCompile(`^invalid value "(.*)" for flag -{1,2}([a-z0-9-]+): parse error$`)
 
-// explainFlagError replaces the CLI library's "parse error" with what the
-// flag takes, as the config file's errors do.
+// undefinedFlag is how the CLI library reports a flag the command does not have.
+var undefinedFlag = regexp.MustCompile(`^flag provided but not defined: -{1,2}([^\s=]+)$`)
+
+// explainFlagError names the nearest flag for a misspelt one, and replaces
+// the CLI library's "parse error" with what the flag takes, as the config
+// file's errors do.
 func explainFlagError(c *cli.Context, err error) error {
-	m := badFlagValue.FindStringSubmatch(err.Error())
-	if m == nil {
-		return err
-	}
 	var flags []cli.Flag
 	if c.Command != nil {
 		flags = c.Command.Flags
 	}
 	flags = append(flags, c.App.Flags...)
+	if u := undefinedFlag.FindStringSubmatch(err.Error()); u != nil {
+		var names []string
+		for _, f := range flags {
+			names = append(names, f.Names()...)
+		}
+		if near := nearest(u[1], names); near != "" {
+			return fmt.Errorf("%w: did you mean --%s?", err, near)
+		}
+		return err
+	}
+	m := badFlagValue.FindStringSubmatch(err.Error())
+	if m == nil {
+		return err
+	}
 	for _, f := range flags {
 		if !slices.Contains(f.Names(), m[2]) {
 			continue

@@ -132,6 +132,7 @@ func serveAction(c *cli.Context) error {
 	if srv, err = server.New(store, opts); err != nil {
 		return err
 	}
+	warnUnreadableTokenFiles(sel.cfg.ModulePath, log)
 	events.srv.Store(srv)
 	l, socket, err := serveListener(c, inherited, cfg.SocketMode, log)
 	if err != nil {
@@ -142,8 +143,13 @@ func serveAction(c *cli.Context) error {
 		log:      log,
 		serve:    func() error { return srv.Serve(l) },
 		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
-		reload:   func() { srv.Checkpoint("sighup"); audit.reopen(log); reload(c, srv, log) },
-		healthy:  srv.HSMAnswering,
+		reload: func() {
+			srv.Checkpoint("sighup")
+			audit.reopen(log)
+			reload(c, srv, log)
+			warnUnreadableTokenFiles(sel.cfg.ModulePath, log)
+		},
+		healthy: srv.HSMAnswering,
 	}
 	return d.run("agent serving", "socket", socket, "token", store.TokenLabel(), "pid", os.Getpid(), "revision", srv.Revision(),
 		"hsm_worker", !cfg.HSMInProcess)

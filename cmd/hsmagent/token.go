@@ -29,10 +29,12 @@ func tokenFlags() []cli.Flag {
 type tokenSelection struct {
 	cfg    hsm.Config
 	object string // key label named by the URI
+	// warn says on stderr what withToken repaired (see repairTokenOwnership).
+	warn func(format string, args ...any)
 }
 
 func selectToken(c *cli.Context) (tokenSelection, error) {
-	var sel tokenSelection
+	sel := tokenSelection{warn: func(format string, args ...any) { warnf(c, format, args...) }}
 	if s := c.String("uri"); s != "" {
 		u, err := hsm.ParseURI(s)
 		if err != nil {
@@ -131,8 +133,19 @@ func keyLabel(c *cli.Context, flag string, sel tokenSelection) (string, error) {
 
 // withToken opens the token the flags selected, runs fn with it and closes
 // it: the commands' one way to the HSM. Checks of flags that need no PIN come
-// before it, so that a mistake never costs a PIN prompt or a login.
-func withToken(sel tokenSelection, fn func(*hsm.Token) error) error {
+// before it, so that a mistake never costs a PIN prompt or a login. Run as
+// root, it then gives the SoftHSM files it wrote to the token's owner, even
+// when fn failed halfway (see ownership.go).
+func withToken(sel tokenSelection, fn func(*hsm.Token) error) (err error) {
+	defer func() {
+		warn := sel.warn
+		if warn == nil {
+			warn = func(string, ...any) {}
+		}
+		if rerr := repairTokenOwnership(sel.cfg.ModulePath, warn); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}()
 	tok, err := hsm.Open(sel.cfg)
 	if err != nil {
 		return err
