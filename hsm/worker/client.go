@@ -343,12 +343,18 @@ func (s *Store) worker() (*proc, error) {
 // call sends a request built by msg for id and waits for its answer. A
 // call not yet sent when its worker dies is sent to the next one.
 func (s *Store) call(msg func(b []byte, id uint64) []byte) (answer, error) {
+	return s.callGrace(msg, 0)
+}
+
+// callGrace is call for a request that may take grace longer than
+// KillAfter before the worker counts as stuck (an RSA key generated).
+func (s *Store) callGrace(msg func(b []byte, id uint64) []byte, grace time.Duration) (answer, error) {
 	for {
 		p, err := s.worker()
 		if err != nil {
 			return answer{}, err
 		}
-		a, sent, err := p.call(msg)
+		a, sent, err := p.call(msg, grace)
 		if err == nil || sent {
 			return a, err
 		}
@@ -356,7 +362,7 @@ func (s *Store) call(msg func(b []byte, id uint64) []byte) (answer, error) {
 	}
 }
 
-func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, err error) {
+func (p *proc) call(msg func(b []byte, id uint64) []byte, grace time.Duration) (a answer, sent bool, err error) {
 	c := &call{done: make(chan answer, 1)}
 	p.mu.Lock()
 	if p.why != nil {
@@ -365,7 +371,7 @@ func (p *proc) call(msg func(b []byte, id uint64) []byte) (a answer, sent bool, 
 	}
 	p.next++
 	id := p.next
-	c.sent = time.Now()
+	c.sent = time.Now().Add(grace) // the stuck watch counts from here
 	p.pending[id] = c
 	p.mu.Unlock()
 	p.wmu.Lock()
@@ -414,7 +420,7 @@ func (p *proc) readUntil(id uint64) (answer, bool) {
 		}
 		p.rbuf = msg
 		typ, got, rest := parseHeader(msg)
-		if len(rest) < 1 || (typ != msgSign && typ != msgKeys) {
+		if len(rest) < 1 || typ < msgKeys || typ > msgSetChain {
 			p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
 			return answer{}, false
 		}

@@ -116,6 +116,8 @@ func (s *served) serve(ended chan<- error) {
 				continue
 			}
 			s.sign(id, req)
+		case msgGenerate, msgDelete, msgSetChain:
+			s.admin(typ, id, body)
 		default:
 			s.w.answer(typ, id, statusFailed, []byte(fmt.Sprintf("worker: unknown message type %d", typ)))
 		}
