@@ -193,7 +193,6 @@ func (r *fileReader) admin(n *yaml.Node, path string) {
 	if isNull(n) {
 		return
 	}
-	r.cfg.pos[path] = settingPos{line: n.Line, set: true}
 	r.mapping(n, path, nil, map[string]section{"users": r.list(&r.cfg.Admin.Users), "groups": r.list(&r.cfg.Admin.Groups)})
 }
 

@@ -20,7 +20,10 @@ type Store struct {
 	Token *hsm.Token
 }
 
-var _ server.KeyStore = (*Store)(nil)
+var (
+	_ server.KeyStore   = (*Store)(nil)
+	_ server.AdminStore = (*Store)(nil) // the Admin service changes the token through it
+)
 
 // New returns the store for an open token; closing the token is the caller's job.
 func New(tok *hsm.Token) *Store { return &Store{Token: tok} }

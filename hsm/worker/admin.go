@@ -35,13 +35,32 @@ func (s *Store) Generate(label string, kt keytype.Type) (crypto.PublicKey, error
 	if err != nil {
 		return nil, fmt.Errorf("hsm: the HSM worker's new key %q: %w", label, err)
 	}
+	s.setListed(label, pub)
 	return pub, nil
 }
 
 // Delete implements core.AdminStore in the worker.
 func (s *Store) Delete(label string) error {
 	_, err := s.admin(msgDelete, adminRequest{Label: label})
+	if err == nil {
+		s.setListed(label, nil)
+	}
 	return err
+}
+
+// setListed makes Signer know a key made or destroyed here before the
+// next listing does.
+func (s *Store) setListed(label string, pub crypto.PublicKey) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if pub == nil {
+		delete(s.keys, label)
+		return
+	}
+	if s.keys == nil {
+		s.keys = map[string]crypto.PublicKey{}
+	}
+	s.keys[label] = pub
 }
 
 // SetChain implements core.AdminStore in the worker.
