@@ -54,7 +54,7 @@ const (
 	adminGID = 4242  // the admin rule's group, given to nobody by setgroups
 )
 
-func startAdminAgent(t *testing.T) *adminAgent {
+func startAdminAgent(t *testing.T, extra ...string) *adminAgent {
 	t.Helper()
 	fx := New(t)
 	dir := t.TempDir()
@@ -67,7 +67,7 @@ func startAdminAgent(t *testing.T) *adminAgent {
 	if err := os.WriteFile(config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	a.d = fx.startDaemon(t, "--config", config)
+	a.d = fx.startDaemon(t, append([]string{"--config", config}, extra...)...)
 	// The socket's directory: traversable by the socket's group.
 	run := filepath.Dir(a.d.socket)
 	for _, p := range []string{run, filepath.Dir(run)} {
@@ -264,6 +264,9 @@ func mtlsThroughOpenSSL(t *testing.T, client *agent.Client, label, addr string, 
 // watcher follow each change without SIGHUP, and each is audited.
 func TestAdminLifecycleThroughAgent(t *testing.T) {
 	a := startAdminAgent(t)
+	if !strings.Contains(a.d.logText(), `"hsm_worker":true`) {
+		t.Fatalf("the agent runs no HSM worker:\n%s", a.d.logText())
+	}
 	w := watchKeys(t, a.d.socket)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -509,4 +512,22 @@ func TestAdminDirectAndNoAgent(t *testing.T) {
 	if !strings.Contains(r.stdout, `"direct"`) || strings.Contains(r.stdout, `"through"`) {
 		t.Errorf("keys list:\n%s", r.stdout)
 	}
+}
+
+// TestAdminInProcessStore: with the module in the agent's own process
+// (hsm_in_process) the Admin calls change the token as well.
+func TestAdminInProcessStore(t *testing.T) {
+	a := startAdminAgent(t, "--hsm-in-process")
+	if !strings.Contains(a.d.logText(), `"hsm_worker":false`) {
+		t.Fatalf("the agent runs a worker:\n%s", a.d.logText())
+	}
+	w := watchKeys(t, a.d.socket)
+	if r := a.run(t, "keys", "generate", "--label", "inproc", "--type", "rsa-2048"); r.code != 0 || !strings.Contains(r.stderr, "through the agent at ") {
+		t.Fatalf("keys generate: exit %d\n%s", r.code, r.stderr)
+	}
+	w.waitFor(t, "the generated key", listed("inproc"))
+	if r := a.run(t, "keys", "delete", "--label", "inproc", "--yes"); r.code != 0 {
+		t.Fatalf("keys delete: exit %d\n%s", r.code, r.stderr)
+	}
+	w.waitFor(t, "the list without it", func(l *agentpb.ListKeysResponse) bool { return len(l.Keys) == 0 && l.Revision >= 2 })
 }
