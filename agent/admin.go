@@ -23,6 +23,17 @@ func adminError(what string, err error, trailer metadata.MD) error {
 	return callError(what, withRequestID(err, trailerRequestID(trailer)))
 }
 
+// AdminToken returns the label of the token the agent serves ("" for a
+// key store that is no PKCS #11 token).
+func (c *Client) AdminToken(ctx context.Context) (string, error) {
+	var trailer metadata.MD
+	resp, err := c.admin().Token(ctx, &agentpb.AdminTokenRequest{}, grpc.Trailer(&trailer))
+	if err != nil {
+		return "", adminError("asking for the agent's token", err, trailer)
+	}
+	return resp.Label, nil
+}
+
 // AdminKeys lists every key of the agent's token, whatever the access rules.
 func (c *Client) AdminKeys(ctx context.Context) ([]Key, error) {
 	var trailer metadata.MD

@@ -499,8 +499,18 @@ func TestAdminDirectAndNoAgent(t *testing.T) {
 		t.Errorf("--direct:\n%s", r.stderr)
 	}
 	// Without the token flags, through the agent, the same command needs no PIN.
-	if r := a.run(t, "keys", "generate", "--label", "through"); r.code != 0 {
+	if r := a.run(t, "keys", "generate", "--label", "through"); r.code != 0 || !strings.Contains(r.stderr, "through the agent at ") {
 		t.Fatalf("through the agent: %s", r.stderr)
+	}
+	// Naming the agent's own token goes through the agent too; naming
+	// another opens that one, never the agent's instead.
+	if r := a.run(t, fx.args([]string{"keys", "generate"}, "--label", "named")...); r.code != 0 || !strings.Contains(r.stderr, "through the agent at ") {
+		t.Errorf("the agent's token named: exit %d\n%s", r.code, r.stderr)
+	}
+	r = a.run(t, "keys", "generate", "--label", "elsewhere", "--token", "another-token", "--pin-file", fx.PINFile)
+	if r.code != 1 || !strings.Contains(r.stderr, fmt.Sprintf("directly on the token (the agent at %s serves token %q, not the one selected)", a.d.socket, fx.Label)) ||
+		!strings.Contains(r.stderr, `token "another-token" not found`) {
+		t.Errorf("another token named: exit %d\n%s", r.code, r.stderr)
 	}
 	a.d.signal(t, syscall.SIGTERM)
 	a.d.cmd.Wait()
@@ -509,7 +519,7 @@ func TestAdminDirectAndNoAgent(t *testing.T) {
 		t.Errorf("no agent:\n%s", r.stderr)
 	}
 	r = fx.ok(t, fx.args([]string{"keys", "list"}, "--json")...)
-	if !strings.Contains(r.stdout, `"direct"`) || strings.Contains(r.stdout, `"through"`) {
+	if !strings.Contains(r.stdout, `"direct"`) || !strings.Contains(r.stdout, `"named"`) || strings.Contains(r.stdout, `"through"`) || strings.Contains(r.stdout, `"elsewhere"`) {
 		t.Errorf("keys list:\n%s", r.stdout)
 	}
 }

@@ -811,6 +811,96 @@ func (*AdminKeysRequest) Descriptor() ([]byte, []int) {
 	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
+type AdminTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdminTokenRequest) Reset() {
+	*x = AdminTokenRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdminTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdminTokenRequest) ProtoMessage() {}
+
+func (x *AdminTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdminTokenRequest.ProtoReflect.Descriptor instead.
+func (*AdminTokenRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+type AdminTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token's label (CKA_LABEL of its token info); empty when the key
+	// store is not a PKCS #11 token.
+	Label         string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdminTokenResponse) Reset() {
+	*x = AdminTokenResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdminTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdminTokenResponse) ProtoMessage() {}
+
+func (x *AdminTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdminTokenResponse.ProtoReflect.Descriptor instead.
+func (*AdminTokenResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *AdminTokenResponse) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *AdminTokenResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 type GenerateKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Label string                 `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
@@ -823,7 +913,7 @@ type GenerateKeyRequest struct {
 
 func (x *GenerateKeyRequest) Reset() {
 	*x = GenerateKeyRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -835,7 +925,7 @@ func (x *GenerateKeyRequest) String() string {
 func (*GenerateKeyRequest) ProtoMessage() {}
 
 func (x *GenerateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -848,7 +938,7 @@ func (x *GenerateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GenerateKeyRequest) GetLabel() string {
@@ -875,7 +965,7 @@ type GenerateKeyResponse struct {
 
 func (x *GenerateKeyResponse) Reset() {
 	*x = GenerateKeyResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +977,7 @@ func (x *GenerateKeyResponse) String() string {
 func (*GenerateKeyResponse) ProtoMessage() {}
 
 func (x *GenerateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +990,7 @@ func (x *GenerateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GenerateKeyResponse) GetKey() *Key {
@@ -926,7 +1016,7 @@ type DeleteKeyRequest struct {
 
 func (x *DeleteKeyRequest) Reset() {
 	*x = DeleteKeyRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1028,7 @@ func (x *DeleteKeyRequest) String() string {
 func (*DeleteKeyRequest) ProtoMessage() {}
 
 func (x *DeleteKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1041,7 @@ func (x *DeleteKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteKeyRequest.ProtoReflect.Descriptor instead.
 func (*DeleteKeyRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteKeyRequest) GetLabel() string {
@@ -970,7 +1060,7 @@ type DeleteKeyResponse struct {
 
 func (x *DeleteKeyResponse) Reset() {
 	*x = DeleteKeyResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -982,7 +1072,7 @@ func (x *DeleteKeyResponse) String() string {
 func (*DeleteKeyResponse) ProtoMessage() {}
 
 func (x *DeleteKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -995,7 +1085,7 @@ func (x *DeleteKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteKeyResponse.ProtoReflect.Descriptor instead.
 func (*DeleteKeyResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DeleteKeyResponse) GetRequestId() string {
@@ -1022,7 +1112,7 @@ type ImportCertificateRequest struct {
 
 func (x *ImportCertificateRequest) Reset() {
 	*x = ImportCertificateRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1034,7 +1124,7 @@ func (x *ImportCertificateRequest) String() string {
 func (*ImportCertificateRequest) ProtoMessage() {}
 
 func (x *ImportCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1047,7 +1137,7 @@ func (x *ImportCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportCertificateRequest.ProtoReflect.Descriptor instead.
 func (*ImportCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ImportCertificateRequest) GetLabel() string {
@@ -1087,7 +1177,7 @@ type ImportCertificateResponse struct {
 
 func (x *ImportCertificateResponse) Reset() {
 	*x = ImportCertificateResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1099,7 +1189,7 @@ func (x *ImportCertificateResponse) String() string {
 func (*ImportCertificateResponse) ProtoMessage() {}
 
 func (x *ImportCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1112,7 +1202,7 @@ func (x *ImportCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportCertificateResponse.ProtoReflect.Descriptor instead.
 func (*ImportCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ImportCertificateResponse) GetKey() *Key {
@@ -1156,7 +1246,7 @@ type CreateCSRRequest struct {
 
 func (x *CreateCSRRequest) Reset() {
 	*x = CreateCSRRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1168,7 +1258,7 @@ func (x *CreateCSRRequest) String() string {
 func (*CreateCSRRequest) ProtoMessage() {}
 
 func (x *CreateCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1181,7 +1271,7 @@ func (x *CreateCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCSRRequest.ProtoReflect.Descriptor instead.
 func (*CreateCSRRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateCSRRequest) GetLabel() string {
@@ -1209,7 +1299,7 @@ type CreateCSRResponse struct {
 
 func (x *CreateCSRResponse) Reset() {
 	*x = CreateCSRResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1221,7 +1311,7 @@ func (x *CreateCSRResponse) String() string {
 func (*CreateCSRResponse) ProtoMessage() {}
 
 func (x *CreateCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1234,7 +1324,7 @@ func (x *CreateCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCSRResponse.ProtoReflect.Descriptor instead.
 func (*CreateCSRResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CreateCSRResponse) GetCsr() []byte {
@@ -1297,7 +1387,12 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\amessage\x18\x04 \x01(\tR\amessage\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x05 \x01(\tR\trequestId\"\x12\n" +
-	"\x10AdminKeysRequest\"E\n" +
+	"\x10AdminKeysRequest\"\x13\n" +
+	"\x11AdminTokenRequest\"I\n" +
+	"\x12AdminTokenResponse\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"E\n" +
 	"\x12GenerateKeyRequest\x12\x14\n" +
 	"\x05label\x18\x01 \x01(\tR\x05label\x12\x19\n" +
 	"\bkey_type\x18\x02 \x01(\tR\akeyType\"X\n" +
@@ -1349,8 +1444,9 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\x04Sign\x12\x18.hsmagent.v1.SignRequest\x1a\x19.hsmagent.v1.SignResponse\x12Q\n" +
 	"\n" +
 	"SignStream\x12\x1e.hsmagent.v1.SignStreamRequest\x1a\x1f.hsmagent.v1.SignStreamResponse(\x010\x01\x12K\n" +
-	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x012\x9b\x03\n" +
-	"\x05Admin\x12D\n" +
+	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x012\xe5\x03\n" +
+	"\x05Admin\x12H\n" +
+	"\x05Token\x12\x1e.hsmagent.v1.AdminTokenRequest\x1a\x1f.hsmagent.v1.AdminTokenResponse\x12D\n" +
 	"\x04Keys\x12\x1d.hsmagent.v1.AdminKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse\x12P\n" +
 	"\vGenerateKey\x12\x1f.hsmagent.v1.GenerateKeyRequest\x1a .hsmagent.v1.GenerateKeyResponse\x12J\n" +
 	"\tDeleteKey\x12\x1d.hsmagent.v1.DeleteKeyRequest\x1a\x1e.hsmagent.v1.DeleteKeyResponse\x12b\n" +
@@ -1370,7 +1466,7 @@ func file_hsmagent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_hsmagent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_hsmagent_v1_agent_proto_goTypes = []any{
 	(Algorithm)(0),                    // 0: hsmagent.v1.Algorithm
 	(Hash)(0),                         // 1: hsmagent.v1.Hash
@@ -1386,14 +1482,16 @@ var file_hsmagent_v1_agent_proto_goTypes = []any{
 	(*SignStreamResponse)(nil),        // 11: hsmagent.v1.SignStreamResponse
 	(*SignStreamResult)(nil),          // 12: hsmagent.v1.SignStreamResult
 	(*AdminKeysRequest)(nil),          // 13: hsmagent.v1.AdminKeysRequest
-	(*GenerateKeyRequest)(nil),        // 14: hsmagent.v1.GenerateKeyRequest
-	(*GenerateKeyResponse)(nil),       // 15: hsmagent.v1.GenerateKeyResponse
-	(*DeleteKeyRequest)(nil),          // 16: hsmagent.v1.DeleteKeyRequest
-	(*DeleteKeyResponse)(nil),         // 17: hsmagent.v1.DeleteKeyResponse
-	(*ImportCertificateRequest)(nil),  // 18: hsmagent.v1.ImportCertificateRequest
-	(*ImportCertificateResponse)(nil), // 19: hsmagent.v1.ImportCertificateResponse
-	(*CreateCSRRequest)(nil),          // 20: hsmagent.v1.CreateCSRRequest
-	(*CreateCSRResponse)(nil),         // 21: hsmagent.v1.CreateCSRResponse
+	(*AdminTokenRequest)(nil),         // 14: hsmagent.v1.AdminTokenRequest
+	(*AdminTokenResponse)(nil),        // 15: hsmagent.v1.AdminTokenResponse
+	(*GenerateKeyRequest)(nil),        // 16: hsmagent.v1.GenerateKeyRequest
+	(*GenerateKeyResponse)(nil),       // 17: hsmagent.v1.GenerateKeyResponse
+	(*DeleteKeyRequest)(nil),          // 18: hsmagent.v1.DeleteKeyRequest
+	(*DeleteKeyResponse)(nil),         // 19: hsmagent.v1.DeleteKeyResponse
+	(*ImportCertificateRequest)(nil),  // 20: hsmagent.v1.ImportCertificateRequest
+	(*ImportCertificateResponse)(nil), // 21: hsmagent.v1.ImportCertificateResponse
+	(*CreateCSRRequest)(nil),          // 22: hsmagent.v1.CreateCSRRequest
+	(*CreateCSRResponse)(nil),         // 23: hsmagent.v1.CreateCSRResponse
 }
 var file_hsmagent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: hsmagent.v1.ListKeysResponse.keys:type_name -> hsmagent.v1.Key
@@ -1409,22 +1507,24 @@ var file_hsmagent_v1_agent_proto_depIdxs = []int32{
 	7,  // 10: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
 	9,  // 11: hsmagent.v1.Agent.SignStream:input_type -> hsmagent.v1.SignStreamRequest
 	4,  // 12: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
-	13, // 13: hsmagent.v1.Admin.Keys:input_type -> hsmagent.v1.AdminKeysRequest
-	14, // 14: hsmagent.v1.Admin.GenerateKey:input_type -> hsmagent.v1.GenerateKeyRequest
-	16, // 15: hsmagent.v1.Admin.DeleteKey:input_type -> hsmagent.v1.DeleteKeyRequest
-	18, // 16: hsmagent.v1.Admin.ImportCertificate:input_type -> hsmagent.v1.ImportCertificateRequest
-	20, // 17: hsmagent.v1.Admin.CreateCSR:input_type -> hsmagent.v1.CreateCSRRequest
-	5,  // 18: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
-	8,  // 19: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
-	11, // 20: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
-	5,  // 21: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
-	5,  // 22: hsmagent.v1.Admin.Keys:output_type -> hsmagent.v1.ListKeysResponse
-	15, // 23: hsmagent.v1.Admin.GenerateKey:output_type -> hsmagent.v1.GenerateKeyResponse
-	17, // 24: hsmagent.v1.Admin.DeleteKey:output_type -> hsmagent.v1.DeleteKeyResponse
-	19, // 25: hsmagent.v1.Admin.ImportCertificate:output_type -> hsmagent.v1.ImportCertificateResponse
-	21, // 26: hsmagent.v1.Admin.CreateCSR:output_type -> hsmagent.v1.CreateCSRResponse
-	18, // [18:27] is the sub-list for method output_type
-	9,  // [9:18] is the sub-list for method input_type
+	14, // 13: hsmagent.v1.Admin.Token:input_type -> hsmagent.v1.AdminTokenRequest
+	13, // 14: hsmagent.v1.Admin.Keys:input_type -> hsmagent.v1.AdminKeysRequest
+	16, // 15: hsmagent.v1.Admin.GenerateKey:input_type -> hsmagent.v1.GenerateKeyRequest
+	18, // 16: hsmagent.v1.Admin.DeleteKey:input_type -> hsmagent.v1.DeleteKeyRequest
+	20, // 17: hsmagent.v1.Admin.ImportCertificate:input_type -> hsmagent.v1.ImportCertificateRequest
+	22, // 18: hsmagent.v1.Admin.CreateCSR:input_type -> hsmagent.v1.CreateCSRRequest
+	5,  // 19: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
+	8,  // 20: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
+	11, // 21: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
+	5,  // 22: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
+	15, // 23: hsmagent.v1.Admin.Token:output_type -> hsmagent.v1.AdminTokenResponse
+	5,  // 24: hsmagent.v1.Admin.Keys:output_type -> hsmagent.v1.ListKeysResponse
+	17, // 25: hsmagent.v1.Admin.GenerateKey:output_type -> hsmagent.v1.GenerateKeyResponse
+	19, // 26: hsmagent.v1.Admin.DeleteKey:output_type -> hsmagent.v1.DeleteKeyResponse
+	21, // 27: hsmagent.v1.Admin.ImportCertificate:output_type -> hsmagent.v1.ImportCertificateResponse
+	23, // 28: hsmagent.v1.Admin.CreateCSR:output_type -> hsmagent.v1.CreateCSRResponse
+	19, // [19:29] is the sub-list for method output_type
+	9,  // [9:19] is the sub-list for method input_type
 	9,  // [9:9] is the sub-list for extension type_name
 	9,  // [9:9] is the sub-list for extension extendee
 	0,  // [0:9] is the sub-list for field type_name
@@ -1441,7 +1541,7 @@ func file_hsmagent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hsmagent_v1_agent_proto_rawDesc), len(file_hsmagent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -269,6 +269,7 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
+	Admin_Token_FullMethodName             = "/hsmagent.v1.Admin/Token"
 	Admin_Keys_FullMethodName              = "/hsmagent.v1.Admin/Keys"
 	Admin_GenerateKey_FullMethodName       = "/hsmagent.v1.Admin/GenerateKey"
 	Admin_DeleteKey_FullMethodName         = "/hsmagent.v1.Admin/DeleteKey"
@@ -288,6 +289,9 @@ const (
 // trail, and a change is served at once: the key list is reloaded and
 // WatchKeys watchers are told, without SIGHUP.
 type AdminClient interface {
+	// Token names the token the agent serves, so that a command aimed at
+	// another token opens that one itself instead.
+	Token(ctx context.Context, in *AdminTokenRequest, opts ...grpc.CallOption) (*AdminTokenResponse, error)
 	// Keys lists every key of the token, whatever the access rules: what an
 	// administrator needs to renew a key it may not sign with.
 	Keys(ctx context.Context, in *AdminKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
@@ -310,6 +314,16 @@ type adminClient struct {
 
 func NewAdminClient(cc grpc.ClientConnInterface) AdminClient {
 	return &adminClient{cc}
+}
+
+func (c *adminClient) Token(ctx context.Context, in *AdminTokenRequest, opts ...grpc.CallOption) (*AdminTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminTokenResponse)
+	err := c.cc.Invoke(ctx, Admin_Token_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func (c *adminClient) Keys(ctx context.Context, in *AdminKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error) {
@@ -374,6 +388,9 @@ func (c *adminClient) CreateCSR(ctx context.Context, in *CreateCSRRequest, opts 
 // trail, and a change is served at once: the key list is reloaded and
 // WatchKeys watchers are told, without SIGHUP.
 type AdminServer interface {
+	// Token names the token the agent serves, so that a command aimed at
+	// another token opens that one itself instead.
+	Token(context.Context, *AdminTokenRequest) (*AdminTokenResponse, error)
 	// Keys lists every key of the token, whatever the access rules: what an
 	// administrator needs to renew a key it may not sign with.
 	Keys(context.Context, *AdminKeysRequest) (*ListKeysResponse, error)
@@ -398,6 +415,9 @@ type AdminServer interface {
 // pointer dereference when methods are called.
 type UnimplementedAdminServer struct{}
 
+func (UnimplementedAdminServer) Token(context.Context, *AdminTokenRequest) (*AdminTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Token not implemented")
+}
 func (UnimplementedAdminServer) Keys(context.Context, *AdminKeysRequest) (*ListKeysResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Keys not implemented")
 }
@@ -432,6 +452,24 @@ func RegisterAdminServer(s grpc.ServiceRegistrar, srv AdminServer) {
 		t.testEmbeddedByValue()
 	}
 	s.RegisterService(&Admin_ServiceDesc, srv)
+}
+
+func _Admin_Token_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AdminTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Token(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Token_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Token(ctx, req.(*AdminTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
 }
 
 func _Admin_Keys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
@@ -531,6 +569,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "hsmagent.v1.Admin",
 	HandlerType: (*AdminServer)(nil),
 	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Token",
+			Handler:    _Admin_Token_Handler,
+		},
 		{
 			MethodName: "Keys",
 			Handler:    _Admin_Keys_Handler,

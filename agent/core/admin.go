@@ -96,8 +96,13 @@ func (p *Policy) adminNames() string {
 	return s
 }
 
+// tokenLabeler is a store that knows the label of its token (the HSM
+// worker's, the token's own).
+type tokenLabeler interface{ TokenLabel() string }
+
 // The Admin operations, as their audit records name them.
 const (
+	opToken    = "token"
 	opKeys     = "keys"
 	opGenerate = "generate-key"
 	opDelete   = "delete-key"
@@ -137,7 +142,7 @@ func (c *Core) adminBegin(ctx context.Context, p Peer, a *adminCall) (AdminStore
 		return nil, c.adminRefused(ctx, p, a, "unsupported",
 			Errorf(CodeFailedPrecondition, "agent: this agent's key store cannot be changed through the agent"))
 	}
-	if a.op != opKeys {
+	if a.op != opKeys && a.op != opToken {
 		if err := checkAdminLabel(a.label); err != nil {
 			return nil, c.adminRefused(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "%v", err))
 		}
@@ -197,7 +202,7 @@ func (c *Core) adminDone(ctx context.Context, p Peer, a *adminCall) error {
 
 func (c *Core) adminRecord(ctx context.Context, level slog.Level, p Peer, a *adminCall, result string, err *Error) error {
 	attrs := []slog.Attr{slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("op", a.op)}
-	if a.op != opKeys {
+	if a.op != opKeys && a.op != opToken {
 		attrs = append(attrs, slog.String("key", auditLabel(a.label)))
 	}
 	if a.keyType != "" {
@@ -281,6 +286,20 @@ func (c *Core) reloadAfter(a *adminCall) error {
 			Msg: fmt.Sprintf("agent: the %s was made, but reloading the keys failed (%v); send the agent SIGHUP", a.op, err)}
 	}
 	return nil
+}
+
+// AdminToken names the token of the store ("" for a store that is none).
+func (c *Core) AdminToken(ctx context.Context, p Peer) (string, string, error) {
+	a := &adminCall{op: opToken}
+	store, err := c.adminBegin(ctx, p, a)
+	if err != nil {
+		return "", a.rid, err
+	}
+	label := ""
+	if tl, ok := store.(tokenLabeler); ok {
+		label = tl.TokenLabel()
+	}
+	return label, a.rid, c.adminDone(ctx, p, a)
 }
 
 // AdminKeys lists every key the agent serves, whatever the access rules,

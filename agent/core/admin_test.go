@@ -166,6 +166,7 @@ func TestAdminRefusesNonAdmins(t *testing.T) {
 		op   string
 		call func() error
 	}{
+		{"token", func() error { _, _, err := w.core.AdminToken(ctx, strangerPeer); return err }},
 		{"keys", func() error { _, _, err := w.core.AdminKeys(ctx, strangerPeer); return err }},
 		{"generate-key", func() error { _, _, err := w.core.GenerateKey(ctx, strangerPeer, "new", "ecdsa-p256"); return err }},
 		{"delete-key", func() error { _, err := w.core.DeleteKey(ctx, strangerPeer, "web"); return err }},
@@ -400,6 +401,35 @@ func TestAdminCreateCSR(t *testing.T) {
 			if !bytes.Equal(csr.RawSubject, tmpl.RawSubject) || len(csr.DNSNames) != 1 || csr.DNSNames[0] != "a.example" ||
 				csr.SignatureAlgorithm != x509.ECDSAWithSHA256 {
 				t.Errorf("CSR subject %s, names %v, algorithm %v", csr.Subject, csr.DNSNames, csr.SignatureAlgorithm)
+			}
+		})
+	}
+}
+
+// labelledStore is a MemoryStore that names its token, as the HSM stores do.
+type labelledStore struct{ *MemoryStore }
+
+func (labelledStore) TokenLabel() string { return "issuer" }
+
+func TestAdminToken(t *testing.T) {
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name  string
+		store KeyStore
+		want  string
+	}{
+		{"a token", labelledStore{NewMemoryStore()}, "issuer"},
+		{"no token", NewMemoryStore(), ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := New(tt.store, Options{Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			got, rid, err := c.AdminToken(ctx, rootPeer)
+			if err != nil || got != tt.want || rid == "" {
+				t.Errorf("AdminToken = %q %q %v, want %q", got, rid, err, tt.want)
 			}
 		})
 	}

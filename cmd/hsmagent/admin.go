@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -69,8 +70,35 @@ func lifecycleAgent(c *cli.Context) (*agent.Client, string, error) {
 	if err != nil {
 		return nil, "", fmt.Errorf("%w (or give --direct to open the token yourself, with its PIN)", err)
 	}
+	// A command aimed at another token than the agent's opens that one:
+	// the agent cannot change it, and must not change its own instead.
+	if want, named := selectedToken(c); named {
+		served, err := client.AdminToken(ctx)
+		if err != nil {
+			client.Close()
+			return nil, "", agentFailure(err)
+		}
+		if want != served {
+			client.Close()
+			infof(c, "directly on the token (the agent at %s serves token %q, not the one selected)", socket, served)
+			return nil, "", nil
+		}
+	}
 	infof(c, "through the agent at %s", socket)
 	return client, socket, nil
+}
+
+// selectedToken is the label of the token the flags, environment, URI or
+// config name, and whether they name one at all (a serial alone names one
+// whose label is unknown here).
+func selectedToken(c *cli.Context) (label string, named bool) {
+	label, serial := c.String("token"), c.String("token-serial")
+	if s := c.String("uri"); s != "" {
+		if u, err := hsm.ParseURI(s); err == nil {
+			label, serial = cmp.Or(label, u.Config.TokenLabel), cmp.Or(serial, u.Config.TokenSerial)
+		}
+	}
+	return label, label != "" || serial != ""
 }
 
 // listening reports whether something may answer on the socket: anything

@@ -27,6 +27,19 @@ func (s adminService) peer(ctx context.Context) (core.Peer, error) {
 	return p, nil
 }
 
+func (s adminService) Token(ctx context.Context, _ *agentpb.AdminTokenRequest) (*agentpb.AdminTokenResponse, error) {
+	p, err := s.peer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	label, rid, err := s.core.AdminToken(ctx, p)
+	sendRequestID(ctx, rid)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &agentpb.AdminTokenResponse{Label: label, RequestId: rid}, nil
+}
+
 func (s adminService) Keys(ctx context.Context, _ *agentpb.AdminKeysRequest) (*agentpb.ListKeysResponse, error) {
 	p, err := s.peer(ctx)
 	if err != nil {
