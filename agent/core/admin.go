@@ -128,7 +128,9 @@ type adminCall struct {
 func (c *Core) adminBegin(ctx context.Context, p Peer, a *adminCall) (AdminStore, error) {
 	a.rid = newRequestID()
 	if c.audit.refusing() {
-		return nil, auditUnavailable().withID(a.rid)
+		c.audit.refuse()
+		return nil, &Error{Code: CodeUnavailable, RequestID: a.rid,
+			Msg: "agent: the audit trail cannot be written, so no key is changed; see the agent's log"}
 	}
 	policy := c.state.Load().policy
 	if !policy.IsAdmin(p) {

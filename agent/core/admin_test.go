@@ -434,3 +434,45 @@ func TestAdminToken(t *testing.T) {
 		})
 	}
 }
+
+// failingWriter is an audit sink that fails while broken is set.
+type failingWriter struct {
+	mu     sync.Mutex
+	broken bool
+}
+
+func (f *failingWriter) Write(p []byte) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.broken {
+		return 0, errors.New("disk full")
+	}
+	return len(p), nil
+}
+
+// TestAdminRefusedWhileAuditDown: no change is made while the trail
+// cannot record it, and the one whose record failed says so.
+func TestAdminRefusedWhileAuditDown(t *testing.T) {
+	store := NewMemoryStore()
+	sink := &failingWriter{}
+	c, err := New(store, Options{Logger: slog.New(slog.DiscardHandler), Audit: slog.New(slog.NewJSONHandler(sink, nil)), AuditProbeEvery: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	sink.mu.Lock()
+	sink.broken = true
+	sink.mu.Unlock()
+	_, _, err = c.GenerateKey(ctx, rootPeer, "first", "ecdsa-p256")
+	if CodeOf(err) != CodeUnavailable || !strings.Contains(err.Error(), "was made, but its audit record could not be written") {
+		t.Fatalf("change whose record failed: %v", err)
+	}
+	_, _, err = c.GenerateKey(ctx, rootPeer, "second", "ecdsa-p256")
+	if CodeOf(err) != CodeUnavailable || !strings.Contains(err.Error(), "audit trail cannot be written") {
+		t.Fatalf("change while the trail is down: %v", err)
+	}
+	if _, err := store.Signer("second"); err == nil {
+		t.Error("a key was generated while the audit trail could not record it")
+	}
+}
