@@ -192,6 +192,17 @@ func (c *Core) adminFailed(ctx context.Context, p Peer, a *adminCall, result str
 	return err
 }
 
+// storeFailed records a change the store refused or lost. A store that
+// failed midway (a worker that died with the call) may have made it all
+// the same: the keys are read again, so that the agent serves what the
+// token holds.
+func (c *Core) storeFailed(ctx context.Context, p Peer, a *adminCall, err error) error {
+	if rerr := c.Reload(nil); rerr != nil {
+		c.log.Debug("reloading the keys after a failed admin change failed too", "op", a.op, "err", rerr)
+	}
+	return c.adminFailed(ctx, p, a, "failed", storeFailure(err))
+}
+
 // adminDone records a change that was made. The change cannot be taken back
 // when its record fails: the caller is told so.
 func (c *Core) adminDone(ctx context.Context, p Peer, a *adminCall) error {
@@ -341,7 +352,7 @@ func (c *Core) GenerateKey(ctx context.Context, p Peer, label, keyType string) (
 			"agent: a key labelled %q exists already; choose another label or delete it first", label))
 	}
 	if a.pub, err = store.Generate(label, kt); err != nil {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "failed", storeFailure(err))
+		return nil, a.rid, c.storeFailed(ctx, p, a, err)
 	}
 	if err := c.reloadAfter(a); err != nil {
 		return nil, a.rid, err
@@ -370,7 +381,7 @@ func (c *Core) DeleteKey(ctx context.Context, p Peer, label string) (string, err
 		a.pub = e.signer.Public()
 	}
 	if err := store.Delete(label); err != nil {
-		return a.rid, c.adminFailed(ctx, p, a, "failed", storeFailure(err))
+		return a.rid, c.storeFailed(ctx, p, a, err)
 	}
 	if err := c.reloadAfter(a); err != nil {
 		return a.rid, err
@@ -408,7 +419,7 @@ func (c *Core) ImportCertificate(ctx context.Context, p Peer, req *agentpb.Impor
 	leaf := chain[0]
 	a.serial, a.chain = leaf.SerialNumber.Text(16), len(chain)-1
 	if err := store.SetChain(a.label, chain); err != nil {
-		return nil, c.adminFailed(ctx, p, a, "failed", storeFailure(err))
+		return nil, c.storeFailed(ctx, p, a, err)
 	}
 	if err := c.reloadAfter(a); err != nil {
 		return nil, err
