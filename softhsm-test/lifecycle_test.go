@@ -194,7 +194,7 @@ func TestCLIErrors(t *testing.T) {
 			if r.code != tt.code {
 				t.Errorf("exit %d, want %d; stderr: %s", r.code, tt.code, r.stderr)
 			}
-			lines := strings.Split(strings.TrimRight(r.stderr, "\n"), "\n")
+			lines := errorLines(r.stderr)
 			if len(lines) != 1 || !strings.HasPrefix(lines[0], "hsmagent: ") {
 				t.Errorf("want one 'hsmagent: ' line on stderr, got:\n%s", r.stderr)
 			}

@@ -775,6 +775,572 @@ func (x *SignStreamResult) GetRequestId() string {
 	return ""
 }
 
+type AdminKeysRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdminKeysRequest) Reset() {
+	*x = AdminKeysRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdminKeysRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdminKeysRequest) ProtoMessage() {}
+
+func (x *AdminKeysRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdminKeysRequest.ProtoReflect.Descriptor instead.
+func (*AdminKeysRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{10}
+}
+
+type AdminTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdminTokenRequest) Reset() {
+	*x = AdminTokenRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdminTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdminTokenRequest) ProtoMessage() {}
+
+func (x *AdminTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdminTokenRequest.ProtoReflect.Descriptor instead.
+func (*AdminTokenRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+type AdminTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token's label (CKA_LABEL of its token info); empty when the key
+	// store is not a PKCS #11 token.
+	Label         string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdminTokenResponse) Reset() {
+	*x = AdminTokenResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdminTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdminTokenResponse) ProtoMessage() {}
+
+func (x *AdminTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdminTokenResponse.ProtoReflect.Descriptor instead.
+func (*AdminTokenResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *AdminTokenResponse) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *AdminTokenResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type GenerateKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Label string                 `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	// A key type as hsmagent names them: ecdsa-p256, ecdsa-p384, rsa-2048,
+	// rsa-3072, rsa-4096.
+	KeyType       string `protobuf:"bytes,2,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateKeyRequest) Reset() {
+	*x = GenerateKeyRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateKeyRequest) ProtoMessage() {}
+
+func (x *GenerateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateKeyRequest.ProtoReflect.Descriptor instead.
+func (*GenerateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *GenerateKeyRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *GenerateKeyRequest) GetKeyType() string {
+	if x != nil {
+		return x.KeyType
+	}
+	return ""
+}
+
+type GenerateKeyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *Key                   `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	RequestId     string                 `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GenerateKeyResponse) Reset() {
+	*x = GenerateKeyResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GenerateKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GenerateKeyResponse) ProtoMessage() {}
+
+func (x *GenerateKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GenerateKeyResponse.ProtoReflect.Descriptor instead.
+func (*GenerateKeyResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *GenerateKeyResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *GenerateKeyResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type DeleteKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Label         string                 `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteKeyRequest) Reset() {
+	*x = DeleteKeyRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteKeyRequest) ProtoMessage() {}
+
+func (x *DeleteKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteKeyRequest.ProtoReflect.Descriptor instead.
+func (*DeleteKeyRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *DeleteKeyRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+type DeleteKeyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	RequestId     string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteKeyResponse) Reset() {
+	*x = DeleteKeyResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteKeyResponse) ProtoMessage() {}
+
+func (x *DeleteKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteKeyResponse.ProtoReflect.Descriptor instead.
+func (*DeleteKeyResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DeleteKeyResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type ImportCertificateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Label string                 `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	// DER certificates in any order: the one whose public key is the key's
+	// is the leaf, the others must link it to its issuers.
+	Certificates [][]byte `protobuf:"bytes,2,rep,name=certificates,proto3" json:"certificates,omitempty"`
+	// With a leaf alone, the chain stored before is kept when it still links
+	// to the new leaf (a renewal from the same CA) unless replace_chain is
+	// set; a stored chain that does not link is an error, never dropped in
+	// silence.
+	ReplaceChain  bool `protobuf:"varint,3,opt,name=replace_chain,json=replaceChain,proto3" json:"replace_chain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportCertificateRequest) Reset() {
+	*x = ImportCertificateRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportCertificateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportCertificateRequest) ProtoMessage() {}
+
+func (x *ImportCertificateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportCertificateRequest.ProtoReflect.Descriptor instead.
+func (*ImportCertificateRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ImportCertificateRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *ImportCertificateRequest) GetCertificates() [][]byte {
+	if x != nil {
+		return x.Certificates
+	}
+	return nil
+}
+
+func (x *ImportCertificateRequest) GetReplaceChain() bool {
+	if x != nil {
+		return x.ReplaceChain
+	}
+	return false
+}
+
+type ImportCertificateResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key as now served, with its new chain.
+	Key *Key `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// The chain stored before, leaf first; empty if there was none.
+	PreviousChain [][]byte `protobuf:"bytes,2,rep,name=previous_chain,json=previousChain,proto3" json:"previous_chain,omitempty"`
+	// How many chain certificates were kept from the stored chain (0 when the
+	// request brought its own).
+	KeptChain     uint32 `protobuf:"varint,3,opt,name=kept_chain,json=keptChain,proto3" json:"kept_chain,omitempty"`
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportCertificateResponse) Reset() {
+	*x = ImportCertificateResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportCertificateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportCertificateResponse) ProtoMessage() {}
+
+func (x *ImportCertificateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportCertificateResponse.ProtoReflect.Descriptor instead.
+func (*ImportCertificateResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ImportCertificateResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ImportCertificateResponse) GetPreviousChain() [][]byte {
+	if x != nil {
+		return x.PreviousChain
+	}
+	return nil
+}
+
+func (x *ImportCertificateResponse) GetKeptChain() uint32 {
+	if x != nil {
+		return x.KeptChain
+	}
+	return 0
+}
+
+func (x *ImportCertificateResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type CreateCSRRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Label string                 `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	// A DER PKCS #10 request signed by any key (a throwaway one): its subject
+	// (as encoded, attribute order kept), DNS names, IP addresses, e-mail
+	// addresses and URIs are copied; nothing else is.
+	Template      []byte `protobuf:"bytes,2,opt,name=template,proto3" json:"template,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateCSRRequest) Reset() {
+	*x = CreateCSRRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateCSRRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateCSRRequest) ProtoMessage() {}
+
+func (x *CreateCSRRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateCSRRequest.ProtoReflect.Descriptor instead.
+func (*CreateCSRRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CreateCSRRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *CreateCSRRequest) GetTemplate() []byte {
+	if x != nil {
+		return x.Template
+	}
+	return nil
+}
+
+type CreateCSRResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// DER PKCS #10, signed with SHA-256 by the key.
+	Csr           []byte `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateCSRResponse) Reset() {
+	*x = CreateCSRResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateCSRResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateCSRResponse) ProtoMessage() {}
+
+func (x *CreateCSRResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateCSRResponse.ProtoReflect.Descriptor instead.
+func (*CreateCSRResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *CreateCSRResponse) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *CreateCSRResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 var File_hsmagent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_hsmagent_v1_agent_proto_rawDesc = "" +
@@ -820,7 +1386,43 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
 	"\amessage\x18\x04 \x01(\tR\amessage\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x05 \x01(\tR\trequestId*\xa2\x01\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\"\x12\n" +
+	"\x10AdminKeysRequest\"\x13\n" +
+	"\x11AdminTokenRequest\"I\n" +
+	"\x12AdminTokenResponse\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"E\n" +
+	"\x12GenerateKeyRequest\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\x19\n" +
+	"\bkey_type\x18\x02 \x01(\tR\akeyType\"X\n" +
+	"\x13GenerateKeyResponse\x12\"\n" +
+	"\x03key\x18\x01 \x01(\v2\x10.hsmagent.v1.KeyR\x03key\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"(\n" +
+	"\x10DeleteKeyRequest\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\"2\n" +
+	"\x11DeleteKeyResponse\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\"y\n" +
+	"\x18ImportCertificateRequest\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\"\n" +
+	"\fcertificates\x18\x02 \x03(\fR\fcertificates\x12#\n" +
+	"\rreplace_chain\x18\x03 \x01(\bR\freplaceChain\"\xa4\x01\n" +
+	"\x19ImportCertificateResponse\x12\"\n" +
+	"\x03key\x18\x01 \x01(\v2\x10.hsmagent.v1.KeyR\x03key\x12%\n" +
+	"\x0eprevious_chain\x18\x02 \x03(\fR\rpreviousChain\x12\x1d\n" +
+	"\n" +
+	"kept_chain\x18\x03 \x01(\rR\tkeptChain\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"D\n" +
+	"\x10CreateCSRRequest\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\x1a\n" +
+	"\btemplate\x18\x02 \x01(\fR\btemplate\"D\n" +
+	"\x11CreateCSRResponse\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId*\xa2\x01\n" +
 	"\tAlgorithm\x12\x19\n" +
 	"\x15ALGORITHM_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ALGORITHM_ECDSA_P256\x10\x01\x12\x18\n" +
@@ -842,7 +1444,14 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\x04Sign\x12\x18.hsmagent.v1.SignRequest\x1a\x19.hsmagent.v1.SignResponse\x12Q\n" +
 	"\n" +
 	"SignStream\x12\x1e.hsmagent.v1.SignStreamRequest\x1a\x1f.hsmagent.v1.SignStreamResponse(\x010\x01\x12K\n" +
-	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x01B,Z*github.com/hsmagent/hsmagent/agent/agentpbb\x06proto3"
+	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x012\xe5\x03\n" +
+	"\x05Admin\x12H\n" +
+	"\x05Token\x12\x1e.hsmagent.v1.AdminTokenRequest\x1a\x1f.hsmagent.v1.AdminTokenResponse\x12D\n" +
+	"\x04Keys\x12\x1d.hsmagent.v1.AdminKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse\x12P\n" +
+	"\vGenerateKey\x12\x1f.hsmagent.v1.GenerateKeyRequest\x1a .hsmagent.v1.GenerateKeyResponse\x12J\n" +
+	"\tDeleteKey\x12\x1d.hsmagent.v1.DeleteKeyRequest\x1a\x1e.hsmagent.v1.DeleteKeyResponse\x12b\n" +
+	"\x11ImportCertificate\x12%.hsmagent.v1.ImportCertificateRequest\x1a&.hsmagent.v1.ImportCertificateResponse\x12J\n" +
+	"\tCreateCSR\x12\x1d.hsmagent.v1.CreateCSRRequest\x1a\x1e.hsmagent.v1.CreateCSRResponseB,Z*github.com/hsmagent/hsmagent/agent/agentpbb\x06proto3"
 
 var (
 	file_hsmagent_v1_agent_proto_rawDescOnce sync.Once
@@ -857,21 +1466,32 @@ func file_hsmagent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_hsmagent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_hsmagent_v1_agent_proto_goTypes = []any{
-	(Algorithm)(0),             // 0: hsmagent.v1.Algorithm
-	(Hash)(0),                  // 1: hsmagent.v1.Hash
-	(Padding)(0),               // 2: hsmagent.v1.Padding
-	(*ListKeysRequest)(nil),    // 3: hsmagent.v1.ListKeysRequest
-	(*WatchKeysRequest)(nil),   // 4: hsmagent.v1.WatchKeysRequest
-	(*ListKeysResponse)(nil),   // 5: hsmagent.v1.ListKeysResponse
-	(*Key)(nil),                // 6: hsmagent.v1.Key
-	(*SignRequest)(nil),        // 7: hsmagent.v1.SignRequest
-	(*SignResponse)(nil),       // 8: hsmagent.v1.SignResponse
-	(*SignStreamRequest)(nil),  // 9: hsmagent.v1.SignStreamRequest
-	(*SignStreamItem)(nil),     // 10: hsmagent.v1.SignStreamItem
-	(*SignStreamResponse)(nil), // 11: hsmagent.v1.SignStreamResponse
-	(*SignStreamResult)(nil),   // 12: hsmagent.v1.SignStreamResult
+	(Algorithm)(0),                    // 0: hsmagent.v1.Algorithm
+	(Hash)(0),                         // 1: hsmagent.v1.Hash
+	(Padding)(0),                      // 2: hsmagent.v1.Padding
+	(*ListKeysRequest)(nil),           // 3: hsmagent.v1.ListKeysRequest
+	(*WatchKeysRequest)(nil),          // 4: hsmagent.v1.WatchKeysRequest
+	(*ListKeysResponse)(nil),          // 5: hsmagent.v1.ListKeysResponse
+	(*Key)(nil),                       // 6: hsmagent.v1.Key
+	(*SignRequest)(nil),               // 7: hsmagent.v1.SignRequest
+	(*SignResponse)(nil),              // 8: hsmagent.v1.SignResponse
+	(*SignStreamRequest)(nil),         // 9: hsmagent.v1.SignStreamRequest
+	(*SignStreamItem)(nil),            // 10: hsmagent.v1.SignStreamItem
+	(*SignStreamResponse)(nil),        // 11: hsmagent.v1.SignStreamResponse
+	(*SignStreamResult)(nil),          // 12: hsmagent.v1.SignStreamResult
+	(*AdminKeysRequest)(nil),          // 13: hsmagent.v1.AdminKeysRequest
+	(*AdminTokenRequest)(nil),         // 14: hsmagent.v1.AdminTokenRequest
+	(*AdminTokenResponse)(nil),        // 15: hsmagent.v1.AdminTokenResponse
+	(*GenerateKeyRequest)(nil),        // 16: hsmagent.v1.GenerateKeyRequest
+	(*GenerateKeyResponse)(nil),       // 17: hsmagent.v1.GenerateKeyResponse
+	(*DeleteKeyRequest)(nil),          // 18: hsmagent.v1.DeleteKeyRequest
+	(*DeleteKeyResponse)(nil),         // 19: hsmagent.v1.DeleteKeyResponse
+	(*ImportCertificateRequest)(nil),  // 20: hsmagent.v1.ImportCertificateRequest
+	(*ImportCertificateResponse)(nil), // 21: hsmagent.v1.ImportCertificateResponse
+	(*CreateCSRRequest)(nil),          // 22: hsmagent.v1.CreateCSRRequest
+	(*CreateCSRResponse)(nil),         // 23: hsmagent.v1.CreateCSRResponse
 }
 var file_hsmagent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: hsmagent.v1.ListKeysResponse.keys:type_name -> hsmagent.v1.Key
@@ -881,19 +1501,33 @@ var file_hsmagent_v1_agent_proto_depIdxs = []int32{
 	10, // 4: hsmagent.v1.SignStreamRequest.items:type_name -> hsmagent.v1.SignStreamItem
 	7,  // 5: hsmagent.v1.SignStreamItem.request:type_name -> hsmagent.v1.SignRequest
 	12, // 6: hsmagent.v1.SignStreamResponse.results:type_name -> hsmagent.v1.SignStreamResult
-	3,  // 7: hsmagent.v1.Agent.ListKeys:input_type -> hsmagent.v1.ListKeysRequest
-	7,  // 8: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
-	9,  // 9: hsmagent.v1.Agent.SignStream:input_type -> hsmagent.v1.SignStreamRequest
-	4,  // 10: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
-	5,  // 11: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
-	8,  // 12: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
-	11, // 13: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
-	5,  // 14: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
-	11, // [11:15] is the sub-list for method output_type
-	7,  // [7:11] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	6,  // 7: hsmagent.v1.GenerateKeyResponse.key:type_name -> hsmagent.v1.Key
+	6,  // 8: hsmagent.v1.ImportCertificateResponse.key:type_name -> hsmagent.v1.Key
+	3,  // 9: hsmagent.v1.Agent.ListKeys:input_type -> hsmagent.v1.ListKeysRequest
+	7,  // 10: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
+	9,  // 11: hsmagent.v1.Agent.SignStream:input_type -> hsmagent.v1.SignStreamRequest
+	4,  // 12: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
+	14, // 13: hsmagent.v1.Admin.Token:input_type -> hsmagent.v1.AdminTokenRequest
+	13, // 14: hsmagent.v1.Admin.Keys:input_type -> hsmagent.v1.AdminKeysRequest
+	16, // 15: hsmagent.v1.Admin.GenerateKey:input_type -> hsmagent.v1.GenerateKeyRequest
+	18, // 16: hsmagent.v1.Admin.DeleteKey:input_type -> hsmagent.v1.DeleteKeyRequest
+	20, // 17: hsmagent.v1.Admin.ImportCertificate:input_type -> hsmagent.v1.ImportCertificateRequest
+	22, // 18: hsmagent.v1.Admin.CreateCSR:input_type -> hsmagent.v1.CreateCSRRequest
+	5,  // 19: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
+	8,  // 20: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
+	11, // 21: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
+	5,  // 22: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
+	15, // 23: hsmagent.v1.Admin.Token:output_type -> hsmagent.v1.AdminTokenResponse
+	5,  // 24: hsmagent.v1.Admin.Keys:output_type -> hsmagent.v1.ListKeysResponse
+	17, // 25: hsmagent.v1.Admin.GenerateKey:output_type -> hsmagent.v1.GenerateKeyResponse
+	19, // 26: hsmagent.v1.Admin.DeleteKey:output_type -> hsmagent.v1.DeleteKeyResponse
+	21, // 27: hsmagent.v1.Admin.ImportCertificate:output_type -> hsmagent.v1.ImportCertificateResponse
+	23, // 28: hsmagent.v1.Admin.CreateCSR:output_type -> hsmagent.v1.CreateCSRResponse
+	19, // [19:29] is the sub-list for method output_type
+	9,  // [9:19] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_hsmagent_v1_agent_proto_init() }
@@ -907,9 +1541,9 @@ func file_hsmagent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hsmagent_v1_agent_proto_rawDesc), len(file_hsmagent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   10,
+			NumMessages:   21,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_hsmagent_v1_agent_proto_goTypes,
 		DependencyIndexes: file_hsmagent_v1_agent_proto_depIdxs,

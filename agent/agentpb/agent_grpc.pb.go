@@ -267,3 +267,333 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 	},
 	Metadata: "hsmagent/v1/agent.proto",
 }
+
+const (
+	Admin_Token_FullMethodName             = "/hsmagent.v1.Admin/Token"
+	Admin_Keys_FullMethodName              = "/hsmagent.v1.Admin/Keys"
+	Admin_GenerateKey_FullMethodName       = "/hsmagent.v1.Admin/GenerateKey"
+	Admin_DeleteKey_FullMethodName         = "/hsmagent.v1.Admin/DeleteKey"
+	Admin_ImportCertificate_FullMethodName = "/hsmagent.v1.Admin/ImportCertificate"
+	Admin_CreateCSR_FullMethodName         = "/hsmagent.v1.Admin/CreateCSR"
+)
+
+// AdminClient is the client API for Admin service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Admin changes the token's keys and certificates through the agent, the one
+// process that holds the PIN: the operator's lifecycle commands (keys
+// generate and delete, cert import, csr) call it when an agent runs. Every
+// call is allowed only to the callers the agent's admin rule names (by
+// default root alone; others get PERMISSION_DENIED), is recorded in the audit
+// trail, and a change is served at once: the key list is reloaded and
+// WatchKeys watchers are told, without SIGHUP.
+type AdminClient interface {
+	// Token names the token the agent serves, so that a command aimed at
+	// another token opens that one itself instead.
+	Token(ctx context.Context, in *AdminTokenRequest, opts ...grpc.CallOption) (*AdminTokenResponse, error)
+	// Keys lists every key of the token, whatever the access rules: what an
+	// administrator needs to renew a key it may not sign with.
+	Keys(ctx context.Context, in *AdminKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
+	// GenerateKey creates a sign-only, non-extractable key pair in the token.
+	GenerateKey(ctx context.Context, in *GenerateKeyRequest, opts ...grpc.CallOption) (*GenerateKeyResponse, error)
+	// DeleteKey destroys a key pair and its stored certificates.
+	DeleteKey(ctx context.Context, in *DeleteKeyRequest, opts ...grpc.CallOption) (*DeleteKeyResponse, error)
+	// ImportCertificate stores a certificate and its chain with a key.
+	ImportCertificate(ctx context.Context, in *ImportCertificateRequest, opts ...grpc.CallOption) (*ImportCertificateResponse, error)
+	// CreateCSR signs a certificate signing request for a key with that key.
+	// The caller sends a template; the agent takes only its subject and
+	// subject alternative names, puts the key's own public key in and signs:
+	// it never signs a request for another key, nor anything else.
+	CreateCSR(ctx context.Context, in *CreateCSRRequest, opts ...grpc.CallOption) (*CreateCSRResponse, error)
+}
+
+type adminClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewAdminClient(cc grpc.ClientConnInterface) AdminClient {
+	return &adminClient{cc}
+}
+
+func (c *adminClient) Token(ctx context.Context, in *AdminTokenRequest, opts ...grpc.CallOption) (*AdminTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AdminTokenResponse)
+	err := c.cc.Invoke(ctx, Admin_Token_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) Keys(ctx context.Context, in *AdminKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListKeysResponse)
+	err := c.cc.Invoke(ctx, Admin_Keys_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) GenerateKey(ctx context.Context, in *GenerateKeyRequest, opts ...grpc.CallOption) (*GenerateKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GenerateKeyResponse)
+	err := c.cc.Invoke(ctx, Admin_GenerateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) DeleteKey(ctx context.Context, in *DeleteKeyRequest, opts ...grpc.CallOption) (*DeleteKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteKeyResponse)
+	err := c.cc.Invoke(ctx, Admin_DeleteKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ImportCertificate(ctx context.Context, in *ImportCertificateRequest, opts ...grpc.CallOption) (*ImportCertificateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ImportCertificateResponse)
+	err := c.cc.Invoke(ctx, Admin_ImportCertificate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) CreateCSR(ctx context.Context, in *CreateCSRRequest, opts ...grpc.CallOption) (*CreateCSRResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateCSRResponse)
+	err := c.cc.Invoke(ctx, Admin_CreateCSR_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// AdminServer is the server API for Admin service.
+// All implementations must embed UnimplementedAdminServer
+// for forward compatibility.
+//
+// Admin changes the token's keys and certificates through the agent, the one
+// process that holds the PIN: the operator's lifecycle commands (keys
+// generate and delete, cert import, csr) call it when an agent runs. Every
+// call is allowed only to the callers the agent's admin rule names (by
+// default root alone; others get PERMISSION_DENIED), is recorded in the audit
+// trail, and a change is served at once: the key list is reloaded and
+// WatchKeys watchers are told, without SIGHUP.
+type AdminServer interface {
+	// Token names the token the agent serves, so that a command aimed at
+	// another token opens that one itself instead.
+	Token(context.Context, *AdminTokenRequest) (*AdminTokenResponse, error)
+	// Keys lists every key of the token, whatever the access rules: what an
+	// administrator needs to renew a key it may not sign with.
+	Keys(context.Context, *AdminKeysRequest) (*ListKeysResponse, error)
+	// GenerateKey creates a sign-only, non-extractable key pair in the token.
+	GenerateKey(context.Context, *GenerateKeyRequest) (*GenerateKeyResponse, error)
+	// DeleteKey destroys a key pair and its stored certificates.
+	DeleteKey(context.Context, *DeleteKeyRequest) (*DeleteKeyResponse, error)
+	// ImportCertificate stores a certificate and its chain with a key.
+	ImportCertificate(context.Context, *ImportCertificateRequest) (*ImportCertificateResponse, error)
+	// CreateCSR signs a certificate signing request for a key with that key.
+	// The caller sends a template; the agent takes only its subject and
+	// subject alternative names, puts the key's own public key in and signs:
+	// it never signs a request for another key, nor anything else.
+	CreateCSR(context.Context, *CreateCSRRequest) (*CreateCSRResponse, error)
+	mustEmbedUnimplementedAdminServer()
+}
+
+// UnimplementedAdminServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedAdminServer struct{}
+
+func (UnimplementedAdminServer) Token(context.Context, *AdminTokenRequest) (*AdminTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Token not implemented")
+}
+func (UnimplementedAdminServer) Keys(context.Context, *AdminKeysRequest) (*ListKeysResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Keys not implemented")
+}
+func (UnimplementedAdminServer) GenerateKey(context.Context, *GenerateKeyRequest) (*GenerateKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GenerateKey not implemented")
+}
+func (UnimplementedAdminServer) DeleteKey(context.Context, *DeleteKeyRequest) (*DeleteKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteKey not implemented")
+}
+func (UnimplementedAdminServer) ImportCertificate(context.Context, *ImportCertificateRequest) (*ImportCertificateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ImportCertificate not implemented")
+}
+func (UnimplementedAdminServer) CreateCSR(context.Context, *CreateCSRRequest) (*CreateCSRResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateCSR not implemented")
+}
+func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
+func (UnimplementedAdminServer) testEmbeddedByValue()               {}
+
+// UnsafeAdminServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to AdminServer will
+// result in compilation errors.
+type UnsafeAdminServer interface {
+	mustEmbedUnimplementedAdminServer()
+}
+
+func RegisterAdminServer(s grpc.ServiceRegistrar, srv AdminServer) {
+	// If the following call panics, it indicates UnimplementedAdminServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Admin_ServiceDesc, srv)
+}
+
+func _Admin_Token_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AdminTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Token(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Token_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Token(ctx, req.(*AdminTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_Keys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AdminKeysRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Keys(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Keys_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Keys(ctx, req.(*AdminKeysRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_GenerateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GenerateKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GenerateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GenerateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GenerateKey(ctx, req.(*GenerateKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_DeleteKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).DeleteKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_DeleteKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).DeleteKey(ctx, req.(*DeleteKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ImportCertificate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ImportCertificateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ImportCertificate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ImportCertificate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ImportCertificate(ctx, req.(*ImportCertificateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_CreateCSR_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateCSRRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).CreateCSR(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_CreateCSR_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).CreateCSR(ctx, req.(*CreateCSRRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Admin_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "hsmagent.v1.Admin",
+	HandlerType: (*AdminServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Token",
+			Handler:    _Admin_Token_Handler,
+		},
+		{
+			MethodName: "Keys",
+			Handler:    _Admin_Keys_Handler,
+		},
+		{
+			MethodName: "GenerateKey",
+			Handler:    _Admin_GenerateKey_Handler,
+		},
+		{
+			MethodName: "DeleteKey",
+			Handler:    _Admin_DeleteKey_Handler,
+		},
+		{
+			MethodName: "ImportCertificate",
+			Handler:    _Admin_ImportCertificate_Handler,
+		},
+		{
+			MethodName: "CreateCSR",
+			Handler:    _Admin_CreateCSR_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "hsmagent/v1/agent.proto",
+}

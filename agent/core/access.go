@@ -40,6 +40,7 @@ type Rule struct {
 type Policy struct {
 	ownUID int
 	rules  []resolvedRule
+	admin  resolvedRule // who may call the Admin operations besides root (admin.go)
 }
 
 type resolvedRule struct {
@@ -104,35 +105,44 @@ func NewPolicy(rules []Rule) (*Policy, error) {
 			}
 			rr.keys = append(rr.keys, kp)
 		}
-		for _, u := range r.Users {
-			id, err := lookupID(u, func(s string) (string, error) {
-				usr, err := user.Lookup(s)
-				if err != nil {
-					return "", err
-				}
-				return usr.Uid, nil
-			})
-			if err != nil {
-				return nil, &RuleError{Index: i, Err: fmt.Errorf(": unknown user %q%s", u, lookupCause(err))}
-			}
-			rr.uids = append(rr.uids, id)
-		}
-		for _, g := range r.Groups {
-			id, err := lookupID(g, func(s string) (string, error) {
-				grp, err := user.LookupGroup(s)
-				if err != nil {
-					return "", err
-				}
-				return grp.Gid, nil
-			})
-			if err != nil {
-				return nil, &RuleError{Index: i, Err: fmt.Errorf(": unknown group %q%s", g, lookupCause(err))}
-			}
-			rr.gids = append(rr.gids, id)
+		var err error
+		if rr.uids, rr.gids, err = resolveIDs(r.Users, r.Groups); err != nil {
+			return nil, &RuleError{Index: i, Err: err}
 		}
 		p.rules = append(p.rules, rr)
 	}
 	return p, nil
+}
+
+// resolveIDs resolves users and groups (names or numeric ids) to ids.
+func resolveIDs(users, groups []string) (uids, gids []int, err error) {
+	for _, u := range users {
+		id, err := lookupID(u, func(s string) (string, error) {
+			usr, err := user.Lookup(s)
+			if err != nil {
+				return "", err
+			}
+			return usr.Uid, nil
+		})
+		if err != nil {
+			return nil, nil, fmt.Errorf(": unknown user %q%s", u, lookupCause(err))
+		}
+		uids = append(uids, id)
+	}
+	for _, g := range groups {
+		id, err := lookupID(g, func(s string) (string, error) {
+			grp, err := user.LookupGroup(s)
+			if err != nil {
+				return "", err
+			}
+			return grp.Gid, nil
+		})
+		if err != nil {
+			return nil, nil, fmt.Errorf(": unknown group %q%s", g, lookupCause(err))
+		}
+		gids = append(gids, id)
+	}
+	return uids, gids, nil
 }
 
 // lookupCause explains a failed lookup unless the error only repeats "unknown".

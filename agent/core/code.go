@@ -19,6 +19,7 @@ const (
 	CodeInvalidArgument    Code = 3
 	CodeDeadlineExceeded   Code = 4
 	CodeNotFound           Code = 5
+	CodeAlreadyExists      Code = 6
 	CodePermissionDenied   Code = 7
 	CodeResourceExhausted  Code = 8
 	CodeFailedPrecondition Code = 9
@@ -30,10 +31,10 @@ const (
 
 var codeNames = map[Code]string{
 	CodeOK: "OK", CodeCanceled: "Canceled", CodeUnknown: "Unknown", CodeInvalidArgument: "InvalidArgument",
-	CodeDeadlineExceeded: "DeadlineExceeded", CodeNotFound: "NotFound", CodePermissionDenied: "PermissionDenied",
+	CodeDeadlineExceeded: "DeadlineExceeded", CodeNotFound: "NotFound", CodeAlreadyExists: "AlreadyExists", CodePermissionDenied: "PermissionDenied",
 	CodeResourceExhausted: "ResourceExhausted", CodeFailedPrecondition: "FailedPrecondition", CodeAborted: "Aborted",
 	CodeInternal: "Internal", CodeUnavailable: "Unavailable", CodeUnauthenticated: "Unauthenticated",
-	6: "AlreadyExists", 11: "OutOfRange", 12: "Unimplemented", 15: "DataLoss",
+	11: "OutOfRange", 12: "Unimplemented", 15: "DataLoss",
 }
 
 // String is the code's name, as gRPC spells it (and the audit records it).

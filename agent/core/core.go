@@ -115,6 +115,7 @@ type Core struct {
 	onHealth []func(serving bool)
 
 	reloadMu sync.Mutex // serialises reloads
+	adminMu  sync.Mutex // serialises the Admin operations that change the store (admin.go)
 	state    atomic.Pointer[state]
 	stopping chan struct{} // closed by Drain: ends watches, drains streams
 	stopOnce sync.Once

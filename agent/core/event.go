@@ -14,9 +14,10 @@ const (
 	EventList                    // a key listing
 	EventWatch                   // a key watch
 	EventConnect                 // a connection, refused at accept
+	EventAdmin                   // an operation of the Admin service (admin.go)
 )
 
-var eventNames = [...]string{EventSign: "sign", EventSignStream: "sign-stream", EventList: "list", EventWatch: "watch", EventConnect: "connect"}
+var eventNames = [...]string{EventSign: "sign", EventSignStream: "sign-stream", EventList: "list", EventWatch: "watch", EventConnect: "connect", EventAdmin: "admin"}
 
 // String is the event's name in the audit trail.
 func (e Event) String() string { return eventNames[e] }

@@ -215,7 +215,12 @@ type (
 	Rule      = core.Rule
 	RuleError = core.RuleError
 	KeyStore  = core.KeyStore
-	Key       = core.Key
+	// AdminRule, AdminRuleError and AdminStore: the Admin service's rule
+	// and the store it changes (agent/core/admin.go).
+	AdminRule      = core.AdminRule
+	AdminRuleError = core.AdminRuleError
+	AdminStore     = core.AdminStore
+	Key            = core.Key
 	// KeyChangedError is the signer error that means the key under its
 	// label was replaced (see KeyStore).
 	KeyChangedError = core.KeyChangedError
@@ -227,14 +232,15 @@ type (
 )
 
 var (
-	NewPolicy         = core.NewPolicy
-	NewMemoryStore    = core.NewMemoryStore
-	OpenAuditFile     = core.OpenAuditFile
-	ErrKeyNotFound    = core.ErrKeyNotFound
-	Listen            = listen.Listen
-	ListenWith        = listen.ListenWith
-	InheritedListener = listen.InheritedListener
-	ReadPeer          = listen.ReadPeer
+	NewPolicy          = core.NewPolicy
+	NewPolicyWithAdmin = core.NewPolicyWithAdmin
+	NewMemoryStore     = core.NewMemoryStore
+	OpenAuditFile      = core.OpenAuditFile
+	ErrKeyNotFound     = core.ErrKeyNotFound
+	Listen             = listen.Listen
+	ListenWith         = listen.ListenWith
+	InheritedListener  = listen.InheritedListener
+	ReadPeer           = listen.ReadPeer
 )
 
 const (

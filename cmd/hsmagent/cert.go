@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/d1"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/urfave/cli/v2"
@@ -20,7 +21,7 @@ func certCommand() *cli.Command {
 			{
 				Name:  "import",
 				Usage: "store a certificate (and its chain) with a key, replacing the old one",
-				Flags: append(tokenFlags(),
+				Flags: append(append(tokenFlags(), adminFlags()...),
 					&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required, unless the URI names the object)"},
 					&cli.StringFlag{Name: "cert", Usage: "PEM `FILE` with the certificate, may hold the chain too (required)"},
 					&cli.StringFlag{Name: "chain", Usage: "PEM `FILE` with the intermediate certificates"},
@@ -71,15 +72,23 @@ func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
 }
 
 func certImport(c *cli.Context) error {
-	sel, err := selectToken(c)
-	if err != nil {
-		return err
-	}
-	label, err := keyLabel(c, "key", sel)
+	label, err := adminLabel(c, "key")
 	if err != nil {
 		return err
 	}
 	certs, err := importedCerts(c)
+	if err != nil {
+		return err
+	}
+	client, socket, err := lifecycleAgent(c)
+	if err != nil {
+		return err
+	}
+	if client != nil {
+		defer client.Close()
+		return certImportByAgent(c, client, socket, label, certs)
+	}
+	sel, err := selectToken(c)
 	if err != nil {
 		return err
 	}
@@ -120,6 +129,41 @@ func certImport(c *cli.Context) error {
 			leaf.Subject, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.DateOnly), len(chain)-1, label)
 		return nil
 	})
+}
+
+// certImportByAgent has the agent order, check and store the
+// certificates; the warnings are this command's, from what it stored.
+func certImportByAgent(c *cli.Context, client *agent.Client, socket, label string, certs []*x509.Certificate) error {
+	ctx, cancel := adminContext(c)
+	defer cancel()
+	got, err := client.ImportCertificate(ctx, label, certs, c.String("chain") != "")
+	if err != nil {
+		return agentFailure(err)
+	}
+	chain := got.Key.Chain
+	if len(chain) == 0 {
+		return fmt.Errorf("the agent stored no certificate for key %q", label)
+	}
+	if got.KeptChain > 0 {
+		infof(c, "kept the %d chain certificate(s) stored with key %q: they still link to the new certificate", got.KeptChain, label)
+	}
+	warnings, err := hsm.ChainWarnings(chain, time.Now())
+	if err != nil {
+		return err
+	}
+	for _, w := range warnings {
+		warnf(c, "%s", w)
+	}
+	leaf := chain[0]
+	if w := d1.CheckImportEnv(leaf.Subject.CommonName, label); w != "" {
+		warnf(c, "%s", w)
+	}
+	if len(got.Previous) > 0 && got.Previous[0].Issuer.String() != leaf.Issuer.String() {
+		warnf(c, "the issuer changes from %q to %q; announce CA changes to Thales in advance (D1-S5)", got.Previous[0].Issuer, leaf.Issuer)
+	}
+	infof(c, "imported %q (serial %s, valid until %s) and %d chain certificate(s) for key %q through the agent at %s; it serves them now",
+		leaf.Subject, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.DateOnly), len(chain)-1, label, socket)
+	return nil
 }
 
 // keptChain is chain, or, for a lone leaf given without --chain, the leaf

@@ -42,6 +42,8 @@ type config struct {
 	Server server.Options
 
 	Access []server.Rule
+	// Admin names who may change the token through the agent besides root.
+	Admin server.AdminRule
 	// D1 holds the proxy and token settings per environment: PPR and PRD.
 	D1 map[string]*d1Section
 
@@ -258,9 +260,13 @@ func hasFlag(c *cli.Context, name string) bool {
 // policy builds the access policy from the rules, naming the rule's line
 // in the file when one is refused.
 func (cfg *config) policy() (*server.Policy, error) {
-	p, err := server.NewPolicy(cfg.Access)
+	p, err := server.NewPolicyWithAdmin(cfg.Access, cfg.Admin)
 	if err == nil {
 		return p, nil
+	}
+	var ae *server.AdminRuleError
+	if errors.As(err, &ae) {
+		return nil, fmt.Errorf("config setting \"admin\"%s: %w", cfg.lineOf("admin"), err)
 	}
 	var re *server.RuleError
 	if errors.As(err, &re) {

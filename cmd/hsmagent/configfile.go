@@ -30,7 +30,7 @@ func loadConfig(path string) (*config, error) {
 	}
 	r := &fileReader{cfg: cfg, merges: maxMerges}
 	if doc.Kind == yaml.DocumentNode && len(doc.Content) > 0 {
-		r.mapping(doc.Content[0], "", cfg.settings(), map[string]section{"access": r.access, "d1": r.d1})
+		r.mapping(doc.Content[0], "", cfg.settings(), map[string]section{"access": r.access, "admin": r.admin, "d1": r.d1})
 	}
 	switch {
 	case len(r.wrong) > 0:
@@ -184,6 +184,16 @@ func (r *fileReader) access(n *yaml.Node, path string) {
 			"keys": r.list(&rule.Keys), "users": r.list(&rule.Users), "groups": r.list(&rule.Groups)})
 		r.cfg.Access = append(r.cfg.Access, rule)
 	}
+}
+
+// admin decodes the admin rule: who may change the token through the
+// agent besides root.
+func (r *fileReader) admin(n *yaml.Node, path string) {
+	r.cfg.Admin = server.AdminRule{}
+	if isNull(n) {
+		return
+	}
+	r.mapping(n, path, nil, map[string]section{"users": r.list(&r.cfg.Admin.Users), "groups": r.list(&r.cfg.Admin.Groups)})
 }
 
 // list decodes a list of strings into dst.

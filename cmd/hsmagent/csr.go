@@ -23,7 +23,7 @@ Confirm the final CN pattern with the Thales Delivery Team before sending.
 
 Without a profile, a generic CSR with --subject and optional SANs, e.g. for the
 server certificate D1 connects to.`,
-		Flags: append(tokenFlags(),
+		Flags: append(append(tokenFlags(), adminFlags()...),
 			&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required, unless the URI names the object)"},
 			&cli.StringFlag{Name: "profile", Usage: "`PROFILE`: d1 for a Thales D1 client CSR"},
 			&cli.StringFlag{Name: "issuer-id", Usage: "D1 issuer identifier `ID` given by Thales"},
@@ -44,11 +44,7 @@ server certificate D1 connects to.`,
 }
 
 func csrAction(c *cli.Context) error {
-	sel, err := selectToken(c)
-	if err != nil {
-		return err
-	}
-	label, err := keyLabel(c, "key", sel)
+	label, err := adminLabel(c, "key")
 	if err != nil {
 		return err
 	}
@@ -65,22 +61,59 @@ func csrAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	client, _, err := lifecycleAgent(c)
+	if err != nil {
+		return err
+	}
+	if client != nil {
+		defer client.Close()
+		k, err := agentKey(c, client, label)
+		if err != nil {
+			return err
+		}
+		if err := d1Final(label, k.Public, d1req, &req); err != nil {
+			return err
+		}
+		der, err := agentCSR(c, client, label, k.Public, req)
+		if err != nil {
+			return err
+		}
+		return writeCSR(c, label, k.Public, der, req)
+	}
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
+	}
 	return withToken(sel, func(tok *hsm.Token) error {
 		signer, err := tok.Signer(label)
 		if err != nil {
 			return err
 		}
-		if d1req != nil {
-			// The CN names the key's real type, known only now.
-			if d1req.KeyType, err = d1.CNKeyType(signer.Public()); err != nil {
-				return fmt.Errorf("key %q: %w", label, err)
-			}
-			if req.Subject, err = d1req.Subject(); err != nil {
-				return fmt.Errorf("key %q: %w", label, err)
-			}
+		if err := d1Final(label, signer.Public(), d1req, &req); err != nil {
+			return err
 		}
-		return writeCSR(c, label, signer, req)
+		der, err := hsm.CreateCSR(signer, req)
+		if err != nil {
+			return err
+		}
+		return writeCSR(c, label, signer.Public(), der, req)
 	})
+}
+
+// d1Final completes a D1 request with the key's real type, which its CN
+// names and which is known only once the key is found.
+func d1Final(label string, pub crypto.PublicKey, d1req *d1.SubjectRequest, req *hsm.CSRRequest) error {
+	if d1req == nil {
+		return nil
+	}
+	var err error
+	if d1req.KeyType, err = d1.CNKeyType(pub); err != nil {
+		return fmt.Errorf("key %q: %w", label, err)
+	}
+	if req.Subject, err = d1req.Subject(); err != nil {
+		return fmt.Errorf("key %q: %w", label, err)
+	}
+	return nil
 }
 
 // d1Subject reads the D1 profile's flags (D1-C3, D1-C4) and checks them
@@ -135,18 +168,14 @@ func genericCSR(c *cli.Context) (hsm.CSRRequest, error) {
 	return req, nil
 }
 
-// writeCSR has the token sign the request and writes it as PEM.
-func writeCSR(c *cli.Context, label string, signer crypto.Signer, req hsm.CSRRequest) error {
-	der, err := hsm.CreateCSR(signer, req)
-	if err != nil {
-		return err
-	}
-	fp, err := hsm.PublicKeyFingerprint(signer.Public())
+// writeCSR writes the signed request as PEM, after a summary.
+func writeCSR(c *cli.Context, label string, pub crypto.PublicKey, der []byte, req hsm.CSRRequest) error {
+	fp, err := hsm.PublicKeyFingerprint(pub)
 	if err != nil {
 		return err
 	}
 	infof(c, "subject: %s", subjectInOrder(req.Subject))
-	infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(signer.Public()), fp)
+	infof(c, "key: %q (%s), public key SHA-256: %s", label, hsm.KeyTypeOf(pub), fp)
 	if err := writeOutput(c, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})); err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/urfave/cli/v2"
 )
@@ -19,10 +20,10 @@ func keysCommand() *cli.Command {
 			{
 				Name:  "generate",
 				Usage: "generate a key pair inside the token (sensitive, never extractable, sign-only)",
-				Flags: append(tokenFlags(),
+				Flags: append(append(tokenFlags(), adminFlags()...),
 					&cli.StringFlag{Name: "label", Usage: "key `LABEL`, e.g. d1-ppr-mtls (required, unless the URI names the object)"},
 					&cli.StringFlag{Name: "type", Usage: "`TYPE`: ecdsa-p256 or rsa-4096 for D1; also ecdsa-p384, rsa-2048, rsa-3072", Value: "ecdsa-p256"},
-					&cli.StringFlag{Name: "id", Usage: "CKA_ID as `HEX` (default: 8 random bytes)"},
+					&cli.StringFlag{Name: "id", Usage: "CKA_ID as `HEX` (default: 8 random bytes; with --direct only)"},
 					jsonFlag,
 				),
 				Action: keysGenerate,
@@ -36,7 +37,7 @@ func keysCommand() *cli.Command {
 			{
 				Name:  "delete",
 				Usage: "delete a key pair and its certificates",
-				Flags: append(tokenFlags(),
+				Flags: append(append(tokenFlags(), adminFlags()...),
 					&cli.StringFlag{Name: "label", Usage: "key `LABEL` (required, unless the URI names the object)"},
 					&cli.BoolFlag{Name: "yes", Usage: "confirm: the key is destroyed for good"},
 				),
@@ -47,11 +48,7 @@ func keysCommand() *cli.Command {
 }
 
 func keysGenerate(c *cli.Context) error {
-	sel, err := selectToken(c)
-	if err != nil {
-		return err
-	}
-	label, err := keyLabel(c, "label", sel)
+	label, err := adminLabel(c, "label")
 	if err != nil {
 		return err
 	}
@@ -64,6 +61,21 @@ func keysGenerate(c *cli.Context) error {
 		if id, err = hex.DecodeString(strings.TrimPrefix(s, "0x")); err != nil || len(id) == 0 {
 			return usagef("--id %q is not hexadecimal", s)
 		}
+	}
+	client, socket, err := lifecycleAgent(c)
+	if err != nil {
+		return err
+	}
+	if client != nil {
+		defer client.Close()
+		if id != nil {
+			return usagef("--id is for --direct only: the agent gives each key a random id")
+		}
+		return keysGenerateByAgent(c, client, socket, label, kt)
+	}
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
 	}
 	return withToken(sel, func(tok *hsm.Token) error {
 		if kt == hsm.RSA4096 {
@@ -84,6 +96,32 @@ func keysGenerate(c *cli.Context) error {
 		infof(c, "public key SHA-256: %s", fp)
 		return nil
 	})
+}
+
+// keysGenerateByAgent has the agent generate the key in its token.
+func keysGenerateByAgent(c *cli.Context, client *agent.Client, socket, label string, kt hsm.KeyType) error {
+	if kt == hsm.RSA4096 {
+		infof(c, "generating %s key %q inside the token (RSA 4096 can take a few seconds)...", kt, label)
+	}
+	ctx, cancel := adminContext(c)
+	defer cancel()
+	k, err := client.GenerateKey(ctx, label, string(kt))
+	if err != nil {
+		return agentFailure(err)
+	}
+	// The agent's token checked the key's attributes as it made it: a key
+	// that is not sign-only and never extractable is deleted and refused.
+	hk := &hsm.Key{Label: k.Label, ID: k.ID, Type: hsm.KeyTypeOf(k.Public), Public: k.Public, Chain: k.Chain, Usage: hsm.Usage{Sign: true, Sensitive: true, AlwaysSensitive: true, NeverExtractable: true}}
+	if c.Bool("json") {
+		return writeJSON(c, keyJSON(hk))
+	}
+	fp, err := hsm.PublicKeyFingerprint(k.Public)
+	if err != nil {
+		return err
+	}
+	infof(c, "generated %s key %q (id %x) through the agent at %s; it serves it now", hk.Type, k.Label, k.ID, socket)
+	infof(c, "public key SHA-256: %s", fp)
+	return nil
 }
 
 type keyView struct {
@@ -161,16 +199,30 @@ func keysList(c *cli.Context) error {
 }
 
 func keysDelete(c *cli.Context) error {
-	sel, err := selectToken(c)
-	if err != nil {
-		return err
-	}
-	label, err := keyLabel(c, "label", sel)
+	label, err := adminLabel(c, "label")
 	if err != nil {
 		return err
 	}
 	if !c.Bool("yes") {
 		return usagef("deleting key %q destroys it for good; add --yes to confirm", label)
+	}
+	client, socket, err := lifecycleAgent(c)
+	if err != nil {
+		return err
+	}
+	if client != nil {
+		defer client.Close()
+		ctx, cancel := adminContext(c)
+		defer cancel()
+		if err := client.DeleteKey(ctx, label); err != nil {
+			return agentFailure(err)
+		}
+		infof(c, "deleted key %q and its certificates through the agent at %s", label, socket)
+		return nil
+	}
+	sel, err := selectToken(c)
+	if err != nil {
+		return err
 	}
 	return withToken(sel, func(tok *hsm.Token) error {
 		if err := tok.DeleteKey(label); err != nil {

@@ -20,10 +20,16 @@ type Store struct {
 	Token *hsm.Token
 }
 
-var _ server.KeyStore = (*Store)(nil)
+var (
+	_ server.KeyStore   = (*Store)(nil)
+	_ server.AdminStore = (*Store)(nil) // the Admin service changes the token through it
+)
 
 // New returns the store for an open token; closing the token is the caller's job.
 func New(tok *hsm.Token) *Store { return &Store{Token: tok} }
+
+// TokenLabel is the token's label, which the Admin service reports.
+func (s *Store) TokenLabel() string { return s.Token.Label() }
 
 // Keys implements server.KeyStore.
 func (s *Store) Keys() ([]server.Key, error) {

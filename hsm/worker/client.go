@@ -368,6 +368,16 @@ func (s *Store) worker() (*proc, error) {
 // call sends a request built by msg for id and waits for its answer. A
 // call not yet sent when its worker dies is sent to the next one.
 func (s *Store) call(msg func(b []byte, id uint64) []byte, sign bool) (answer, error) {
+	return s.send(msg, sign, 0)
+}
+
+// callGrace is call for a request that may take grace longer than
+// KillAfter before the worker counts as stuck (an RSA key generated).
+func (s *Store) callGrace(msg func(b []byte, id uint64) []byte, grace time.Duration) (answer, error) {
+	return s.send(msg, false, grace)
+}
+
+func (s *Store) send(msg func(b []byte, id uint64) []byte, sign bool, grace time.Duration) (answer, error) {
 	type result struct {
 		a   answer
 		err error
@@ -379,7 +389,7 @@ func (s *Store) call(msg func(b []byte, id uint64) []byte, sign bool) (answer, e
 		if err != nil {
 			return answer{}, err
 		}
-		if p.start(msg, sign, done) {
+		if p.start(msg, sign, grace, done) {
 			r := <-got
 			return r.a, r.err
 		}
@@ -391,7 +401,7 @@ func (s *Store) call(msg func(b []byte, id uint64) []byte, sign bool) (answer, e
 // socket, anything else in a frame; done gets its answer, or the error of
 // the worker's end. It reports false, and done is never called, when the
 // request did not leave because p had died.
-func (p *proc) start(msg func(b []byte, id uint64) []byte, sign bool, done func(answer, error)) bool {
+func (p *proc) start(msg func(b []byte, id uint64) []byte, sign bool, grace time.Duration, done func(answer, error)) bool {
 	p.mu.Lock()
 	if p.why != nil {
 		p.mu.Unlock()
@@ -399,7 +409,7 @@ func (p *proc) start(msg func(b []byte, id uint64) []byte, sign bool, done func(
 	}
 	p.next++
 	id := p.next
-	p.pending[id] = &call{sent: time.Now(), done: done}
+	p.pending[id] = &call{sent: time.Now().Add(grace), done: done} // the stuck watch counts from sent
 	p.mu.Unlock()
 	var err error
 	if sign {
@@ -482,7 +492,7 @@ func (p *proc) complete(msg []byte) bool {
 		return false
 	}
 	typ, id, rest := parseHeader(msg)
-	if typ != msgSign && typ != msgKeys {
+	if typ < msgKeys || typ > msgSetChain {
 		p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
 		return false
 	}
@@ -626,7 +636,7 @@ func (k *signer) SignAsync(digest []byte, opts crypto.SignerOpts, done func([]by
 	k.s.mu.Lock()
 	p, closed := k.s.cur, k.s.closed
 	k.s.mu.Unlock()
-	if p != nil && !closed && p.start(msg, true, func(a answer, err error) { done(k.result(a, err)) }) {
+	if p != nil && !closed && p.start(msg, true, 0, func(a answer, err error) { done(k.result(a, err)) }) {
 		return
 	}
 	go func() { done(k.result(k.s.call(msg, true))) }()

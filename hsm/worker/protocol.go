@@ -24,6 +24,10 @@ const (
 	msgInit byte = iota + 1 // agent to worker: config and PIN (JSON); answered once
 	msgKeys                 // the keys with their chains (JSON answer)
 	msgSign                 // one signature
+	// The Admin operations, JSON both ways (admin.go).
+	msgGenerate // a key pair generated; answered with its PKIX public key
+	msgDelete   // a key pair destroyed with its chain
+	msgSetChain // a certificate chain stored with a key
 )
 
 // Statuses of an answer.

@@ -1,6 +1,7 @@
-// Package grpcsvc is the agent's gRPC transport: the hsmagent.v1 service
-// and the health service over connections a listen.Mux hands it, each
-// call answered by the signing core with the credentials read at accept.
+// Package grpcsvc is the agent's gRPC transport: the hsmagent.v1 services
+// (Agent, and Admin for the operator's lifecycle commands) and the health
+// service over connections a listen.Mux hands it, each call answered by
+// the signing core with the credentials read at accept.
 package grpcsvc
 
 import (
@@ -78,6 +79,7 @@ func New(c *core.Core, o Options) *Service {
 		grpc.SharedWriteBuffer(true),
 	)
 	agentpb.RegisterAgentServer(s.grpc, s)
+	agentpb.RegisterAdminServer(s.grpc, adminService{core: c})
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	// For callers in other languages (grpcurl list, describe): the
