@@ -1,0 +1,294 @@
+package softhsmtest
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rsa"
+	_ "crypto/sha256" // crypto.SHA256.New
+	_ "crypto/sha512"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// p11KitClient is Debian's p11-kit-client.so (package p11-kit-modules):
+// the PKCS#11 module that forwards every call to P11_KIT_SERVER_ADDRESS.
+func p11KitClient(tb testing.TB) string {
+	tb.Helper()
+	for _, dir := range []string{"/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"} {
+		if p := filepath.Join(dir, "pkcs11", "p11-kit-client.so"); fileExists(p) {
+			if _, err := exec.LookPath("pkcs11-tool"); err == nil {
+				return p
+			}
+		}
+	}
+	if os.Getenv("CI") != "" {
+		tb.Fatal("p11-kit-client.so or pkcs11-tool is missing: apt-get install p11-kit-modules opensc")
+	}
+	tb.Skip("p11-kit-client.so or pkcs11-tool is missing (apt-get install p11-kit-modules opensc)")
+	return ""
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// p11Fixture is a token with an EC key (with a certificate and its chain)
+// and an RSA key, served by "hsmagent serve" with --pkcs11-socket.
+type p11Fixture struct {
+	fx     *Token
+	d      *daemon
+	module string
+	socket string // the PKCS#11 socket
+	keys   map[string]keyFacts
+	dir    string
+	public string // a directory every uid may read
+}
+
+type keyFacts struct {
+	id  string // hex
+	pub crypto.PublicKey
+}
+
+func startP11(t *testing.T, config string) *p11Fixture {
+	t.Helper()
+	p := &p11Fixture{module: p11KitClient(t), fx: New(t), keys: map[string]keyFacts{}, dir: t.TempDir()}
+	fx := p.fx
+	fx.ok(t, fx.args([]string{"keys", "generate"}, "--label", "ec", "--type", "ecdsa-p256")...)
+	fx.ok(t, fx.args([]string{"keys", "generate"}, "--label", "rsa", "--type", "rsa-2048")...)
+	tok := fx.Open(t)
+	for _, label := range []string{"ec", "rsa"} {
+		k, err := tok.Key(label)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.keys[label] = keyFacts{id: hex.EncodeToString(k.ID), pub: k.Public}
+	}
+	tok.Close()
+	ca := NewCAWithIntermediate(t, "PKCS11 CA")
+	now := time.Now()
+	leaf := ca.Leaf(t, pkix.Name{CommonName: "ec"}, p.keys["ec"].pub, now.Add(-time.Hour), now.Add(48*time.Hour))
+	fx.ok(t, fx.args([]string{"cert", "import"}, "--key", "ec",
+		"--cert", writePEM(t, filepath.Join(p.dir, "leaf.pem"), leaf),
+		"--chain", writePEM(t, filepath.Join(p.dir, "chain.pem"), ca.Chain()...))...)
+
+	// Sockets in a directory every user may walk, so that other uids reach them.
+	sockDir := SocketDir(t)
+	if err := os.Chmod(sockDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p.socket, p.public = filepath.Join(sockDir, "pkcs11.sock"), sockDir
+	args := append([]string{"serve", "--socket", filepath.Join(sockDir, "agent.sock"), "--pkcs11-socket", p.socket,
+		"--socket-mode", "0666"}, fx.tokenArgs()...)
+	if config != "" {
+		path := filepath.Join(p.dir, "agent.yaml")
+		if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args = append(args, "--config", path)
+	}
+	cmd := exec.Command(binary, args...)
+	cmd.Env = fx.Env()
+	p.d = fx.runDaemon(t, &daemon{socket: filepath.Join(sockDir, "agent.sock")}, cmd)
+	return p
+}
+
+// tool runs pkcs11-tool on p11-kit-client.so pointed at the agent, as the
+// test's user or, with uid >= 0, as that uid (setpriv).
+func (p *p11Fixture) tool(t *testing.T, uid int, args ...string) (string, error) {
+	t.Helper()
+	argv := append([]string{"--module", p.module}, args...)
+	cmd := exec.Command("pkcs11-tool", argv...)
+	if uid >= 0 {
+		cmd = exec.Command("setpriv", append([]string{"--reuid=" + itoa(uid), "--regid=" + itoa(uid), "--clear-groups", "pkcs11-tool"}, argv...)...)
+	}
+	cmd.Env = []string{"P11_KIT_SERVER_ADDRESS=unix:path=" + p.socket, "PATH=" + os.Getenv("PATH")}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func itoa(i int) string { return big.NewInt(int64(i)).String() }
+
+// TestPKCS11ToolThroughP11KitClient: OpenSC's pkcs11-tool, loading Debian's
+// p11-kit-client.so (protocol version 0), sees the agent's token, its
+// objects, and signs with each key and each mechanism that client carries;
+// each signature verifies against the key's public key. Writes are refused.
+func TestPKCS11ToolThroughP11KitClient(t *testing.T) {
+	p := startP11(t, "")
+	out, err := p.tool(t, -1, "--list-slots")
+	if err != nil {
+		t.Fatalf("pkcs11-tool -L: %v\n%s", err, out)
+	}
+	for _, want := range []string{"token label        : hsmagent", "token initialized", "readonly"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("pkcs11-tool -L has no %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "login required") {
+		t.Errorf("the token asks for a login:\n%s", out)
+	}
+
+	out, err = p.tool(t, -1, "--list-objects")
+	if err != nil {
+		t.Fatalf("pkcs11-tool -O: %v\n%s", err, out)
+	}
+	for _, want := range []string{"Private Key Object; EC", "Private Key Object; RSA", "Public Key Object; RSA 2048 bits",
+		"Certificate Object; type = X.509 cert", "label:      ec chain 1", "subject:    DN: CN=ec",
+		"ID:         " + p.keys["ec"].id, "Access:     sensitive, always sensitive, never extractable"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("pkcs11-tool -O has no %q:\n%s", want, out)
+		}
+	}
+
+	data := []byte("signed through p11-kit-client.so\n")
+	sum := func(h crypto.Hash) []byte { x := h.New(); x.Write(data); return x.Sum(nil) }
+	dataFile := filepath.Join(p.dir, "data")
+	os.WriteFile(dataFile, data, 0o644)
+	for _, tc := range []struct {
+		mech  string
+		key   string
+		hash  crypto.Hash
+		input []byte // what pkcs11-tool is given; nil: data
+		extra []string
+		pss   bool
+	}{
+		{mech: "ECDSA", key: "ec", hash: crypto.SHA256, input: sum(crypto.SHA256)},
+		{mech: "ECDSA", key: "ec", hash: crypto.SHA384, input: sum(crypto.SHA384)},
+		{mech: "RSA-PKCS", key: "rsa", hash: crypto.SHA256, input: digestInfo256(sum(crypto.SHA256))},
+		{mech: "SHA256-RSA-PKCS", key: "rsa", hash: crypto.SHA256},
+		{mech: "SHA384-RSA-PKCS", key: "rsa", hash: crypto.SHA384},
+		{mech: "SHA512-RSA-PKCS", key: "rsa", hash: crypto.SHA512},
+		{mech: "RSA-PKCS-PSS", key: "rsa", hash: crypto.SHA256, input: sum(crypto.SHA256), pss: true,
+			extra: []string{"--hash-algorithm", "SHA256", "--mgf", "MGF1-SHA256"}},
+		{mech: "RSA-PKCS-PSS", key: "rsa", hash: crypto.SHA512, input: sum(crypto.SHA512), pss: true,
+			extra: []string{"--hash-algorithm", "SHA512", "--mgf", "MGF1-SHA512"}},
+	} {
+		t.Run(tc.mech+"-"+tc.hash.String(), func(t *testing.T) {
+			in := dataFile
+			if tc.input != nil {
+				in = filepath.Join(p.dir, tc.mech+tc.hash.String()+".in")
+				os.WriteFile(in, tc.input, 0o644)
+			}
+			sigFile := filepath.Join(p.dir, tc.mech+tc.hash.String()+".sig")
+			args := append([]string{"--sign", "-m", tc.mech, "--id", p.keys[tc.key].id, "-i", in, "-o", sigFile}, tc.extra...)
+			if out, err := p.tool(t, -1, args...); err != nil {
+				t.Fatalf("pkcs11-tool %v: %v\n%s", args, err, out)
+			}
+			sig, err := os.ReadFile(sigFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			verifyP11(t, p.keys[tc.key].pub, tc.hash, sum(tc.hash), sig, tc.pss)
+		})
+	}
+
+	// OpenSSL agrees: the RSA signature verifies with openssl dgst.
+	sigFile := filepath.Join(p.dir, "SHA256-RSA-PKCSSHA-256.sig")
+	pubFile := filepath.Join(p.dir, "rsa.pub.pem")
+	der, _ := x509.MarshalPKIXPublicKey(p.keys["rsa"].pub)
+	os.WriteFile(pubFile, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o644)
+	if out, err := exec.Command("openssl", "dgst", "-sha256", "-verify", pubFile, "-signature", sigFile, dataFile).CombinedOutput(); err != nil {
+		t.Errorf("openssl dgst -verify: %v\n%s", err, out)
+	}
+
+	// Any PIN logs in; the agent never asks for the HSM's.
+	if out, err := p.tool(t, -1, "--login", "--pin", "not-the-hsm-pin", "--sign", "-m", "ECDSA", "--id", p.keys["ec"].id,
+		"-i", filepath.Join(p.dir, "ECDSASHA-256.in"), "-o", filepath.Join(p.dir, "login.sig")); err != nil {
+		t.Errorf("signing after C_Login with any PIN: %v\n%s", err, out)
+	}
+	// Writes are refused, with the code that says why.
+	out, err = p.tool(t, -1, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "new")
+	if err == nil || !strings.Contains(out, "CKR_TOKEN_WRITE_PROTECTED") {
+		t.Errorf("pkcs11-tool --keypairgen: %v, want CKR_TOKEN_WRITE_PROTECTED:\n%s", err, out)
+	}
+	if !regexp.MustCompile(`msg=sign .*key=rsa .*result=ok .*transport=pkcs11`).MatchString(p.d.logText()) {
+		t.Errorf("no audit record of a PKCS#11 signature naming the transport:\n%s", p.d.logText())
+	}
+}
+
+// TestPKCS11CallersSeeTheirKeys: each caller sees the keys its rules give
+// it, at once on the same socket; a caller no rule names sees an empty
+// token, and its listing is audited with the keys hidden from it.
+func TestPKCS11CallersSeeTheirKeys(t *testing.T) {
+	if os.Getuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("runs as root in CI: it connects as other uids with setpriv")
+		}
+		t.Skip("needs root, to connect as other uids with setpriv")
+	}
+	p := startP11(t, "access:\n  - keys: [\"ec\"]\n    users: [\"65534\"]\n")
+	for _, tc := range []struct {
+		name       string
+		uid        int
+		see, notSe []string
+	}{
+		{"the agent's own user: every key", -1, []string{"label:      ec", "label:      rsa"}, nil},
+		{"a rule's user: its key only", 65534, []string{"label:      ec", "Certificate Object"}, []string{"label:      rsa"}},
+		{"a user no rule names: nothing", 65533, nil, []string{"Private Key Object", "Certificate Object", "label:"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := p.tool(t, tc.uid, "--list-objects")
+			if err != nil {
+				t.Fatalf("pkcs11-tool -O as uid %d: %v\n%s", tc.uid, err, out)
+			}
+			for _, want := range tc.see {
+				if !strings.Contains(out, want) {
+					t.Errorf("uid %d does not see %q:\n%s", tc.uid, want, out)
+				}
+			}
+			for _, hidden := range tc.notSe {
+				if strings.Contains(out, hidden) {
+					t.Errorf("uid %d sees %q:\n%s", tc.uid, hidden, out)
+				}
+			}
+		})
+	}
+	if !regexp.MustCompile(`msg=list uid=65533 .*visible=0 hidden=2 .*transport=pkcs11`).MatchString(p.d.logText()) {
+		t.Errorf("no audit record of the refused caller's listing:\n%s", p.d.logText())
+	}
+	// Signing with a key the rules do not give it fails: it finds no key.
+	in := filepath.Join(p.public, "digest")
+	os.WriteFile(in, make([]byte, 32), 0o644)
+	out, err := p.tool(t, 65533, "--sign", "-m", "ECDSA", "--id", p.keys["ec"].id, "-i", in, "-o", "/dev/null")
+	if err == nil || !strings.Contains(out, "not found") {
+		t.Errorf("uid 65533 signing with a key no rule gives it: %v, want the key not found:\n%s", err, out)
+	}
+}
+
+func digestInfo256(digest []byte) []byte {
+	prefix := []byte{0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20}
+	return append(prefix, digest...)
+}
+
+// verifyP11 checks a signature in PKCS#11's form (ECDSA as r||s) of digest.
+func verifyP11(t *testing.T, pub crypto.PublicKey, h crypto.Hash, digest, sig []byte, pss bool) {
+	t.Helper()
+	switch pub := pub.(type) {
+	case *ecdsa.PublicKey:
+		if len(sig) != 64 {
+			t.Fatalf("ECDSA P-256 signature of %d bytes, want r||s of 64", len(sig))
+		}
+		if !ecdsa.Verify(pub, digest, new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])) {
+			t.Fatal("the ECDSA signature does not verify")
+		}
+	case *rsa.PublicKey:
+		var err error
+		if pss {
+			err = rsa.VerifyPSS(pub, h, digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+		} else {
+			err = rsa.VerifyPKCS1v15(pub, h, digest, sig)
+		}
+		if err != nil {
+			t.Fatalf("the RSA signature does not verify: %v", err)
+		}
+	default:
+		t.Fatalf("key of type %T", pub)
+	}
+}
