@@ -11,11 +11,13 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -50,6 +52,7 @@ type p11Fixture struct {
 	keys   map[string]keyFacts
 	dir    string
 	public string // a directory every uid may read
+	ca     *CA
 }
 
 type keyFacts struct {
@@ -72,12 +75,15 @@ func startP11(t *testing.T, config string) *p11Fixture {
 		p.keys[label] = keyFacts{id: hex.EncodeToString(k.ID), pub: k.Public}
 	}
 	tok.Close()
-	ca := NewCAWithIntermediate(t, "PKCS11 CA")
+	p.ca = NewCAWithIntermediate(t, "PKCS11 CA")
 	now := time.Now()
-	leaf := ca.Leaf(t, pkix.Name{CommonName: "ec"}, p.keys["ec"].pub, now.Add(-time.Hour), now.Add(48*time.Hour))
-	fx.ok(t, fx.args([]string{"cert", "import"}, "--key", "ec",
-		"--cert", writePEM(t, filepath.Join(p.dir, "leaf.pem"), leaf),
-		"--chain", writePEM(t, filepath.Join(p.dir, "chain.pem"), ca.Chain()...))...)
+	chain := writePEM(t, filepath.Join(p.dir, "chain.pem"), p.ca.Chain()...)
+	writePEM(t, filepath.Join(p.dir, "root.pem"), p.ca.Cert)
+	for _, label := range []string{"ec", "rsa"} {
+		leaf := p.ca.Leaf(t, pkix.Name{CommonName: label}, p.keys[label].pub, now.Add(-time.Hour), now.Add(48*time.Hour), "localhost")
+		fx.ok(t, fx.args([]string{"cert", "import"}, "--key", label,
+			"--cert", writePEM(t, filepath.Join(p.dir, label+".pem"), leaf), "--chain", chain)...)
+	}
 
 	// Sockets in a directory every user may walk, so that other uids reach them.
 	sockDir := SocketDir(t)
@@ -291,4 +297,125 @@ func verifyP11(t *testing.T, pub crypto.PublicKey, h crypto.Hash, digest, sig []
 	default:
 		t.Fatalf("key of type %T", pub)
 	}
+}
+
+// TestPKCS11OpenSSLEngineAndCurl: OpenSSL's pkcs11 engine (libp11, package
+// libengine-pkcs11-openssl) loads p11-kit-client.so; openssl s_server signs
+// its handshakes with one agent key, curl as its mTLS client with the
+// other, in TLS 1.2 and 1.3, both key types on both sides (RSA signs
+// RSA-PSS there).
+func TestPKCS11OpenSSLEngineAndCurl(t *testing.T) {
+	engine := ""
+	for _, dir := range []string{"/usr/lib/x86_64-linux-gnu/engines-3", "/usr/lib/aarch64-linux-gnu/engines-3", "/usr/lib64/engines-3"} {
+		if fileExists(filepath.Join(dir, "pkcs11.so")) {
+			engine = filepath.Join(dir, "pkcs11.so")
+		}
+	}
+	if engine == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("OpenSSL's pkcs11 engine is missing: apt-get install libengine-pkcs11-openssl")
+		}
+		t.Skip("OpenSSL's pkcs11 engine is missing (apt-get install libengine-pkcs11-openssl)")
+	}
+	p := startP11(t, "")
+	conf := filepath.Join(p.dir, "openssl.cnf")
+	os.WriteFile(conf, []byte(`openssl_conf = openssl_init
+[openssl_init]
+engines = engine_section
+[engine_section]
+pkcs11 = pkcs11_section
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = `+engine+`
+MODULE_PATH = `+p.module+`
+init = 0
+`), 0o600)
+	env := []string{"OPENSSL_CONF=" + conf, "P11_KIT_SERVER_ADDRESS=unix:path=" + p.socket, "PATH=" + os.Getenv("PATH")}
+	for _, tc := range []struct{ server, client, tls string }{
+		{"ec", "rsa", "1.2"}, {"rsa", "ec", "1.2"}, {"ec", "rsa", "1.3"}, {"rsa", "ec", "1.3"},
+	} {
+		t.Run(tc.server+"-server-"+tc.client+"-client-TLS"+tc.tls, func(t *testing.T) {
+			port := freePort(t)
+			flag := map[string]string{"1.2": "-tls1_2", "1.3": "-tls1_3"}[tc.tls]
+			srv := exec.Command("openssl", "s_server", "-accept", "127.0.0.1:"+port, flag, "-www", "-naccept", "1",
+				"-cert", filepath.Join(p.dir, tc.server+".pem"), "-cert_chain", filepath.Join(p.dir, "chain.pem"),
+				"-engine", "pkcs11", "-keyform", "engine", "-key", "pkcs11:object="+tc.server+";type=private",
+				"-Verify", "2", "-CAfile", filepath.Join(p.dir, "root.pem"), "-chainCAfile", filepath.Join(p.dir, "chain.pem"))
+			srv.Env = env
+			var srvOut syncBuf
+			srv.Stdout, srv.Stderr = &srvOut, &srvOut
+			if err := srv.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { srv.Process.Kill(); srv.Wait() }()
+			deadline := time.Now().Add(10 * time.Second)
+			for !strings.Contains(srvOut.String(), "ACCEPT") {
+				if time.Now().After(deadline) {
+					t.Fatalf("openssl s_server did not start:\n%s", srvOut.String())
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			curl := exec.Command("curl", "-sS", "--max-time", "20", "--tlsv"+tc.tls, "--tls-max", tc.tls,
+				"--cacert", filepath.Join(p.dir, "root.pem"),
+				"--engine", "pkcs11", "--key-type", "ENG", "--key", "pkcs11:object="+tc.client+";type=private",
+				"--cert", filepath.Join(p.dir, tc.client+"-full.pem"), "https://localhost:"+port+"/")
+			os.WriteFile(filepath.Join(p.dir, tc.client+"-full.pem"), concat(t, filepath.Join(p.dir, tc.client+".pem"), filepath.Join(p.dir, "chain.pem")), 0o600)
+			curl.Env = env
+			out, err := curl.CombinedOutput()
+			if err != nil {
+				t.Fatalf("curl: %v\n%s\ns_server:\n%s", err, out, srvOut.String())
+			}
+			if want := "TLSv" + tc.tls; !strings.Contains(string(out), want) {
+				t.Errorf("s_server's page does not say %s:\n%s", want, out)
+			}
+			if !strings.Contains(string(out), "Subject: CN="+tc.client+"\n") {
+				t.Errorf("s_server did not see the client certificate of %q:\n%s", tc.client, out)
+			}
+		})
+	}
+	if n := len(regexp.MustCompile(`msg=sign .*result=ok .*transport=pkcs11`).FindAllString(p.d.logText(), -1)); n < 8 {
+		t.Errorf("%d audit records of the PKCS#11 transport, want a signature each side of 4 handshakes:\n%s", n, p.d.logText())
+	}
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return itoa(l.Addr().(*net.TCPAddr).Port)
+}
+
+func concat(t *testing.T, files ...string) []byte {
+	t.Helper()
+	var out []byte
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, b...)
+	}
+	return out
+}
+
+// syncBuf is an output buffer read while a process writes it.
+type syncBuf struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.b = append(s.b, p...)
+	return len(p), nil
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return string(s.b)
 }
