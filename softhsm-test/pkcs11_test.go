@@ -3,15 +3,21 @@ package softhsmtest
 import (
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/rsa"
 	_ "crypto/sha256" // crypto.SHA256.New
 	_ "crypto/sha512"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -418,4 +424,53 @@ func (s *syncBuf) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return string(s.b)
+}
+
+// TestPKCS11Java: Java 17's SunPKCS11 on p11-kit-client.so loads the
+// agent's token as a KeyStore without a PIN (each key an entry with its
+// chain: leaf and intermediate) and makes mTLS requests with its keys (EC
+// in TLS 1.3 and 1.2, RSA in 1.2) to a server that requires a client
+// certificate of the CA.
+func TestPKCS11Java(t *testing.T) {
+	if _, err := exec.LookPath("java"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("java is missing: apt-get install default-jdk-headless")
+		}
+		t.Skip("java is missing (apt-get install default-jdk-headless)")
+	}
+	p := startP11(t, "")
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverCert := p.ca.Leaf(t, pkix.Name{CommonName: "localhost"}, key.Public(), time.Now().Add(-time.Hour), time.Now().Add(time.Hour), "localhost")
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "client=%s", r.TLS.PeerCertificates[0].Subject.CommonName)
+	}))
+	srv.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: p.ca.Pool(),
+		Certificates: []tls.Certificate{{Certificate: [][]byte{serverCert.Raw, p.ca.Intermediate.Raw}, PrivateKey: key}}}
+	srv.StartTLS()
+	defer srv.Close()
+	cfg := filepath.Join(p.dir, "java-pkcs11.cfg")
+	os.WriteFile(cfg, []byte("name = hsmagent\nlibrary = "+p.module+"\nslotListIndex = 0\n"), 0o600)
+	port := srv.Listener.Addr().(*net.TCPAddr).Port
+	for _, tc := range []struct{ alias, protocol string }{{"ec", "TLSv1.3"}, {"ec", "TLSv1.2"}, {"rsa", "TLSv1.2"}} {
+		t.Run(tc.alias+"-"+tc.protocol, func(t *testing.T) {
+			cmd := exec.Command("java", "testdata/P11Client.java", cfg, filepath.Join(p.dir, "root.pem"),
+				fmt.Sprintf("https://localhost:%d/", port), tc.alias, tc.protocol)
+			cmd.Env = []string{"P11_KIT_SERVER_ADDRESS=unix:path=" + p.socket, "PATH=" + os.Getenv("PATH"), "HOME=" + p.dir}
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("java: %v\n%s", err, out)
+			}
+			for _, want := range []string{"entry ec key=true chain=2", "entry rsa key=true chain=2", "response client=" + tc.alias + "\n"} {
+				if !strings.Contains(string(out), want) {
+					t.Errorf("no %q:\n%s", want, out)
+				}
+			}
+		})
+	}
+	if !regexp.MustCompile(`msg=sign .*result=ok .*transport=pkcs11`).MatchString(p.d.logText()) {
+		t.Errorf("no signature by the agent for Java:\n%s", p.d.logText())
+	}
 }
