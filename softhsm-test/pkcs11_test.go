@@ -429,7 +429,7 @@ func (s *syncBuf) String() string {
 // TestPKCS11Java: Java 17's SunPKCS11 on p11-kit-client.so loads the
 // agent's token as a KeyStore without a PIN (each key an entry with its
 // chain: leaf and intermediate) and makes mTLS requests with its keys (EC
-// in TLS 1.3 and 1.2, RSA in 1.2) to a server that requires a client
+// and RSA, TLS 1.3 and 1.2: RSA-PSS in 1.3) to a server that requires a client
 // certificate of the CA.
 func TestPKCS11Java(t *testing.T) {
 	if _, err := exec.LookPath("java"); err != nil {
@@ -454,7 +454,7 @@ func TestPKCS11Java(t *testing.T) {
 	cfg := filepath.Join(p.dir, "java-pkcs11.cfg")
 	os.WriteFile(cfg, []byte("name = hsmagent\nlibrary = "+p.module+"\nslotListIndex = 0\n"), 0o600)
 	port := srv.Listener.Addr().(*net.TCPAddr).Port
-	for _, tc := range []struct{ alias, protocol string }{{"ec", "TLSv1.3"}, {"ec", "TLSv1.2"}, {"rsa", "TLSv1.2"}} {
+	for _, tc := range []struct{ alias, protocol string }{{"ec", "TLSv1.3"}, {"ec", "TLSv1.2"}, {"rsa", "TLSv1.3"}, {"rsa", "TLSv1.2"}} {
 		t.Run(tc.alias+"-"+tc.protocol, func(t *testing.T) {
 			cmd := exec.Command("java", "testdata/P11Client.java", cfg, filepath.Join(p.dir, "root.pem"),
 				fmt.Sprintf("https://localhost:%d/", port), tc.alias, tc.protocol)

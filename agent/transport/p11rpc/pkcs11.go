@@ -136,6 +136,7 @@ const (
 	ckfTokenInitialized   = 0x400
 	ckfRWSession          = 0x2
 	ckfSerialSession      = 0x4
+	ckfDigest             = 0x400
 	ckfSign               = 0x800
 	ckfVerify             = 0x2000
 	ckfECFP               = 0x100000

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"hash"
 	"io"
 	"log/slog"
 	"net"
@@ -146,6 +147,8 @@ type session struct {
 	finding bool
 	found   []uint64
 	sign    *signOp
+	digest  hash.Hash // a C_DigestInit's, under way
+	parts   bool      // C_DigestUpdate was called
 }
 
 func (s *Server) serveConn(pc *listen.Conn) {
@@ -259,6 +262,10 @@ var calls = map[uint32]call{
 	26: {"uaA", "", (*conn).findObjectsInit},
 	27: {"ufu", "au", (*conn).findObjects},
 	28: {"u", "", (*conn).findObjectsFinal},
+	37: {"uM", "", (*conn).digestInit},
+	38: {"uayfy", "ay", (*conn).digest},
+	39: {"uay", "", (*conn).digestUpdate},
+	41: {"ufy", "ay", (*conn).digestFinal},
 	42: {"uMu", "", (*conn).signInit},
 	43: {"uayfy", "ay", (*conn).sign},
 	44: {"uay", "", (*conn).signUpdate},
@@ -405,6 +412,12 @@ func (c *conn) getMechanismInfo(d *decoder, e *encoder) uint64 {
 	}
 	if slot != slotID {
 		return ckrSlotIDInvalid
+	}
+	if h, _ := hashOf(m); h != 0 {
+		e.Ulong(0)
+		e.Ulong(0)
+		e.Ulong(ckfDigest)
+		return ckrOK
 	}
 	info, ok := mechanismInfo[uint32(m)]
 	if !ok || m > 0xffffffff {
@@ -868,4 +881,105 @@ func (s *connSet) shutdown(ctx context.Context) {
 	}
 	s.mu.Unlock()
 	<-done
+}
+
+// The digests are the agent's own (no HSM): clients such as Java's
+// SunPKCS11 sign RSA-PSS with CKM_RSA_PKCS_PSS only if the token also
+// digests with the PSS hash.
+
+func (c *conn) digestInit(d *decoder, e *encoder) uint64 {
+	h := d.Ulong()
+	m := d.Mechanism()
+	if m.Unknown {
+		return ckrMechanismInvalid
+	}
+	if d.done() != nil {
+		return ckrOK
+	}
+	s := c.sessions[h]
+	if s == nil {
+		return ckrSessionHandleInvalid
+	}
+	if m.Null {
+		s.digest = nil
+		return ckrOK
+	}
+	if s.digest != nil {
+		return ckrOperationActive
+	}
+	alg, _ := hashOf(uint64(m.Type))
+	if alg == 0 || m.PSS != nil || len(m.Param) > 0 {
+		return ckrMechanismInvalid
+	}
+	s.digest, s.parts = alg.New(), false
+	return ckrOK
+}
+
+func (c *conn) digesting(h uint64) (*session, uint64) {
+	s := c.sessions[h]
+	if s == nil {
+		return nil, ckrSessionHandleInvalid
+	}
+	if s.digest == nil {
+		return nil, ckrOperationNotInitialized
+	}
+	return s, ckrOK
+}
+
+func (c *conn) digest(d *decoder, e *encoder) uint64 {
+	h := d.Ulong()
+	data := d.Bytes()
+	room, query := d.ByteBuffer()
+	if d.done() != nil {
+		return ckrOK
+	}
+	s, rv := c.digesting(h)
+	if rv != ckrOK {
+		return rv
+	}
+	if s.parts {
+		return ckrOperationActive
+	}
+	return digestOut(s, data, room, query, e)
+}
+
+func (c *conn) digestUpdate(d *decoder, e *encoder) uint64 {
+	h := d.Ulong()
+	data := d.Bytes()
+	if d.done() != nil {
+		return ckrOK
+	}
+	s, rv := c.digesting(h)
+	if rv != ckrOK {
+		return rv
+	}
+	s.parts = true
+	s.digest.Write(data)
+	return ckrOK
+}
+
+func (c *conn) digestFinal(d *decoder, e *encoder) uint64 {
+	h := d.Ulong()
+	room, query := d.ByteBuffer()
+	if d.done() != nil {
+		return ckrOK
+	}
+	s, rv := c.digesting(h)
+	if rv != ckrOK {
+		return rv
+	}
+	return digestOut(s, nil, room, query, e)
+}
+
+// digestOut ends s's digest, or answers its length as finish does.
+func digestOut(s *session, data []byte, room uint32, query bool, e *encoder) uint64 {
+	size := s.digest.Size()
+	if query || int(room) < size {
+		e.Bytes(nil, size)
+		return ckrOK
+	}
+	s.digest.Write(data)
+	e.Bytes(s.digest.Sum(nil), size)
+	s.digest = nil
+	return ckrOK
 }

@@ -315,3 +315,38 @@ func TestSessionBoundAndIdleTimeout(t *testing.T) {
 		t.Fatal("the idle connection is still open")
 	}
 }
+
+// The token digests with SHA-2 itself (Java signs RSA-PSS only from a
+// token that also digests), in one part or several.
+func TestDigest(t *testing.T) {
+	a := startAgent(t, nil, Options{})
+	data := []byte("digested by the agent, in parts or at once")
+	for _, tc := range []struct {
+		mech uint32
+		hash crypto.Hash
+	}{{ckmSHA256, crypto.SHA256}, {ckmSHA384, crypto.SHA384}, {ckmSHA512, crypto.SHA512}} {
+		for _, parts := range []bool{false, true} {
+			c := dial(t, a.path, 2)
+			s := c.openSession()
+			c.mustOK(37, func(e *encoder) { e.Ulong(s); e.Mechanism(Mechanism{Type: tc.mech}) })
+			var d *decoder
+			if parts {
+				c.mustOK(39, func(e *encoder) { e.Ulong(s); e.Bytes(data[:5], 0) })
+				c.mustOK(39, func(e *encoder) { e.Ulong(s); e.Bytes(data[5:], 0) })
+				d = c.mustOK(41, func(e *encoder) { e.Ulong(s); e.u32(64) })
+			} else {
+				d = c.mustOK(38, func(e *encoder) { e.Ulong(s); e.Bytes(data, 0); e.u32(64) })
+			}
+			got := d.Bytes()
+			c.done(d)
+			h := tc.hash.New()
+			h.Write(data)
+			if want := h.Sum(nil); string(got) != string(want) {
+				t.Errorf("%v (parts %v): %x, want %x", tc.hash, parts, got, want)
+			}
+			if _, rv := c.call(41, func(e *encoder) { e.Ulong(s); e.u32(64) }); rv != ckrOperationNotInitialized {
+				t.Errorf("a digest after its end: %#x, want CKR_OPERATION_NOT_INITIALIZED", rv)
+			}
+		}
+	}
+}

@@ -16,7 +16,8 @@ import (
 // C_GetMechanismList gives them.
 var mechanisms = []uint64{ckmECDSA, ckmECDSASHA256, ckmECDSASHA384, ckmECDSASHA512,
 	ckmRSAPKCS, ckmSHA256RSAPKCS, ckmSHA384RSAPKCS, ckmSHA512RSAPKCS,
-	ckmRSAPKCSPSS, ckmSHA256RSAPKCSPSS, ckmSHA384RSAPKCSPSS, ckmSHA512RSAPKCSPSS}
+	ckmRSAPKCSPSS, ckmSHA256RSAPKCSPSS, ckmSHA384RSAPKCSPSS, ckmSHA512RSAPKCSPSS,
+	ckmSHA256, ckmSHA384, ckmSHA512}
 
 // mechanism is what one signature mechanism asks of the agent.
 type mechanism struct {
