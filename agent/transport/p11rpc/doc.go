@@ -22,7 +22,8 @@
 // PKCS #11 3.0 calls, answered CKR_FUNCTION_NOT_SUPPORTED); version 2
 // changes how a mechanism is encoded (no parameter field for mechanisms
 // without one, a presence byte before the others). A NULL mechanism (a
-// C_SignInit that cancels) is the type 0xffffffff in every version.
+// C_SignInit that cancels) is the type 0xffffffff in every version, and
+// the type 0 alone from the p11-kit clients (0.25.0 to 0.25.2) that sent it so.
 //
 // # Limits
 //

@@ -121,7 +121,8 @@ const (
 	ckmECDSASHA256      = 0x1044
 	ckmECDSASHA384      = 0x1045
 	ckmECDSASHA512      = 0x1046
-	nullMechanism       = 0xffffffff
+	nullMechanism       = 0xffffffff // a NULL CK_MECHANISM_PTR, from p11-kit 0.25.3
+	oldNullMechanism    = 0          // the same before 0.25.3
 
 	ckgMGF1SHA256 = 2
 	ckgMGF1SHA384 = 3

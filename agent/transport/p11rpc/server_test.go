@@ -1,11 +1,13 @@
 package p11rpc
 
 import (
+	"context"
 	"crypto"
 	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"strings"
 	"testing"
@@ -233,8 +235,8 @@ func digestInfo(t testing.TB, h crypto.Hash, digest []byte) []byte {
 	return append(append([]byte{}, prefix...), digest...)
 }
 
-// A NULL mechanism cancels the signature under way: in every version it
-// is the type 0xffffffff alone.
+// A NULL mechanism cancels the signature under way, in both of the
+// encodings p11-kit has used, in every version.
 func TestNullMechanismCancels(t *testing.T) {
 	a := startAgent(t, nil, Options{})
 	for version := byte(0); version <= 2; version++ {
@@ -251,11 +253,19 @@ func TestNullMechanismCancels(t *testing.T) {
 		if rv := init(Mechanism{Type: ckmECDSA}); rv != ckrOperationActive {
 			t.Fatalf("version %d: a second C_SignInit: %#x, want CKR_OPERATION_ACTIVE", version, rv)
 		}
-		if rv := init(Mechanism{Null: true}); rv != ckrOK {
-			t.Fatalf("version %d: cancelling: %#x", version, rv)
-		}
-		if rv := init(Mechanism{Type: ckmECDSA}); rv != ckrOK {
-			t.Fatalf("version %d: C_SignInit after the cancel: %#x", version, rv)
+		for _, cancel := range []struct {
+			name string
+			enc  func(e *encoder)
+		}{
+			{"0xffffffff (p11-kit 0.25.3 on)", func(e *encoder) { e.Mechanism(Mechanism{Null: true}) }},
+			{"the type 0 alone (p11-kit 0.25.0-0.25.2)", func(e *encoder) { e.u32(oldNullMechanism) }},
+		} {
+			if _, rv := c.call(42, func(e *encoder) { e.Ulong(s); cancel.enc(e); e.Ulong(key) }); rv != ckrOK {
+				t.Fatalf("version %d: cancelling with %s: %#x", version, cancel.name, rv)
+			}
+			if rv := init(Mechanism{Type: ckmECDSA}); rv != ckrOK {
+				t.Fatalf("version %d: C_SignInit after cancelling with %s: %#x", version, cancel.name, rv)
+			}
 		}
 	}
 }
@@ -348,5 +358,27 @@ func TestDigest(t *testing.T) {
 				t.Errorf("a digest after its end: %#x, want CKR_OPERATION_NOT_INITIALIZED", rv)
 			}
 		}
+	}
+}
+
+// Shutdown ends the connections waiting between calls at once, and takes
+// no new ones.
+func TestShutdownEndsIdleConnections(t *testing.T) {
+	a := startAgent(t, nil, Options{})
+	c := dial(t, a.path, 0)
+	c.openSession()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	a.srv.Shutdown(ctx)
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("Shutdown took %v with one idle connection", d)
+	}
+	if _, err := readFrame(c.conn, MaxMessage); !errors.Is(err, io.EOF) {
+		t.Errorf("the idle connection after Shutdown: %v, want closed", err)
+	}
+	if conn, err := net.Dial("unix", a.path); err == nil {
+		conn.Close()
+		t.Error("a connection was accepted after Shutdown")
 	}
 }
