@@ -238,6 +238,10 @@ func (d *decoder) ByteBuffer() (room uint32, null bool) {
 		null = d.u8() != 0
 	}
 	room = d.u32()
+	if room == nullArrayLength {
+		// p11-kit 0.25 sends a buffer of no room so, a NULL one as 0.
+		return 0, false
+	}
 	return room, null || room == 0
 }
 
