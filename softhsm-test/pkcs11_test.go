@@ -97,11 +97,12 @@ func startP11(t *testing.T, config string) *p11Fixture {
 		t.Fatal(err)
 	}
 	p.socket, p.public = filepath.Join(sockDir, "pkcs11.sock"), sockDir
-	args := append([]string{"serve", "--socket", filepath.Join(sockDir, "agent.sock"), "--pkcs11-socket", p.socket,
-		"--socket-mode", "0666"}, fx.tokenArgs()...)
-	if config != "" {
+	args := append([]string{"serve", "--socket", filepath.Join(sockDir, "agent.sock"), "--socket-mode", "0666"}, fx.tokenArgs()...)
+	if config == "" {
+		args = append(args, "--pkcs11-socket", p.socket)
+	} else { // the setting in the file, where the flag is not given
 		path := filepath.Join(p.dir, "agent.yaml")
-		if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+		if err := os.WriteFile(path, []byte("pkcs11_socket: "+p.socket+"\n"+config), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		args = append(args, "--config", path)
