@@ -335,8 +335,8 @@ func TestDigest(t *testing.T) {
 		mech uint32
 		hash crypto.Hash
 	}{{ckmSHA256, crypto.SHA256}, {ckmSHA384, crypto.SHA384}, {ckmSHA512, crypto.SHA512}} {
-		for _, parts := range []bool{false, true} {
-			c := dial(t, a.path, 2)
+		for i, parts := range []bool{false, true, false} {
+			c := dial(t, a.path, byte(i))
 			s := c.openSession()
 			c.mustOK(37, func(e *encoder) { e.Ulong(s); e.Mechanism(Mechanism{Type: tc.mech}) })
 			var d *decoder
@@ -356,6 +356,14 @@ func TestDigest(t *testing.T) {
 			}
 			if _, rv := c.call(41, func(e *encoder) { e.Ulong(s); e.u32(64) }); rv != ckrOperationNotInitialized {
 				t.Errorf("a digest after its end: %#x, want CKR_OPERATION_NOT_INITIALIZED", rv)
+			}
+			// Cancelled with a NULL mechanism, old encoding or new.
+			c.mustOK(37, func(e *encoder) { e.Ulong(s); e.Mechanism(Mechanism{Type: tc.mech}) })
+			c.mustOK(37, func(e *encoder) { e.Ulong(s); e.u32(oldNullMechanism) })
+			c.mustOK(37, func(e *encoder) { e.Ulong(s); e.Mechanism(Mechanism{Type: tc.mech}) })
+			c.mustOK(37, func(e *encoder) { e.Ulong(s); e.Mechanism(Mechanism{Null: true}) })
+			if _, rv := c.call(41, func(e *encoder) { e.Ulong(s); e.u32(64) }); rv != ckrOperationNotInitialized {
+				t.Errorf("a cancelled digest: %#x, want CKR_OPERATION_NOT_INITIALIZED", rv)
 			}
 		}
 	}

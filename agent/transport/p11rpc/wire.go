@@ -361,7 +361,7 @@ func (d *decoder) Mechanism() Mechanism {
 		m.Null = m.Type == nullMechanism
 		return m
 	}
-	if m.Type == oldNullMechanism && d.sig == "u" && len(d.b) == 8 {
+	if m.Type == oldNullMechanism && (d.sig == "u" && len(d.b) == 8 || d.sig == "" && len(d.b) == 0) {
 		// p11-kit 0.25.0-0.25.2 sent a NULL mechanism as the type 0
 		// alone (CKM_RSA_PKCS_KEY_PAIR_GEN, never an operation's).
 		m.Null = true
