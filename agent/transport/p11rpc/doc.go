@@ -12,8 +12,10 @@
 // private key, a public key, its certificate and its chain certificates.
 // No login is needed: the caller is known from the kernel (SO_PEERCRED),
 // the token says so in its flags, and a C_Login is accepted whatever PIN it
-// carries. Writes get CKR_TOKEN_WRITE_PROTECTED or CKR_SESSION_READ_ONLY,
-// calls the agent has no use for CKR_FUNCTION_NOT_SUPPORTED.
+// carries. It signs with ECDSA, RSA PKCS #1 v1.5 and RSA-PSS, hashing in
+// the agent for the mechanisms that hash, and digests with SHA-2 itself.
+// Writes get CKR_TOKEN_WRITE_PROTECTED or CKR_SESSION_READ_ONLY, calls the
+// agent has no use for CKR_FUNCTION_NOT_SUPPORTED.
 //
 // # Protocol versions
 //

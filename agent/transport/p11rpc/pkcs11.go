@@ -9,16 +9,12 @@ import "encoding/binary"
 const (
 	ckrOK                          = 0x000
 	ckrSlotIDInvalid               = 0x003
-	ckrGeneralError                = 0x005
 	ckrFunctionFailed              = 0x006
-	ckrArgumentsBad                = 0x007
 	ckrAttributeSensitive          = 0x011
 	ckrAttributeTypeInvalid        = 0x012
 	ckrDataInvalid                 = 0x020
 	ckrDataLenRange                = 0x021
 	ckrDeviceError                 = 0x030
-	ckrDeviceMemory                = 0x031
-	ckrDeviceRemoved               = 0x032
 	ckrFunctionCanceled            = 0x050
 	ckrFunctionNotSupported        = 0x054
 	ckrKeyHandleInvalid            = 0x060
@@ -38,10 +34,8 @@ const (
 	ckrUserAlreadyLoggedIn         = 0x100
 	ckrUserNotLoggedIn             = 0x101
 	ckrUserTypeInvalid             = 0x103
-	ckrRandomSeedNotSupported      = 0x120
 	ckrRandomNoRNG                 = 0x121
 	ckrBufferTooSmall              = 0x150
-	ckrFunctionRejected            = 0x200
 )
 
 // Attribute types.
@@ -139,7 +133,6 @@ const (
 	ckfSerialSession      = 0x4
 	ckfDigest             = 0x400
 	ckfSign               = 0x800
-	ckfVerify             = 0x2000
 	ckfECFP               = 0x100000
 	ckfECNamedCurve       = 0x800000
 	ckfECUncompress       = 0x1000000

@@ -84,7 +84,7 @@ type decoder struct {
 	err     error
 }
 
-// newDecoder reads body's call id and signature, which must be want's.
+// newDecoder reads body's call id; expect then reads its signature.
 func newDecoder(body []byte, version byte) (*decoder, uint32, error) {
 	d := &decoder{b: body, version: version}
 	id := d.u32()
