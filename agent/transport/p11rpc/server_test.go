@@ -390,3 +390,41 @@ func TestShutdownEndsIdleConnections(t *testing.T) {
 		t.Error("a connection was accepted after Shutdown")
 	}
 }
+
+// Newer p11-kit clients mark NULL output buffers with a byte of their own
+// ('fy', 'fA'); the last argument's size tells the two forms apart.
+func TestOutputBuffersWithPresenceBytes(t *testing.T) {
+	a := startAgent(t, nil, Options{})
+	c := dial(t, a.path, 2)
+	s := c.openSession()
+	key := c.find(s, ulongAttr(ckaClass, ckoPrivateKey), bytesAttr(ckaLabel, []byte("ec-key")))[0]
+	d := c.mustOK(24, func(e *encoder) {
+		e.Ulong(s)
+		e.Ulong(key)
+		e.u32(2)
+		e.u8(0) // the array is there
+		e.u32(ckaKeyType)
+		e.u8(0)
+		e.u32(8)
+		e.u32(ckaECParams)
+		e.u8(1) // a NULL value: its length only
+		e.u32(0)
+	})
+	attrs := d.Attrs()
+	rv := d.Ulong()
+	c.done(d)
+	if rv != ckrOK || string(attrs[0].Value) != string(ulongAttr(ckaKeyType, ckkEC).Value) || attrs[1].Room != 10 {
+		t.Errorf("rv %#x, attributes %+v: want CKK_EC and the length of a P-256 CKA_EC_PARAMS (10)", rv, attrs)
+	}
+	c.mustOK(42, func(e *encoder) { e.Ulong(s); e.Mechanism(Mechanism{Type: ckmECDSA}); e.Ulong(key) })
+	d = c.mustOK(43, func(e *encoder) { e.Ulong(s); e.Bytes(make([]byte, 32), 0); e.u8(1); e.u32(0) })
+	if d.u8() != 0 || d.u32() != 64 {
+		t.Error("a NULL signature buffer with its presence byte did not get the length")
+	}
+	d.sig = ""
+	c.done(d)
+	d = c.mustOK(43, func(e *encoder) { e.Ulong(s); e.Bytes(make([]byte, 32), 0); e.u8(0); e.u32(64) })
+	if sig := d.Bytes(); len(sig) != 64 {
+		t.Errorf("signature of %d bytes, want 64", len(sig))
+	}
+}
