@@ -217,9 +217,9 @@ func TestPKCS11ToolThroughP11KitClient(t *testing.T) {
 		t.Errorf("signing after C_Login with any PIN: %v\n%s", err, out)
 	}
 	// Writes are refused, with the code that says why.
-	out, err = p.tool(t, -1, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "new")
+	out, err = p.tool(t, -1, "--delete-object", "--type", "privkey", "--id", p.keys["ec"].id)
 	if err == nil || !strings.Contains(out, "CKR_TOKEN_WRITE_PROTECTED") {
-		t.Errorf("pkcs11-tool --keypairgen: %v, want CKR_TOKEN_WRITE_PROTECTED:\n%s", err, out)
+		t.Errorf("pkcs11-tool --delete-object: %v, want CKR_TOKEN_WRITE_PROTECTED:\n%s", err, out)
 	}
 	if !regexp.MustCompile(`msg=sign .*key=rsa .*result=ok .*transport=pkcs11`).MatchString(p.d.logText()) {
 		t.Errorf("no audit record of a PKCS#11 signature naming the transport:\n%s", p.d.logText())

@@ -29,7 +29,6 @@ const (
 	ckrSessionHandleInvalid        = 0x0B3
 	ckrSessionParallelNotSupported = 0x0B4
 	ckrSessionReadOnly             = 0x0B5
-	ckrSessionReadOnlyExists       = 0x0B7
 	ckrTokenWriteProtected         = 0x0E2
 	ckrUserAlreadyLoggedIn         = 0x100
 	ckrUserNotLoggedIn             = 0x101

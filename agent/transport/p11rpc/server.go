@@ -144,6 +144,7 @@ type conn struct {
 
 // session is one PKCS#11 session: at most one search and one signature.
 type session struct {
+	rw      bool // opened read-write
 	finding bool
 	found   []uint64
 	sign    *signOp
@@ -374,8 +375,14 @@ func (c *conn) getTokenInfo(d *decoder, e *encoder) uint64 {
 	e.Ulong(ckfTokenInitialized | ckfWriteProtected | ckfUserPinInitialized)
 	e.Ulong(uint64(c.srv.opts.MaxSessions))
 	e.Ulong(uint64(len(c.sessions)))
-	e.Ulong(0) // no read-write sessions
-	e.Ulong(0)
+	rw := 0
+	for _, s := range c.sessions {
+		if s.rw {
+			rw++
+		}
+	}
+	e.Ulong(uint64(c.srv.opts.MaxSessions))
+	e.Ulong(uint64(rw))
 	e.Ulong(255) // PIN lengths: any PIN is accepted
 	e.Ulong(0)
 	for range 4 {
@@ -446,13 +453,13 @@ func (c *conn) openSession(d *decoder, e *encoder) uint64 {
 		return ckrSlotIDInvalid
 	case flags&ckfSerialSession == 0:
 		return ckrSessionParallelNotSupported
-	case flags&ckfRWSession != 0:
-		return ckrTokenWriteProtected
 	case len(c.sessions) >= c.srv.opts.MaxSessions:
 		return ckrSessionCount
 	}
 	c.nextSess++
-	c.sessions[c.nextSess] = &session{}
+	// A read-write session is taken (crypto11, for one, opens no other):
+	// the token is write-protected all the same, each write is refused.
+	c.sessions[c.nextSess] = &session{rw: flags&ckfRWSession != 0}
 	e.Ulong(c.nextSess)
 	return ckrOK
 }
@@ -493,12 +500,15 @@ func (c *conn) getSessionInfo(d *decoder, e *encoder) uint64 {
 		return ckrSessionHandleInvalid
 	}
 	e.Ulong(slotID)
+	state, flags := uint64(cksROPublic), uint64(ckfSerialSession)
 	if c.loggedIn {
-		e.Ulong(cksROUser)
-	} else {
-		e.Ulong(cksROPublic)
+		state = cksROUser
 	}
-	e.Ulong(ckfSerialSession)
+	if c.sessions[h].rw {
+		state, flags = state+2, flags|ckfRWSession // CKS_RW_PUBLIC_SESSION, CKS_RW_USER_FUNCTIONS
+	}
+	e.Ulong(state)
+	e.Ulong(flags)
 	e.Ulong(0)
 	return ckrOK
 }
@@ -523,7 +533,7 @@ func (c *conn) login(d *decoder, e *encoder) uint64 {
 		c.loggedIn = true
 	case ckuContextSpecific:
 	case ckuSO:
-		return ckrSessionReadOnlyExists // every session is read-only
+		return ckrUserTypeInvalid // the token has no security officer: nothing to administer
 	default:
 		return ckrUserTypeInvalid
 	}

@@ -63,7 +63,7 @@ func TestWritesAndUnknownCallsAreRefused(t *testing.T) {
 		{"C_Encrypt", 30, nil, ckrFunctionNotSupported},
 		{"C_LoginUser (3.0)", 66, nil, ckrFunctionNotSupported},
 		{"an id past the table", 4000, nil, ckrFunctionNotSupported},
-		{"a read-write session", 10, func(e *encoder) { e.Ulong(slotID); e.Ulong(ckfSerialSession | ckfRWSession) }, ckrTokenWriteProtected},
+		{"C_Login as security officer", 18, func(e *encoder) { e.Ulong(s); e.Ulong(ckuSO); e.Bytes([]byte("x"), 0) }, ckrUserTypeInvalid},
 		{"C_Logout before C_Login", 19, func(e *encoder) { e.Ulong(s) }, ckrUserNotLoggedIn},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -94,10 +94,20 @@ func TestWritesAndUnknownCallsAreRefused(t *testing.T) {
 			}
 		})
 	}
-	// Any PIN logs in, and the session says so.
+	// A read-write session opens (crypto11 opens no other), says so, and
+	// writes in it are refused all the same.
 	c.t = t
+	rw := c.mustOK(10, func(e *encoder) { e.Ulong(slotID); e.Ulong(ckfSerialSession | ckfRWSession) }).Ulong()
+	d := c.mustOK(13, func(e *encoder) { e.Ulong(rw) })
+	if d.Ulong(); d.Ulong() != 2 || d.Ulong()&ckfRWSession == 0 {
+		t.Error("a read-write session does not say so")
+	}
+	if _, rv := c.call(20, func(e *encoder) { e.Ulong(rw); e.Attrs(nil) }); rv != ckrTokenWriteProtected {
+		t.Errorf("C_CreateObject in a read-write session: %#x, want CKR_TOKEN_WRITE_PROTECTED", rv)
+	}
+	// Any PIN logs in, and the session says so.
 	c.mustOK(18, func(e *encoder) { e.Ulong(s); e.Ulong(ckuUser); e.Bytes([]byte("not the HSM's PIN"), 0) })
-	d := c.mustOK(13, func(e *encoder) { e.Ulong(s) })
+	d = c.mustOK(13, func(e *encoder) { e.Ulong(s) })
 	if d.Ulong(); d.Ulong() != cksROUser {
 		t.Error("session not in the user's state after C_Login")
 	}
