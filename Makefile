@@ -139,7 +139,8 @@ test: deps
 # of 60 s per new input would take most of the run.
 FUZZTIME ?= 30s
 FUZZ_TARGETS := ./agent/server:FuzzSign ./agent/server:FuzzSignStream ./agent/server:FuzzPolicy \
-	./cmd/hsmagent:FuzzLoadConfig ./hsm:FuzzParseSubject ./hsm:FuzzParseCertificatesPEM ./hsm/worker:FuzzParseSign
+	./cmd/hsmagent:FuzzLoadConfig ./hsm:FuzzParseSubject ./hsm:FuzzParseCertificatesPEM ./hsm/worker:FuzzParseSign \
+	./agent/transport/p11rpc:FuzzDecodeRequest
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "== $${t#*:} ($${t%%:*}, $(FUZZTIME))"; \

@@ -92,6 +92,9 @@ func (a *auditLog) write(ctx context.Context, level slog.Level, msg string, attr
 	}
 	r := slog.NewRecord(time.Now(), level, msg, 0)
 	r.AddAttrs(attrs...)
+	if t := transportOf(ctx); t != "" {
+		r.AddAttrs(slog.String("transport", t))
+	}
 	// Fail-open signs on: the number of a lost record stays used, a gap.
 	err := a.numbered(ctx, r, !a.failOpen)
 	if err == nil {

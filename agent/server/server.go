@@ -17,6 +17,7 @@ import (
 	"github.com/hsmagent/hsmagent/agent/transport/framed"
 	"github.com/hsmagent/hsmagent/agent/transport/grpcsvc"
 	"github.com/hsmagent/hsmagent/agent/transport/listen"
+	"github.com/hsmagent/hsmagent/agent/transport/p11rpc"
 )
 
 // Options configure a Server. Zero values are usable.
@@ -107,6 +108,10 @@ type Options struct {
 	// than root and the agent's own may open (bursts of twice as many);
 	// more are closed at accept. 0 means DefaultConnectionRatePerUID.
 	ConnectionRatePerUID int
+
+	// PKCS11TokenLabel is the label of the token ServePKCS11 shows
+	// (default "hsmagent").
+	PKCS11TokenLabel string
 }
 
 // Defaults of the transports' limits (the core's are in package core).
@@ -129,6 +134,7 @@ type Server struct {
 	core      *core.Core
 	grpc      *grpcsvc.Service
 	framed    *framed.Server
+	pkcs11    *p11rpc.Server
 	handshake time.Duration
 }
 
@@ -159,6 +165,7 @@ func New(store KeyStore, opts Options) (*Server, error) {
 	s.grpc = grpcsvc.New(c, grpcsvc.Options{Version: opts.Version, IdleTimeout: opts.IdleTimeout,
 		MaxStreamsPerConnection: opts.MaxStreamsPerConnection, Handshake: s.handshake})
 	s.framed = framed.New(c, opts.IdleTimeout)
+	s.pkcs11 = p11rpc.New(c, p11rpc.Options{TokenLabel: opts.PKCS11TokenLabel, Logger: opts.Logger, Handshake: s.handshake})
 	return s, nil
 }
 
@@ -183,12 +190,21 @@ func (s *Server) Serve(l net.Listener) error {
 	return s.grpc.Serve(listen.NewMux(listen.Admitted(l, s.core), wire.Preface, s.handshake, s.framed.Serve))
 }
 
+// ServePKCS11 serves the PKCS#11 transport (p11-kit's RPC protocol, for
+// p11-kit-client.so) on l, a second socket, until Shutdown: the same core,
+// rules, limits and audit as Serve's. Call it beside Serve, which starts
+// the core.
+func (s *Server) ServePKCS11(l net.Listener) error {
+	return s.pkcs11.Serve(listen.Admitted(l, s.core))
+}
+
 // Shutdown stops accepting connections, ends watch streams and waits for
 // in-flight signatures until ctx is done, then closes what is left.
 func (s *Server) Shutdown(ctx context.Context) {
 	s.core.Drain()
 	s.grpc.Shutdown(ctx)
 	s.framed.Shutdown(ctx)
+	s.pkcs11.Shutdown(ctx)
 	s.core.Close()
 }
 

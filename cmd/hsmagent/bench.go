@@ -27,6 +27,7 @@ With --concurrency 1,8,32 the four phases run at each concurrency in turn, in on
 		Flags: append(tokenFlags(),
 			&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required)"},
 			&cli.StringFlag{Name: "socket", Usage: "agent socket `PATH` (default: start a child agent)"},
+			&cli.StringFlag{Name: "pkcs11", Usage: "also sign through the agent's PKCS#11 socket with p11-kit's client module at `PATH` (p11-kit-client.so; the child agent serves one, a running agent's is named by P11_KIT_SERVER_ADDRESS)"},
 			&cli.DurationFlag{Name: "duration", Usage: "length of each phase", Value: 5 * time.Second},
 			&cli.StringFlag{Name: "concurrency", Usage: "concurrent callers: `N` or a list N,N,... measured one after the other", Value: "8"},
 			jsonFlag,
@@ -59,6 +60,8 @@ type benchRun struct {
 	SignP50Added time.Duration `json:"signP50Added"`
 	SignP99Added time.Duration `json:"signP99Added"`
 	AgentMaxRSS  int64         `json:"agentMaxRssBytes"`
+	// PKCS11SignRatio is op/s through p11-kit-client.so over in-process (--pkcs11).
+	PKCS11SignRatio float64 `json:"pkcs11SignRatio,omitempty"`
 }
 
 // parseConcurrency reads "8" or "1,8,32".
@@ -111,15 +114,23 @@ func benchAction(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
-		remote, agentPID, stop, err := benchAgent(c, setup.label)
+		remote, agentPID, p11Addr, stop, err := benchAgent(c, setup.label)
 		if err != nil {
 			return err
 		}
 		defer stop()
+		var p11 crypto.Signer
+		if module := c.String("pkcs11"); module != "" {
+			var closeP11 func()
+			if p11, closeP11, err = pkcs11Signer(module, p11Addr, setup.label); err != nil {
+				return err
+			}
+			defer closeP11()
+		}
 		report := benchReport{Key: setup.label, KeyType: string(hsm.KeyTypeOf(local.Public())),
 			Machine: fmt.Sprintf("%s/%s, %d CPUs", runtime.GOOS, runtime.GOARCH, runtime.NumCPU())}
 		infof(c, "benchmarking key %q (%s), %s callers, %s per phase", setup.label, report.KeyType, c.String("concurrency"), setup.phase)
-		b := &benchRunner{c: c, report: &report, local: local, remote: remote, agentPID: agentPID, phase: setup.phase}
+		b := &benchRunner{c: c, report: &report, local: local, remote: remote, p11: p11, agentPID: agentPID, phase: setup.phase}
 		for _, n := range setup.levels {
 			if err := b.level(n); err != nil {
 				return err
@@ -138,6 +149,7 @@ type benchRunner struct {
 	c             *cli.Context
 	report        *benchReport
 	local, remote crypto.Signer // the key in this process, and through the agent
+	p11           crypto.Signer // through the agent's PKCS#11 socket (--pkcs11), or nil
 	agentPID      int
 	phase         time.Duration
 }
@@ -172,10 +184,17 @@ func (b *benchRunner) level(n int) error {
 		return err
 	}
 	b.add(tlsAgent)
-	b.report.Runs = append(b.report.Runs, benchRun{Concurrency: n,
+	run := benchRun{Concurrency: n,
 		SignRatio: ratio(signAgent.PerSecond, signLocal.PerSecond), TLSRatio: ratio(tlsAgent.PerSecond, tlsLocal.PerSecond),
-		SignP50Added: signAgent.P50 - signLocal.P50, SignP99Added: signAgent.P99 - signLocal.P99,
-		AgentMaxRSS: rss.max()})
+		SignP50Added: signAgent.P50 - signLocal.P50, SignP99Added: signAgent.P99 - signLocal.P99}
+	if b.p11 != nil {
+		stopRSS = rss.start()
+		signP11 := b.add(bench.Signatures(ctx, "sign via PKCS#11", b.p11, n, b.phase))
+		stopRSS()
+		run.PKCS11SignRatio = ratio(signP11.PerSecond, signLocal.PerSecond)
+	}
+	run.AgentMaxRSS = rss.max()
+	b.report.Runs = append(b.report.Runs, run)
 	b.report.AgentMaxRSS = max(b.report.AgentMaxRSS, rss.max())
 	return nil
 }
@@ -191,6 +210,9 @@ func printBench(out io.Writer, report benchReport) error {
 	}
 	fmt.Fprintln(out)
 	for _, r := range report.Runs {
+		if r.PKCS11SignRatio > 0 {
+			fmt.Fprintf(out, "%d callers: PKCS#11 (p11-kit-client.so)/in-process signatures %.2fx\n", r.Concurrency, r.PKCS11SignRatio)
+		}
 		fmt.Fprintf(out, "%d callers: agent/in-process signatures %.2fx, TLS 1.3 handshakes %.2fx (target >= 0.90); p50 %s, p99 %s through the agent; agent peak RSS %.1f MiB (target < 40)\n",
 			r.Concurrency, r.SignRatio, r.TLSRatio, signedDelta(r.SignP50Added), signedDelta(r.SignP99Added), float64(r.AgentMaxRSS)/(1<<20))
 	}

@@ -16,18 +16,24 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/server"
+	"github.com/hsmagent/hsmagent/agent/transport/p11rpc"
+	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/urfave/cli/v2"
 )
 
 // benchAgent connects to the agent of --socket, or starts one, and returns
 // the key through it and the agent's pid (for its memory); stop closes what
-// it opened.
-func benchAgent(c *cli.Context, label string) (remote crypto.Signer, pid int, stop func(), err error) {
+// it opened. p11Addr is the child agent's PKCS#11 socket as
+// P11_KIT_SERVER_ADDRESS names it, when --pkcs11 asks for one.
+func benchAgent(c *cli.Context, label string) (remote crypto.Signer, pid int, p11Addr string, stop func(), err error) {
 	cleanup := func() {}
 	socket := c.String("socket")
 	if socket == "" {
 		if cleanup, socket, err = startChildAgent(c); err != nil {
-			return nil, 0, nil, err
+			return nil, 0, "", nil, err
+		}
+		if c.String("pkcs11") != "" {
+			p11Addr = "unix:path=" + filepath.Join(filepath.Dir(socket), "pkcs11.sock")
 		}
 	}
 	defer func() {
@@ -39,17 +45,17 @@ func benchAgent(c *cli.Context, label string) (remote crypto.Signer, pid int, st
 	client, err := agent.Dial(dialCtx, socket)
 	cancel()
 	if err != nil {
-		return nil, 0, nil, err
+		return nil, 0, "", nil, err
 	}
 	stopChild := cleanup
 	cleanup = func() { client.Close(); stopChild() }
 	if remote, err = client.Signer(c.Context, label); err != nil {
-		return nil, 0, nil, err
+		return nil, 0, "", nil, err
 	}
 	if pid, err = socketPeerPID(socket); err != nil {
-		return nil, 0, nil, err
+		return nil, 0, "", nil, err
 	}
-	return remote, pid, cleanup, nil
+	return remote, pid, p11Addr, cleanup, nil
 }
 
 // startChildAgent runs "hsmagent serve" on a temporary socket with the same
@@ -69,6 +75,9 @@ func startChildAgent(c *cli.Context) (stop func(), socket string, err error) {
 		return nil, "", err
 	}
 	args := []string{"serve", "--socket", socket, "--log-level", "warn"}
+	if c.String("pkcs11") != "" {
+		args = append(args, "--pkcs11-socket", filepath.Join(dir, "pkcs11.sock"))
+	}
 	for _, f := range []string{"module", "token", "token-serial", "uri", "pin-file"} {
 		if v := c.String(f); v != "" {
 			args = append(args, "--"+f, v)
@@ -170,4 +179,27 @@ func (s *rssSampler) max() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.peak
+}
+
+// pkcs11Signer opens the agent's PKCS#11 token through p11-kit's client
+// module at addr (or P11_KIT_SERVER_ADDRESS) and returns label's signer,
+// for the PKCS#11 phase. The token asks for no PIN; crypto11 logs in with
+// one all the same, and the agent takes any.
+func pkcs11Signer(module, addr, label string) (crypto.Signer, func(), error) {
+	if addr != "" {
+		os.Setenv("P11_KIT_SERVER_ADDRESS", addr)
+	} else if os.Getenv("P11_KIT_SERVER_ADDRESS") == "" {
+		return nil, nil, usagef("--pkcs11 with --socket needs P11_KIT_SERVER_ADDRESS=unix:path=PATH of the agent's pkcs11_socket")
+	}
+	tok, err := hsm.Open(hsm.Config{ModulePath: module, TokenLabel: p11rpc.DefaultTokenLabel,
+		PIN: func() (string, error) { return "any", nil }, MaxSessions: 32}) // under the connection's 64
+	if err != nil {
+		return nil, nil, fmt.Errorf("--pkcs11: %w", err)
+	}
+	s, err := tok.Signer(label)
+	if err != nil {
+		tok.Close()
+		return nil, nil, fmt.Errorf("--pkcs11: %w", err)
+	}
+	return s, func() { tok.Close() }, nil
 }

@@ -25,6 +25,7 @@ type config struct {
 	Socket        string
 	SocketMode    os.FileMode
 	SocketGroup   string
+	PKCS11Socket  string // the PKCS#11 transport's socket ("" for none)
 	LogFormat     string
 	LogLevel      slog.Level
 	AuditLog      string

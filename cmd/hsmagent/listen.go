@@ -30,3 +30,13 @@ func serveListener(c *cli.Context, inherited net.Listener, mode os.FileMode, log
 	l, err := server.ListenWith(path, server.ListenOptions{Mode: mode, Group: c.String("socket-group")})
 	return l, path, err
 }
+
+// pkcs11Listener returns the PKCS#11 transport's socket at pkcs11_socket,
+// made as the agent's own is (mode, group, the directory's checks), or nil
+// when none is configured.
+func pkcs11Listener(c *cli.Context, cfg *config) (net.Listener, error) {
+	if cfg.PKCS11Socket == "" {
+		return nil, nil
+	}
+	return server.ListenWith(cfg.PKCS11Socket, server.ListenOptions{Mode: cfg.SocketMode, Group: c.String("socket-group")})
+}

@@ -52,6 +52,7 @@ func (cfg *config) serveSettings() []setting {
 		{key: "socket", val: text{&cfg.Socket}},
 		{key: "socket_mode", usage: "socket file `MODE` (octal)", val: fileMode{&cfg.SocketMode, server.DefaultSocketMode}},
 		{key: "socket_group", usage: "`GROUP` owning the socket: its members may connect, the access rules then decide (default: the directory's or the agent's group)", val: text{&cfg.SocketGroup}},
+		{key: "pkcs11_socket", usage: "also serve PKCS#11 on a Unix socket `PATH`, for p11-kit-client.so (P11_KIT_SERVER_ADDRESS=unix:path=PATH; docs/pkcs11.md), with the socket's mode and group (default: off)", val: text{&cfg.PKCS11Socket}, serveOnly: true},
 		{key: "log_format", usage: "`FORMAT`: text or json", val: logFormat{&cfg.LogFormat}},
 		{key: "log_level", usage: "`LEVEL`: debug, info, warn, error", val: logLevel{&cfg.LogLevel}},
 		{key: "hsm_in_process", usage: "load the PKCS#11 module in the agent's own process, not in a supervised worker process (a module that crashes then takes the agent with it)", val: toggle{&cfg.HSMInProcess}},
@@ -138,10 +139,24 @@ func serveAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	pl, err := pkcs11Listener(c, cfg)
+	if err != nil {
+		l.Close()
+		return err
+	}
 	d := daemon{
-		name:     "agent",
-		log:      log,
-		serve:    func() error { return srv.Serve(l) },
+		name: "agent",
+		log:  log,
+		serve: func() error {
+			if pl != nil {
+				go func() {
+					if err := srv.ServePKCS11(pl); err != nil {
+						log.Error("the PKCS#11 socket stopped accepting connections", "socket", cfg.PKCS11Socket, "err", err)
+					}
+				}()
+			}
+			return srv.Serve(l)
+		},
 		shutdown: func(ctx context.Context) error { srv.Shutdown(ctx); return nil },
 		reload: func() {
 			srv.Checkpoint("sighup")
@@ -151,7 +166,7 @@ func serveAction(c *cli.Context) error {
 		},
 		healthy: srv.HSMAnswering,
 	}
-	return d.run("agent serving", "socket", socket, "token", store.TokenLabel(), "pid", os.Getpid(), "revision", srv.Revision(),
+	return d.run("agent serving", "socket", socket, "pkcs11_socket", cfg.PKCS11Socket, "token", store.TokenLabel(), "pid", os.Getpid(), "revision", srv.Revision(),
 		"hsm_worker", !cfg.HSMInProcess)
 }
 
