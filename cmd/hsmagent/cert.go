@@ -25,6 +25,7 @@ func certCommand() *cli.Command {
 					&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required, unless the URI names the object)"},
 					&cli.StringFlag{Name: "cert", Usage: "PEM `FILE` with the certificate, may hold the chain too (required)"},
 					&cli.StringFlag{Name: "chain", Usage: "PEM `FILE` with the intermediate certificates"},
+					&cli.BoolFlag{Name: "successor", Usage: "the certificate of the key's pending successor ('keys rotate'): store it and promote the successor to the key's label"},
 				),
 				Action: certImport,
 			},
@@ -79,6 +80,9 @@ func certImport(c *cli.Context) error {
 	certs, err := importedCerts(c)
 	if err != nil {
 		return err
+	}
+	if c.Bool("successor") {
+		return certImportSuccessor(c, label, certs)
 	}
 	client, socket, err := lifecycleAgent(c)
 	if err != nil {
