@@ -53,6 +53,16 @@ func readCertFile(flag, path string) ([]*x509.Certificate, error) {
 	return hsm.ParseCertificates(path, data)
 }
 
+// importInput is the key label and the certificates of cert import.
+func importInput(c *cli.Context) (string, []*x509.Certificate, error) {
+	label, err := adminLabel(c, "key")
+	if err != nil {
+		return "", nil, err
+	}
+	certs, err := importedCerts(c)
+	return label, certs, err
+}
+
 // importedCerts reads --cert and --chain, in that order.
 func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
 	if c.String("cert") == "" {
@@ -73,11 +83,7 @@ func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
 }
 
 func certImport(c *cli.Context) error {
-	label, err := adminLabel(c, "key")
-	if err != nil {
-		return err
-	}
-	certs, err := importedCerts(c)
+	label, certs, err := importInput(c)
 	if err != nil {
 		return err
 	}

@@ -48,7 +48,6 @@ func keysRotate(c *cli.Context) error {
 			return usageError{err}
 		}
 	}
-	succ := rotation.SuccessorLabel(label)
 	client, socket, err := lifecycleAgent(c)
 	if err != nil {
 		return err
@@ -63,6 +62,12 @@ func keysRotate(c *cli.Context) error {
 		}
 		return rotated(c, label, k.Public, "through the agent at "+socket)
 	}
+	return keysRotateDirect(c, label)
+}
+
+// keysRotateDirect is keys rotate on the token itself.
+func keysRotateDirect(c *cli.Context, label string) error {
+	succ := rotation.SuccessorLabel(label)
 	sel, err := selectToken(c)
 	if err != nil {
 		return err
