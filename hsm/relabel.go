@@ -18,19 +18,22 @@ import (
 //
 // The relabels run in this order, one object each:
 //
-//	A  old private key  L          -> R   (the pivot: L names no key pair now)
+//	A  old private key  L          -> R   (L names no key pair now)
 //	B  old chain        L/chain/i  -> R/chain/i
 //	C  old leaf         L          -> R
-//	D  old public key   L          -> R
 //	E  new chain        S/chain/i  -> L/chain/i
 //	F  new leaf         S          -> L
 //	G  new public key   S          -> L
-//	H  new private key  S          -> L
+//	H  new private key  S          -> L   (the commit: L names the new pair)
+//	D  old public key   L          -> R
 //
-// At every point each key pair is whole under one label (a private key
-// finds its public half by CKA_ID), and what is left to do can be read
-// from the token alone: a successor's private key with none under L means
-// a promotion under way, which promotionSteps finishes forward.
+// A private key finds its public half by CKA_ID, so at every point the old
+// key pair is whole under L or R, and the old public key, labelled L until
+// the very end, names the promotion's R through its CKA_ID. A promotion that
+// stopped before H (a crash, a lost session) is rolled back, so that L
+// serves the old key and chain as before, and the successor stays pending
+// with its certificate: importing it again promotes it. One that stopped
+// after H has only D left, which is done.
 
 // ErrNoSuccessor is a promotion asked of a key that has no pending successor.
 var ErrNoSuccessor = errors.New("hsm: no successor key")
@@ -65,98 +68,107 @@ func className(c uint) string {
 	return fmt.Sprintf("object class %d", c)
 }
 
-// promotionSteps returns the relabels left to promote base's successor.
-// retired is the label the current key gets when the promotion has not
-// begun; with retired "" only a promotion under way is finished (nil when
-// there is none). Nothing here touches the token.
+// promotionSteps returns the relabels of the promotion of base's pending
+// successor, the current key becoming retired. Nothing here touches the token.
 func promotionSteps(objs []object, base, retired string) ([]relabel, error) {
 	succ := rotation.SuccessorLabel(base)
 	sPriv := pick(objs, pkcs11.CKO_PRIVATE_KEY, func(o object) bool { return o.label == succ })
-	switch {
-	case len(sPriv) == 0 && retired == "":
-		return nil, nil
-	case len(sPriv) == 0:
+	switch len(sPriv) {
+	case 0:
 		return nil, fmt.Errorf("%w for key %q: make one with 'hsmagent keys rotate --label %s'", ErrNoSuccessor, base, base)
-	case len(sPriv) > 1:
+	case 1:
+	default:
 		return nil, fmt.Errorf("hsm: %d private keys are labelled %q; delete the extra ones", len(sPriv), succ)
 	}
 	succID := sPriv[0].id
-	isSucc := func(o object) bool { return bytes.Equal(o.id, succID) }
-	hasLeaf := len(pick(objs, pkcs11.CKO_CERTIFICATE, func(o object) bool {
-		return isSucc(o) && (o.label == succ || o.label == base)
-	})) > 0
 	bPriv := pick(objs, pkcs11.CKO_PRIVATE_KEY, func(o object) bool { return o.label == base })
-	// The old key's objects still labelled base (its leaf and public key).
-	olds := func(id []byte) []object {
-		return pickAny(objs, func(o object) bool {
-			return o.class != pkcs11.CKO_PRIVATE_KEY && o.label == base && bytes.Equal(o.id, id)
-		})
+	if len(bPriv) != 1 {
+		return nil, fmt.Errorf("hsm: %d private keys are labelled %q; a promotion needs exactly one", len(bPriv), base)
 	}
-	var steps []relabel
-	var oldID []byte
+	oldID := bPriv[0].id
+	is := func(class uint, label string, id []byte) []object {
+		return pick(objs, class, func(o object) bool { return o.label == label && bytes.Equal(o.id, id) })
+	}
+	oldPub := is(pkcs11.CKO_PUBLIC_KEY, base, oldID)
 	switch {
-	case len(bPriv) > 1:
-		return nil, fmt.Errorf("hsm: %d private keys are labelled %q; delete the extra ones", len(bPriv), base)
-	case len(bPriv) == 1 && retired == "":
-		return nil, nil // not begun: a pending successor
-	case len(bPriv) == 1:
-		oldID = bPriv[0].id
-		switch {
-		case isSucc(bPriv[0]):
-			return nil, fmt.Errorf("hsm: key %q and its successor share CKA_ID %x", base, oldID)
-		case !hasLeaf:
-			return nil, fmt.Errorf("hsm: the successor of key %q has no certificate; import one first", base)
-		case len(pick(objs, pkcs11.CKO_PUBLIC_KEY, func(o object) bool { return o.label == base && bytes.Equal(o.id, oldID) })) != 1:
-			return nil, fmt.Errorf("hsm: key %q has no public key object labelled %q, which a rotation needs", base, base)
-		case len(pickAny(objs, func(o object) bool { return o.label == retired || strings.HasPrefix(o.label, retired+chainLabelSep) })) > 0:
-			return nil, fmt.Errorf("hsm: label %q is in use already", retired)
-		}
-		steps = append(steps, relabel{bPriv[0], retired}) // A
-	default: // A is done, or base's key is gone
-		left := pickAny(objs, func(o object) bool {
-			return o.class != pkcs11.CKO_PRIVATE_KEY && o.label == base && !isSucc(o)
-		})
-		if len(left) == 0 {
-			if !hasLeaf {
-				// No promotion began: base was deleted beside a pending successor.
-				return nil, nil
-			}
-			break
-		}
-		oldID = left[0].id
-		rp := pick(objs, pkcs11.CKO_PRIVATE_KEY, func(o object) bool {
-			b, kind := rotation.Parse(o.label)
-			return kind == rotation.Retired && b == base && bytes.Equal(o.id, oldID)
-		})
-		if len(rp) != 1 {
-			return nil, fmt.Errorf("hsm: a promotion of key %q stopped halfway, and the key before (CKA_ID %x) has no retired private key", base, oldID)
-		}
-		retired = rp[0].label
+	case bytes.Equal(oldID, succID):
+		return nil, fmt.Errorf("hsm: key %q and its successor share CKA_ID %x", base, oldID)
+	case len(is(pkcs11.CKO_CERTIFICATE, succ, succID)) == 0:
+		return nil, fmt.Errorf("hsm: the successor of key %q has no certificate; import one first", base)
+	case len(oldPub) != 1:
+		return nil, fmt.Errorf("hsm: key %q has no public key object labelled %q with its CKA_ID, which a rotation needs", base, base)
+	case len(pickAny(objs, func(o object) bool { return o.label == retired || strings.HasPrefix(o.label, retired+chainLabelSep) })) > 0:
+		return nil, fmt.Errorf("hsm: label %q is in use already", retired)
 	}
-	if oldID != nil {
-		for _, o := range pick(objs, pkcs11.CKO_CERTIFICATE, func(o object) bool { return strings.HasPrefix(o.label, base+chainLabelSep) }) {
-			steps = append(steps, relabel{o, retired + strings.TrimPrefix(o.label, base)}) // B
-		}
-		for _, o := range olds(oldID) {
-			if o.class == pkcs11.CKO_CERTIFICATE {
-				steps = append(steps, relabel{o, retired}) // C
-			}
-		}
-		for _, o := range olds(oldID) {
-			if o.class == pkcs11.CKO_PUBLIC_KEY {
-				steps = append(steps, relabel{o, retired}) // D
+	steps := []relabel{{bPriv[0], retired}}                                        // A
+	steps = append(steps, moveChain(objs, base, retired)...)                       // B
+	steps = append(steps, to(is(pkcs11.CKO_CERTIFICATE, base, oldID), retired)...) // C
+	steps = append(steps, moveChain(objs, succ, base)...)                          // E
+	steps = append(steps, to(is(pkcs11.CKO_CERTIFICATE, succ, succID), base)...)   // F
+	steps = append(steps, to(is(pkcs11.CKO_PUBLIC_KEY, succ, succID), base)...)    // G
+	steps = append(steps, relabel{sPriv[0], base})                                 // H
+	return append(steps, relabel{oldPub[0], retired}), nil                         // D
+}
+
+// recoverySteps returns what finishes a promotion of base that stopped
+// halfway: its roll-back before the commit, its last step after; nil when
+// none is under way. rollback says which.
+func recoverySteps(objs []object, base string) (steps []relabel, rollback bool, err error) {
+	succ := rotation.SuccessorLabel(base)
+	// The old public key labelled base, whose private key is retired: any
+	// promotion under way has it, and it names the promotion's R.
+	var oldPub *object
+	var retired string
+	for _, o := range pick(objs, pkcs11.CKO_PUBLIC_KEY, func(o object) bool { return o.label == base }) {
+		for _, p := range pick(objs, pkcs11.CKO_PRIVATE_KEY, func(p object) bool { return bytes.Equal(p.id, o.id) }) {
+			if b, kind := rotation.Parse(p.label); kind == rotation.Retired && b == base {
+				oldPub, retired = &o, p.label
 			}
 		}
 	}
-	for _, o := range pick(objs, pkcs11.CKO_CERTIFICATE, func(o object) bool { return strings.HasPrefix(o.label, succ+chainLabelSep) }) {
-		steps = append(steps, relabel{o, base + strings.TrimPrefix(o.label, succ)}) // E
+	if oldPub == nil {
+		return nil, false, nil
 	}
-	for _, class := range []uint{pkcs11.CKO_CERTIFICATE, pkcs11.CKO_PUBLIC_KEY} { // F, G
-		for _, o := range pick(objs, class, func(o object) bool { return o.label == succ && isSucc(o) }) {
-			steps = append(steps, relabel{o, base})
-		}
+	oldID := oldPub.id
+	sPriv := pick(objs, pkcs11.CKO_PRIVATE_KEY, func(o object) bool { return o.label == succ })
+	if len(sPriv) == 0 {
+		// H is done: the new pair is the key; only D is left.
+		return []relabel{{*oldPub, retired}}, false, nil
 	}
-	return append(steps, relabel{sPriv[0], base}), nil // H
+	succID := sPriv[0].id
+	is := func(class uint, label string, id []byte) []object {
+		return pick(objs, class, func(o object) bool { return o.label == label && bytes.Equal(o.id, id) })
+	}
+	oldLeafHome := len(is(pkcs11.CKO_CERTIFICATE, base, oldID)) > 0
+	// Undone in reverse: G, F, E (base's chain is the new one once C is
+	// done, as B comes first), C, B, then A, which makes base the old key
+	// again. A crash during the roll-back leaves a state it reads alike.
+	steps = append(steps, to(is(pkcs11.CKO_PUBLIC_KEY, base, succID), succ)...)
+	steps = append(steps, to(is(pkcs11.CKO_CERTIFICATE, base, succID), succ)...)
+	if !oldLeafHome {
+		steps = append(steps, moveChain(objs, base, succ)...)
+	}
+	steps = append(steps, to(is(pkcs11.CKO_CERTIFICATE, retired, oldID), base)...)
+	steps = append(steps, moveChain(objs, retired, base)...)
+	steps = append(steps, to(is(pkcs11.CKO_PRIVATE_KEY, retired, oldID), base)...)
+	return steps, true, nil
+}
+
+// moveChain relabels the chain certificates of from to those of into.
+func moveChain(objs []object, from, into string) []relabel {
+	var out []relabel
+	for _, o := range pick(objs, pkcs11.CKO_CERTIFICATE, func(o object) bool { return strings.HasPrefix(o.label, from+chainLabelSep) }) {
+		out = append(out, relabel{o, into + strings.TrimPrefix(o.label, from)})
+	}
+	return out
+}
+
+func to(objs []object, label string) []relabel {
+	out := make([]relabel, 0, len(objs))
+	for _, o := range objs {
+		out = append(out, relabel{o, label})
+	}
+	return out
 }
 
 func pick(objs []object, class uint, f func(object) bool) []object {
@@ -191,6 +203,19 @@ func (t *Token) promote(label string, limit int) (string, error) {
 		if err != nil {
 			return err
 		}
+		// A promotion of this key that stopped halfway is rolled back first.
+		if back, _, err := recoverySteps(objs, label); err != nil || len(back) > 0 {
+			if err == nil {
+				t.log.Warn("rolling back a promotion that stopped halfway before promoting again", "key", label)
+				err = applySteps(p, sh, back, -1)
+			}
+			if err == nil {
+				objs, err = listObjects(p, sh)
+			}
+			if err != nil {
+				return err
+			}
+		}
 		retired = rotation.RetiredLabel(label, time.Now())
 		steps, err := promotionSteps(objs, label, retired)
 		if err != nil {
@@ -201,9 +226,10 @@ func (t *Token) promote(label string, limit int) (string, error) {
 	return retired, err
 }
 
-// FinishPromotions finishes every promotion a crash or a lost session
-// stopped halfway, logging each, and returns the labels it finished. The
-// key store calls it before listing the keys.
+// FinishPromotions rolls back each promotion that a crash or a lost
+// session stopped before its commit, and completes each stopped after it,
+// logging each; it returns the labels of the keys it repaired. The key
+// store calls it before listing the keys, and so does every rotation.
 func (t *Token) FinishPromotions() ([]string, error) {
 	var done []string
 	err := t.withRawSession(func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) error {
@@ -213,14 +239,19 @@ func (t *Token) FinishPromotions() ([]string, error) {
 			return err
 		}
 		var errs []error
+		seen := map[string]bool{}
 		for _, o := range objs {
-			base, kind := rotation.Parse(o.label)
-			if o.class != pkcs11.CKO_PRIVATE_KEY || kind != rotation.Successor {
+			if o.class != pkcs11.CKO_PUBLIC_KEY || seen[o.label] {
 				continue
 			}
-			steps, err := promotionSteps(objs, base, "")
+			seen[o.label] = true
+			steps, rollback, err := recoverySteps(objs, o.label)
 			if err == nil && len(steps) > 0 {
-				t.log.Warn("finishing the promotion of a successor key that stopped halfway", "key", base, "steps_left", len(steps), "first", steps[0].String())
+				if rollback {
+					t.log.Warn("rolling back the promotion of a successor key that stopped halfway: the key keeps its current key pair and chain, the successor stays pending", "key", o.label, "steps", len(steps))
+				} else {
+					t.log.Warn("completing the promotion of a successor key that stopped after its commit", "key", o.label, "steps", len(steps))
+				}
 				err = applySteps(p, sh, steps, -1)
 			}
 			if err != nil {
@@ -228,8 +259,7 @@ func (t *Token) FinishPromotions() ([]string, error) {
 				continue
 			}
 			if len(steps) > 0 {
-				t.log.Warn("promotion finished: the successor is now the key", "key", base)
-				done = append(done, base)
+				done = append(done, o.label)
 			}
 		}
 		return errors.Join(errs...)

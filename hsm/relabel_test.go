@@ -12,16 +12,22 @@ import (
 	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
-// promotionSteps is the number of relabels of a promotion of a key with a
+// promotionStepCount is the number of relabels of a promotion of a key with a
 // leaf and one chain certificate, to a successor with the same: the private
 // key, the chain certificate, the leaf, the public key, for each key.
 const promotionStepCount = 8
 
+// commitStep is the step after which a promotion is completed, not rolled
+// back: the successor's private key labelled L.
+const commitStep = 7
+
 // TestPromotionInterrupted stops a promotion after each step, as a crash
 // would, and checks that the key before is never lost (a whole key pair
-// under L or a retired label at every step) and that FinishPromotions, run
-// by a fresh open of the token as a restarted agent does, brings the token
-// to the promoted state, or leaves it untouched when nothing had begun.
+// under L or the retired label at every step), and that FinishPromotions,
+// run by a fresh open of the token as a restarted agent does, rolls back
+// a promotion stopped before its commit (L serves the old key and chain, the
+// successor stays pending with its certificate, and promoting again works)
+// and completes one stopped after it.
 func TestPromotionInterrupted(t *testing.T) {
 	const label = "d1-ppr-mtls"
 	for stop := 0; stop <= promotionStepCount; stop++ {
@@ -70,28 +76,29 @@ func TestPromotionInterrupted(t *testing.T) {
 			t.Fatalf("stop %d: FinishPromotions: %v", stop, err)
 		}
 		if (len(done) == 1) != (stop > 0 && stop < promotionStepCount) {
-			t.Errorf("stop %d: FinishPromotions finished %v", stop, done)
+			t.Errorf("stop %d: FinishPromotions repaired %v", stop, done)
+		}
+		promoted := stop >= commitStep
+		if !promoted { // rolled back, or never begun: promoting again works
+			if _, err := tok.Key(rotation.SuccessorLabel(label)); err != nil {
+				t.Errorf("stop %d: the successor is no longer pending: %v", stop, err)
+			}
+			cur, err := tok.Key(label)
+			if err != nil || !x509PubEqual(cur.Public, old.Public) || len(cur.Chain) != 2 || !cur.Chain[0].Equal(oldLeaf) {
+				t.Errorf("stop %d: after the roll-back %q is not the old key with its chain (%v)", stop, label, err)
+			}
+			if retired, err = tok.Promote(label); err != nil {
+				t.Fatalf("stop %d: promoting again: %v", stop, err)
+			}
 		}
 		cur, err := tok.Key(label)
 		if err != nil {
 			t.Fatalf("stop %d: %v", stop, err)
 		}
-		wantPub, wantLeaf := succ.Public, newLeaf
-		if stop == 0 {
-			wantPub, wantLeaf = old.Public, oldLeaf
-		}
-		if !x509PubEqual(cur.Public, wantPub) || len(cur.Chain) != 2 || !cur.Chain[0].Equal(wantLeaf) {
+		if !x509PubEqual(cur.Public, succ.Public) || len(cur.Chain) != 2 || !cur.Chain[0].Equal(newLeaf) {
 			t.Errorf("stop %d: %q serves the wrong key or chain (%d certificates)", stop, label, len(cur.Chain))
 		}
-		_, err = tok.Key(rotation.SuccessorLabel(label))
-		if stop == 0 {
-			if err != nil {
-				t.Errorf("stop 0: the pending successor is gone: %v", err)
-			}
-			tok.Close()
-			continue
-		}
-		if !errors.Is(err, hsm.ErrKeyNotFound) {
+		if _, err = tok.Key(rotation.SuccessorLabel(label)); !errors.Is(err, hsm.ErrKeyNotFound) {
 			t.Errorf("stop %d: the successor label still names a key: %v", stop, err)
 		}
 		r, err := tok.Key(retired)
