@@ -122,3 +122,34 @@ func (c *Client) CreateCSR(ctx context.Context, label string, template []byte) (
 	}
 	return resp.Csr, nil
 }
+
+// RotateKey has the agent generate the successor of the key labelled
+// label, of keyType ("" for the current key's type), under
+// rotation.SuccessorLabel(label). A pending successor is an error unless
+// replace is set, which destroys it first.
+func (c *Client) RotateKey(ctx context.Context, label, keyType string, replace bool) (Key, error) {
+	var trailer metadata.MD
+	resp, err := c.admin().RotateKey(ctx, &agentpb.RotateKeyRequest{Label: label, KeyType: keyType, Replace: replace}, grpc.Trailer(&trailer))
+	if err != nil {
+		return Key{}, adminError(fmt.Sprintf("rotating key %q", label), err, trailer)
+	}
+	return keyFromProto(resp.Successor)
+}
+
+// PromoteKey has the agent store certs (the successor's leaf and chain, in
+// any order) with the successor of the key labelled label and make the
+// successor that key. It returns the key as now served and the label the
+// key before has.
+func (c *Client) PromoteKey(ctx context.Context, label string, certs []*x509.Certificate, replaceChain bool) (Key, string, error) {
+	req := &agentpb.PromoteKeyRequest{Label: label, ReplaceChain: replaceChain}
+	for _, cert := range certs {
+		req.Certificates = append(req.Certificates, cert.Raw)
+	}
+	var trailer metadata.MD
+	resp, err := c.admin().PromoteKey(ctx, req, grpc.Trailer(&trailer))
+	if err != nil {
+		return Key{}, "", adminError(fmt.Sprintf("promoting the successor of key %q", label), err, trailer)
+	}
+	k, err := keyFromProto(resp.Key)
+	return k, resp.RetiredLabel, err
+}

@@ -775,6 +775,246 @@ func (x *SignStreamResult) GetRequestId() string {
 	return ""
 }
 
+type RotateKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key to rotate (its current label, never the successor's).
+	Label string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	// The successor's key type; empty for the current key's.
+	KeyType string `protobuf:"bytes,2,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
+	// Replace a pending successor (it is destroyed) instead of refusing.
+	Replace       bool `protobuf:"varint,3,opt,name=replace,proto3" json:"replace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateKeyRequest) Reset() {
+	*x = RotateKeyRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyRequest) ProtoMessage() {}
+
+func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *RotateKeyRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *RotateKeyRequest) GetKeyType() string {
+	if x != nil {
+		return x.KeyType
+	}
+	return ""
+}
+
+func (x *RotateKeyRequest) GetReplace() bool {
+	if x != nil {
+		return x.Replace
+	}
+	return false
+}
+
+type RotateKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The successor as the agent lists it.
+	Successor     *Key   `protobuf:"bytes,1,opt,name=successor,proto3" json:"successor,omitempty"`
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateKeyResponse) Reset() {
+	*x = RotateKeyResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyResponse) ProtoMessage() {}
+
+func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
+func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *RotateKeyResponse) GetSuccessor() *Key {
+	if x != nil {
+		return x.Successor
+	}
+	return nil
+}
+
+func (x *RotateKeyResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type PromoteKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key whose successor is promoted.
+	Label string `protobuf:"bytes,1,opt,name=label,proto3" json:"label,omitempty"`
+	// The successor's certificate and its chain, as ImportCertificate takes them.
+	Certificates  [][]byte `protobuf:"bytes,2,rep,name=certificates,proto3" json:"certificates,omitempty"`
+	ReplaceChain  bool     `protobuf:"varint,3,opt,name=replace_chain,json=replaceChain,proto3" json:"replace_chain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PromoteKeyRequest) Reset() {
+	*x = PromoteKeyRequest{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PromoteKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PromoteKeyRequest) ProtoMessage() {}
+
+func (x *PromoteKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PromoteKeyRequest.ProtoReflect.Descriptor instead.
+func (*PromoteKeyRequest) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PromoteKeyRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *PromoteKeyRequest) GetCertificates() [][]byte {
+	if x != nil {
+		return x.Certificates
+	}
+	return nil
+}
+
+func (x *PromoteKeyRequest) GetReplaceChain() bool {
+	if x != nil {
+		return x.ReplaceChain
+	}
+	return false
+}
+
+type PromoteKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key as now served under label: the former successor, with its chain.
+	Key *Key `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// The label the key before now has.
+	RetiredLabel  string `protobuf:"bytes,2,opt,name=retired_label,json=retiredLabel,proto3" json:"retired_label,omitempty"`
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PromoteKeyResponse) Reset() {
+	*x = PromoteKeyResponse{}
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PromoteKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PromoteKeyResponse) ProtoMessage() {}
+
+func (x *PromoteKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PromoteKeyResponse.ProtoReflect.Descriptor instead.
+func (*PromoteKeyResponse) Descriptor() ([]byte, []int) {
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *PromoteKeyResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *PromoteKeyResponse) GetRetiredLabel() string {
+	if x != nil {
+		return x.RetiredLabel
+	}
+	return ""
+}
+
+func (x *PromoteKeyResponse) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 type AdminKeysRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -783,7 +1023,7 @@ type AdminKeysRequest struct {
 
 func (x *AdminKeysRequest) Reset() {
 	*x = AdminKeysRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[10]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -795,7 +1035,7 @@ func (x *AdminKeysRequest) String() string {
 func (*AdminKeysRequest) ProtoMessage() {}
 
 func (x *AdminKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[10]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -808,7 +1048,7 @@ func (x *AdminKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminKeysRequest.ProtoReflect.Descriptor instead.
 func (*AdminKeysRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 type AdminTokenRequest struct {
@@ -819,7 +1059,7 @@ type AdminTokenRequest struct {
 
 func (x *AdminTokenRequest) Reset() {
 	*x = AdminTokenRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +1071,7 @@ func (x *AdminTokenRequest) String() string {
 func (*AdminTokenRequest) ProtoMessage() {}
 
 func (x *AdminTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[11]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +1084,7 @@ func (x *AdminTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminTokenRequest.ProtoReflect.Descriptor instead.
 func (*AdminTokenRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 type AdminTokenResponse struct {
@@ -859,7 +1099,7 @@ type AdminTokenResponse struct {
 
 func (x *AdminTokenResponse) Reset() {
 	*x = AdminTokenResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1111,7 @@ func (x *AdminTokenResponse) String() string {
 func (*AdminTokenResponse) ProtoMessage() {}
 
 func (x *AdminTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[12]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1124,7 @@ func (x *AdminTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdminTokenResponse.ProtoReflect.Descriptor instead.
 func (*AdminTokenResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *AdminTokenResponse) GetLabel() string {
@@ -913,7 +1153,7 @@ type GenerateKeyRequest struct {
 
 func (x *GenerateKeyRequest) Reset() {
 	*x = GenerateKeyRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -925,7 +1165,7 @@ func (x *GenerateKeyRequest) String() string {
 func (*GenerateKeyRequest) ProtoMessage() {}
 
 func (x *GenerateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[13]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -938,7 +1178,7 @@ func (x *GenerateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateKeyRequest.ProtoReflect.Descriptor instead.
 func (*GenerateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GenerateKeyRequest) GetLabel() string {
@@ -965,7 +1205,7 @@ type GenerateKeyResponse struct {
 
 func (x *GenerateKeyResponse) Reset() {
 	*x = GenerateKeyResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -977,7 +1217,7 @@ func (x *GenerateKeyResponse) String() string {
 func (*GenerateKeyResponse) ProtoMessage() {}
 
 func (x *GenerateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[14]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -990,7 +1230,7 @@ func (x *GenerateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateKeyResponse.ProtoReflect.Descriptor instead.
 func (*GenerateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GenerateKeyResponse) GetKey() *Key {
@@ -1016,7 +1256,7 @@ type DeleteKeyRequest struct {
 
 func (x *DeleteKeyRequest) Reset() {
 	*x = DeleteKeyRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1028,7 +1268,7 @@ func (x *DeleteKeyRequest) String() string {
 func (*DeleteKeyRequest) ProtoMessage() {}
 
 func (x *DeleteKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[15]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1041,7 +1281,7 @@ func (x *DeleteKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteKeyRequest.ProtoReflect.Descriptor instead.
 func (*DeleteKeyRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DeleteKeyRequest) GetLabel() string {
@@ -1060,7 +1300,7 @@ type DeleteKeyResponse struct {
 
 func (x *DeleteKeyResponse) Reset() {
 	*x = DeleteKeyResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1312,7 @@ func (x *DeleteKeyResponse) String() string {
 func (*DeleteKeyResponse) ProtoMessage() {}
 
 func (x *DeleteKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[16]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1325,7 @@ func (x *DeleteKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteKeyResponse.ProtoReflect.Descriptor instead.
 func (*DeleteKeyResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DeleteKeyResponse) GetRequestId() string {
@@ -1112,7 +1352,7 @@ type ImportCertificateRequest struct {
 
 func (x *ImportCertificateRequest) Reset() {
 	*x = ImportCertificateRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1124,7 +1364,7 @@ func (x *ImportCertificateRequest) String() string {
 func (*ImportCertificateRequest) ProtoMessage() {}
 
 func (x *ImportCertificateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[17]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1137,7 +1377,7 @@ func (x *ImportCertificateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportCertificateRequest.ProtoReflect.Descriptor instead.
 func (*ImportCertificateRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ImportCertificateRequest) GetLabel() string {
@@ -1177,7 +1417,7 @@ type ImportCertificateResponse struct {
 
 func (x *ImportCertificateResponse) Reset() {
 	*x = ImportCertificateResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1189,7 +1429,7 @@ func (x *ImportCertificateResponse) String() string {
 func (*ImportCertificateResponse) ProtoMessage() {}
 
 func (x *ImportCertificateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[18]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1202,7 +1442,7 @@ func (x *ImportCertificateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImportCertificateResponse.ProtoReflect.Descriptor instead.
 func (*ImportCertificateResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ImportCertificateResponse) GetKey() *Key {
@@ -1246,7 +1486,7 @@ type CreateCSRRequest struct {
 
 func (x *CreateCSRRequest) Reset() {
 	*x = CreateCSRRequest{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1258,7 +1498,7 @@ func (x *CreateCSRRequest) String() string {
 func (*CreateCSRRequest) ProtoMessage() {}
 
 func (x *CreateCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[19]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1271,7 +1511,7 @@ func (x *CreateCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCSRRequest.ProtoReflect.Descriptor instead.
 func (*CreateCSRRequest) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CreateCSRRequest) GetLabel() string {
@@ -1299,7 +1539,7 @@ type CreateCSRResponse struct {
 
 func (x *CreateCSRResponse) Reset() {
 	*x = CreateCSRResponse{}
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1551,7 @@ func (x *CreateCSRResponse) String() string {
 func (*CreateCSRResponse) ProtoMessage() {}
 
 func (x *CreateCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_hsmagent_v1_agent_proto_msgTypes[20]
+	mi := &file_hsmagent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1564,7 @@ func (x *CreateCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateCSRResponse.ProtoReflect.Descriptor instead.
 func (*CreateCSRResponse) Descriptor() ([]byte, []int) {
-	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_hsmagent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CreateCSRResponse) GetCsr() []byte {
@@ -1386,7 +1626,24 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
 	"\amessage\x18\x04 \x01(\tR\amessage\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x05 \x01(\tR\trequestId\"\x12\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\"]\n" +
+	"\x10RotateKeyRequest\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\x19\n" +
+	"\bkey_type\x18\x02 \x01(\tR\akeyType\x12\x18\n" +
+	"\areplace\x18\x03 \x01(\bR\areplace\"b\n" +
+	"\x11RotateKeyResponse\x12.\n" +
+	"\tsuccessor\x18\x01 \x01(\v2\x10.hsmagent.v1.KeyR\tsuccessor\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"r\n" +
+	"\x11PromoteKeyRequest\x12\x14\n" +
+	"\x05label\x18\x01 \x01(\tR\x05label\x12\"\n" +
+	"\fcertificates\x18\x02 \x03(\fR\fcertificates\x12#\n" +
+	"\rreplace_chain\x18\x03 \x01(\bR\freplaceChain\"|\n" +
+	"\x12PromoteKeyResponse\x12\"\n" +
+	"\x03key\x18\x01 \x01(\v2\x10.hsmagent.v1.KeyR\x03key\x12#\n" +
+	"\rretired_label\x18\x02 \x01(\tR\fretiredLabel\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x12\n" +
 	"\x10AdminKeysRequest\"\x13\n" +
 	"\x11AdminTokenRequest\"I\n" +
 	"\x12AdminTokenResponse\x12\x14\n" +
@@ -1444,14 +1701,17 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\x04Sign\x12\x18.hsmagent.v1.SignRequest\x1a\x19.hsmagent.v1.SignResponse\x12Q\n" +
 	"\n" +
 	"SignStream\x12\x1e.hsmagent.v1.SignStreamRequest\x1a\x1f.hsmagent.v1.SignStreamResponse(\x010\x01\x12K\n" +
-	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x012\xe5\x03\n" +
+	"\tWatchKeys\x12\x1d.hsmagent.v1.WatchKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse0\x012\x80\x05\n" +
 	"\x05Admin\x12H\n" +
 	"\x05Token\x12\x1e.hsmagent.v1.AdminTokenRequest\x1a\x1f.hsmagent.v1.AdminTokenResponse\x12D\n" +
 	"\x04Keys\x12\x1d.hsmagent.v1.AdminKeysRequest\x1a\x1d.hsmagent.v1.ListKeysResponse\x12P\n" +
 	"\vGenerateKey\x12\x1f.hsmagent.v1.GenerateKeyRequest\x1a .hsmagent.v1.GenerateKeyResponse\x12J\n" +
 	"\tDeleteKey\x12\x1d.hsmagent.v1.DeleteKeyRequest\x1a\x1e.hsmagent.v1.DeleteKeyResponse\x12b\n" +
 	"\x11ImportCertificate\x12%.hsmagent.v1.ImportCertificateRequest\x1a&.hsmagent.v1.ImportCertificateResponse\x12J\n" +
-	"\tCreateCSR\x12\x1d.hsmagent.v1.CreateCSRRequest\x1a\x1e.hsmagent.v1.CreateCSRResponseB,Z*github.com/hsmagent/hsmagent/agent/agentpbb\x06proto3"
+	"\tCreateCSR\x12\x1d.hsmagent.v1.CreateCSRRequest\x1a\x1e.hsmagent.v1.CreateCSRResponse\x12J\n" +
+	"\tRotateKey\x12\x1d.hsmagent.v1.RotateKeyRequest\x1a\x1e.hsmagent.v1.RotateKeyResponse\x12M\n" +
+	"\n" +
+	"PromoteKey\x12\x1e.hsmagent.v1.PromoteKeyRequest\x1a\x1f.hsmagent.v1.PromoteKeyResponseB,Z*github.com/hsmagent/hsmagent/agent/agentpbb\x06proto3"
 
 var (
 	file_hsmagent_v1_agent_proto_rawDescOnce sync.Once
@@ -1466,7 +1726,7 @@ func file_hsmagent_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_hsmagent_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_hsmagent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_hsmagent_v1_agent_proto_goTypes = []any{
 	(Algorithm)(0),                    // 0: hsmagent.v1.Algorithm
 	(Hash)(0),                         // 1: hsmagent.v1.Hash
@@ -1481,17 +1741,21 @@ var file_hsmagent_v1_agent_proto_goTypes = []any{
 	(*SignStreamItem)(nil),            // 10: hsmagent.v1.SignStreamItem
 	(*SignStreamResponse)(nil),        // 11: hsmagent.v1.SignStreamResponse
 	(*SignStreamResult)(nil),          // 12: hsmagent.v1.SignStreamResult
-	(*AdminKeysRequest)(nil),          // 13: hsmagent.v1.AdminKeysRequest
-	(*AdminTokenRequest)(nil),         // 14: hsmagent.v1.AdminTokenRequest
-	(*AdminTokenResponse)(nil),        // 15: hsmagent.v1.AdminTokenResponse
-	(*GenerateKeyRequest)(nil),        // 16: hsmagent.v1.GenerateKeyRequest
-	(*GenerateKeyResponse)(nil),       // 17: hsmagent.v1.GenerateKeyResponse
-	(*DeleteKeyRequest)(nil),          // 18: hsmagent.v1.DeleteKeyRequest
-	(*DeleteKeyResponse)(nil),         // 19: hsmagent.v1.DeleteKeyResponse
-	(*ImportCertificateRequest)(nil),  // 20: hsmagent.v1.ImportCertificateRequest
-	(*ImportCertificateResponse)(nil), // 21: hsmagent.v1.ImportCertificateResponse
-	(*CreateCSRRequest)(nil),          // 22: hsmagent.v1.CreateCSRRequest
-	(*CreateCSRResponse)(nil),         // 23: hsmagent.v1.CreateCSRResponse
+	(*RotateKeyRequest)(nil),          // 13: hsmagent.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),         // 14: hsmagent.v1.RotateKeyResponse
+	(*PromoteKeyRequest)(nil),         // 15: hsmagent.v1.PromoteKeyRequest
+	(*PromoteKeyResponse)(nil),        // 16: hsmagent.v1.PromoteKeyResponse
+	(*AdminKeysRequest)(nil),          // 17: hsmagent.v1.AdminKeysRequest
+	(*AdminTokenRequest)(nil),         // 18: hsmagent.v1.AdminTokenRequest
+	(*AdminTokenResponse)(nil),        // 19: hsmagent.v1.AdminTokenResponse
+	(*GenerateKeyRequest)(nil),        // 20: hsmagent.v1.GenerateKeyRequest
+	(*GenerateKeyResponse)(nil),       // 21: hsmagent.v1.GenerateKeyResponse
+	(*DeleteKeyRequest)(nil),          // 22: hsmagent.v1.DeleteKeyRequest
+	(*DeleteKeyResponse)(nil),         // 23: hsmagent.v1.DeleteKeyResponse
+	(*ImportCertificateRequest)(nil),  // 24: hsmagent.v1.ImportCertificateRequest
+	(*ImportCertificateResponse)(nil), // 25: hsmagent.v1.ImportCertificateResponse
+	(*CreateCSRRequest)(nil),          // 26: hsmagent.v1.CreateCSRRequest
+	(*CreateCSRResponse)(nil),         // 27: hsmagent.v1.CreateCSRResponse
 }
 var file_hsmagent_v1_agent_proto_depIdxs = []int32{
 	6,  // 0: hsmagent.v1.ListKeysResponse.keys:type_name -> hsmagent.v1.Key
@@ -1501,33 +1765,39 @@ var file_hsmagent_v1_agent_proto_depIdxs = []int32{
 	10, // 4: hsmagent.v1.SignStreamRequest.items:type_name -> hsmagent.v1.SignStreamItem
 	7,  // 5: hsmagent.v1.SignStreamItem.request:type_name -> hsmagent.v1.SignRequest
 	12, // 6: hsmagent.v1.SignStreamResponse.results:type_name -> hsmagent.v1.SignStreamResult
-	6,  // 7: hsmagent.v1.GenerateKeyResponse.key:type_name -> hsmagent.v1.Key
-	6,  // 8: hsmagent.v1.ImportCertificateResponse.key:type_name -> hsmagent.v1.Key
-	3,  // 9: hsmagent.v1.Agent.ListKeys:input_type -> hsmagent.v1.ListKeysRequest
-	7,  // 10: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
-	9,  // 11: hsmagent.v1.Agent.SignStream:input_type -> hsmagent.v1.SignStreamRequest
-	4,  // 12: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
-	14, // 13: hsmagent.v1.Admin.Token:input_type -> hsmagent.v1.AdminTokenRequest
-	13, // 14: hsmagent.v1.Admin.Keys:input_type -> hsmagent.v1.AdminKeysRequest
-	16, // 15: hsmagent.v1.Admin.GenerateKey:input_type -> hsmagent.v1.GenerateKeyRequest
-	18, // 16: hsmagent.v1.Admin.DeleteKey:input_type -> hsmagent.v1.DeleteKeyRequest
-	20, // 17: hsmagent.v1.Admin.ImportCertificate:input_type -> hsmagent.v1.ImportCertificateRequest
-	22, // 18: hsmagent.v1.Admin.CreateCSR:input_type -> hsmagent.v1.CreateCSRRequest
-	5,  // 19: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
-	8,  // 20: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
-	11, // 21: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
-	5,  // 22: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
-	15, // 23: hsmagent.v1.Admin.Token:output_type -> hsmagent.v1.AdminTokenResponse
-	5,  // 24: hsmagent.v1.Admin.Keys:output_type -> hsmagent.v1.ListKeysResponse
-	17, // 25: hsmagent.v1.Admin.GenerateKey:output_type -> hsmagent.v1.GenerateKeyResponse
-	19, // 26: hsmagent.v1.Admin.DeleteKey:output_type -> hsmagent.v1.DeleteKeyResponse
-	21, // 27: hsmagent.v1.Admin.ImportCertificate:output_type -> hsmagent.v1.ImportCertificateResponse
-	23, // 28: hsmagent.v1.Admin.CreateCSR:output_type -> hsmagent.v1.CreateCSRResponse
-	19, // [19:29] is the sub-list for method output_type
-	9,  // [9:19] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	6,  // 7: hsmagent.v1.RotateKeyResponse.successor:type_name -> hsmagent.v1.Key
+	6,  // 8: hsmagent.v1.PromoteKeyResponse.key:type_name -> hsmagent.v1.Key
+	6,  // 9: hsmagent.v1.GenerateKeyResponse.key:type_name -> hsmagent.v1.Key
+	6,  // 10: hsmagent.v1.ImportCertificateResponse.key:type_name -> hsmagent.v1.Key
+	3,  // 11: hsmagent.v1.Agent.ListKeys:input_type -> hsmagent.v1.ListKeysRequest
+	7,  // 12: hsmagent.v1.Agent.Sign:input_type -> hsmagent.v1.SignRequest
+	9,  // 13: hsmagent.v1.Agent.SignStream:input_type -> hsmagent.v1.SignStreamRequest
+	4,  // 14: hsmagent.v1.Agent.WatchKeys:input_type -> hsmagent.v1.WatchKeysRequest
+	18, // 15: hsmagent.v1.Admin.Token:input_type -> hsmagent.v1.AdminTokenRequest
+	17, // 16: hsmagent.v1.Admin.Keys:input_type -> hsmagent.v1.AdminKeysRequest
+	20, // 17: hsmagent.v1.Admin.GenerateKey:input_type -> hsmagent.v1.GenerateKeyRequest
+	22, // 18: hsmagent.v1.Admin.DeleteKey:input_type -> hsmagent.v1.DeleteKeyRequest
+	24, // 19: hsmagent.v1.Admin.ImportCertificate:input_type -> hsmagent.v1.ImportCertificateRequest
+	26, // 20: hsmagent.v1.Admin.CreateCSR:input_type -> hsmagent.v1.CreateCSRRequest
+	13, // 21: hsmagent.v1.Admin.RotateKey:input_type -> hsmagent.v1.RotateKeyRequest
+	15, // 22: hsmagent.v1.Admin.PromoteKey:input_type -> hsmagent.v1.PromoteKeyRequest
+	5,  // 23: hsmagent.v1.Agent.ListKeys:output_type -> hsmagent.v1.ListKeysResponse
+	8,  // 24: hsmagent.v1.Agent.Sign:output_type -> hsmagent.v1.SignResponse
+	11, // 25: hsmagent.v1.Agent.SignStream:output_type -> hsmagent.v1.SignStreamResponse
+	5,  // 26: hsmagent.v1.Agent.WatchKeys:output_type -> hsmagent.v1.ListKeysResponse
+	19, // 27: hsmagent.v1.Admin.Token:output_type -> hsmagent.v1.AdminTokenResponse
+	5,  // 28: hsmagent.v1.Admin.Keys:output_type -> hsmagent.v1.ListKeysResponse
+	21, // 29: hsmagent.v1.Admin.GenerateKey:output_type -> hsmagent.v1.GenerateKeyResponse
+	23, // 30: hsmagent.v1.Admin.DeleteKey:output_type -> hsmagent.v1.DeleteKeyResponse
+	25, // 31: hsmagent.v1.Admin.ImportCertificate:output_type -> hsmagent.v1.ImportCertificateResponse
+	27, // 32: hsmagent.v1.Admin.CreateCSR:output_type -> hsmagent.v1.CreateCSRResponse
+	14, // 33: hsmagent.v1.Admin.RotateKey:output_type -> hsmagent.v1.RotateKeyResponse
+	16, // 34: hsmagent.v1.Admin.PromoteKey:output_type -> hsmagent.v1.PromoteKeyResponse
+	23, // [23:35] is the sub-list for method output_type
+	11, // [11:23] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_hsmagent_v1_agent_proto_init() }
@@ -1541,7 +1811,7 @@ func file_hsmagent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_hsmagent_v1_agent_proto_rawDesc), len(file_hsmagent_v1_agent_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   21,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

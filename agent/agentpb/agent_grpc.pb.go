@@ -275,6 +275,8 @@ const (
 	Admin_DeleteKey_FullMethodName         = "/hsmagent.v1.Admin/DeleteKey"
 	Admin_ImportCertificate_FullMethodName = "/hsmagent.v1.Admin/ImportCertificate"
 	Admin_CreateCSR_FullMethodName         = "/hsmagent.v1.Admin/CreateCSR"
+	Admin_RotateKey_FullMethodName         = "/hsmagent.v1.Admin/RotateKey"
+	Admin_PromoteKey_FullMethodName        = "/hsmagent.v1.Admin/PromoteKey"
 )
 
 // AdminClient is the client API for Admin service.
@@ -306,6 +308,13 @@ type AdminClient interface {
 	// subject alternative names, puts the key's own public key in and signs:
 	// it never signs a request for another key, nor anything else.
 	CreateCSR(ctx context.Context, in *CreateCSRRequest, opts ...grpc.CallOption) (*CreateCSRResponse, error)
+	// RotateKey generates a successor key pair for a key, under the pending
+	// label "<label>/successor", which no caller signs with until promoted.
+	RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error)
+	// PromoteKey stores a certificate and chain with the successor of a key,
+	// then makes the successor the key: new signatures and handshakes under
+	// the label use it; the key before stays under "<label>/retired-<UTC time>".
+	PromoteKey(ctx context.Context, in *PromoteKeyRequest, opts ...grpc.CallOption) (*PromoteKeyResponse, error)
 }
 
 type adminClient struct {
@@ -376,6 +385,26 @@ func (c *adminClient) CreateCSR(ctx context.Context, in *CreateCSRRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateKeyResponse)
+	err := c.cc.Invoke(ctx, Admin_RotateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) PromoteKey(ctx context.Context, in *PromoteKeyRequest, opts ...grpc.CallOption) (*PromoteKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PromoteKeyResponse)
+	err := c.cc.Invoke(ctx, Admin_PromoteKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -405,6 +434,13 @@ type AdminServer interface {
 	// subject alternative names, puts the key's own public key in and signs:
 	// it never signs a request for another key, nor anything else.
 	CreateCSR(context.Context, *CreateCSRRequest) (*CreateCSRResponse, error)
+	// RotateKey generates a successor key pair for a key, under the pending
+	// label "<label>/successor", which no caller signs with until promoted.
+	RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error)
+	// PromoteKey stores a certificate and chain with the successor of a key,
+	// then makes the successor the key: new signatures and handshakes under
+	// the label use it; the key before stays under "<label>/retired-<UTC time>".
+	PromoteKey(context.Context, *PromoteKeyRequest) (*PromoteKeyResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -432,6 +468,12 @@ func (UnimplementedAdminServer) ImportCertificate(context.Context, *ImportCertif
 }
 func (UnimplementedAdminServer) CreateCSR(context.Context, *CreateCSRRequest) (*CreateCSRResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateCSR not implemented")
+}
+func (UnimplementedAdminServer) RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateKey not implemented")
+}
+func (UnimplementedAdminServer) PromoteKey(context.Context, *PromoteKeyRequest) (*PromoteKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PromoteKey not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -562,6 +604,42 @@ func _Admin_CreateCSR_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RotateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RotateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RotateKey(ctx, req.(*RotateKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_PromoteKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PromoteKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).PromoteKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_PromoteKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).PromoteKey(ctx, req.(*PromoteKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -592,6 +670,14 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CreateCSR",
 			Handler:    _Admin_CreateCSR_Handler,
+		},
+		{
+			MethodName: "RotateKey",
+			Handler:    _Admin_RotateKey_Handler,
+		},
+		{
+			MethodName: "PromoteKey",
+			Handler:    _Admin_PromoteKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -122,6 +122,7 @@ type adminCall struct {
 	pub     crypto.PublicKey // its fingerprint goes in the record
 	serial  string           // of the leaf imported
 	chain   int              // chain certificates imported
+	retired string           // the label a promotion gave the key before
 }
 
 // adminBegin gives a its request id and decides whether p may call it at all.
@@ -226,6 +227,9 @@ func (c *Core) adminRecord(ctx context.Context, level slog.Level, p Peer, a *adm
 	}
 	if a.serial != "" {
 		attrs = append(attrs, slog.String("serial", a.serial), slog.Int("chain", a.chain))
+	}
+	if a.retired != "" {
+		attrs = append(attrs, slog.String("retired", auditLabel(a.retired)))
 	}
 	code := CodeOK
 	if err != nil {

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/hsmagent/hsmagent/agent/rotation"
 )
 
 // ServedCheck compares, key by key, what the token holds with what the
@@ -77,16 +79,37 @@ func CheckServed(v ServedView) []Finding {
 	}
 	slices.Sort(labels)
 	labels = slices.Compact(labels)
-	var out []Finding
+	var out, infos []Finding
 	for _, label := range labels {
+		if base, kind := rotation.Parse(label); kind != rotation.Current {
+			// A rotation's other keys are served to no client: said, never a difference.
+			infos = append(infos, rotationInfo(label, base, kind, token[label]))
+			continue
+		}
 		if f, ok := compareKey(label, token[label], served[label], v.EveryKey); ok {
 			out = append(out, f)
 		}
 	}
 	if len(out) == 0 {
-		out = append(out, passed(ServedCheck, "", "the agent serves the token's %d key(s) as stored: public key, id, certificate and chain", len(served)))
+		out = append(out, passed(ServedCheck, "", "the agent serves the token's %d key(s) as stored: public key, id, certificate and chain", len(served)-len(infos)))
 	}
-	return out
+	return append(out, infos...)
+}
+
+// rotationInfo is the passing line that names a pending successor or a
+// retired key (t is nil when only the agent lists it).
+func rotationInfo(label, base string, kind rotation.Kind, t *Key) Finding {
+	f := Finding{Check: ServedCheck, Key: label, Status: Pass}
+	if kind == rotation.Successor {
+		state := "no certificate yet: next, 'hsmagent csr --key " + base + " --successor'"
+		if t != nil && len(t.Chain) > 0 {
+			state = "certified"
+		}
+		f.Message = fmt.Sprintf("key %q has a pending successor %q (%s), which no client signs with until 'hsmagent cert import --key %s --successor' promotes it", base, label, state, base)
+		return f
+	}
+	f.Message = fmt.Sprintf("key %q is a retired key of %q, which no client signs with; delete it once no one needs it: hsmagent keys delete --label %s --yes", label, base, label)
+	return f
 }
 
 // compareKey is the finding for one label, false when both sides agree.

@@ -25,6 +25,7 @@ func certCommand() *cli.Command {
 					&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required, unless the URI names the object)"},
 					&cli.StringFlag{Name: "cert", Usage: "PEM `FILE` with the certificate, may hold the chain too (required)"},
 					&cli.StringFlag{Name: "chain", Usage: "PEM `FILE` with the intermediate certificates"},
+					&cli.BoolFlag{Name: "successor", Usage: "the certificate of the key's pending successor ('keys rotate'): store it and promote the successor to the key's label"},
 				),
 				Action: certImport,
 			},
@@ -52,6 +53,16 @@ func readCertFile(flag, path string) ([]*x509.Certificate, error) {
 	return hsm.ParseCertificates(path, data)
 }
 
+// importInput is the key label and the certificates of cert import.
+func importInput(c *cli.Context) (string, []*x509.Certificate, error) {
+	label, err := adminLabel(c, "key")
+	if err != nil {
+		return "", nil, err
+	}
+	certs, err := importedCerts(c)
+	return label, certs, err
+}
+
 // importedCerts reads --cert and --chain, in that order.
 func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
 	if c.String("cert") == "" {
@@ -72,13 +83,12 @@ func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
 }
 
 func certImport(c *cli.Context) error {
-	label, err := adminLabel(c, "key")
+	label, certs, err := importInput(c)
 	if err != nil {
 		return err
 	}
-	certs, err := importedCerts(c)
-	if err != nil {
-		return err
+	if c.Bool("successor") {
+		return certImportSuccessor(c, label, certs)
 	}
 	client, socket, err := lifecycleAgent(c)
 	if err != nil {

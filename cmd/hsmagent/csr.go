@@ -37,6 +37,7 @@ server certificate D1 connects to.`,
 			&cli.StringFlag{Name: "subject", Usage: "generic subject `DN`, e.g. 'CN=api.example.com,O=Example,C=FR'"},
 			&cli.StringSliceFlag{Name: "dns", Usage: "DNS subjectAltName `NAME` (repeatable)"},
 			&cli.StringSliceFlag{Name: "ip", Usage: "IP subjectAltName `ADDR` (repeatable)"},
+			&cli.BoolFlag{Name: "successor", Usage: "the CSR of the key's pending successor ('keys rotate'); without subject flags, the current certificate's subject and names"},
 			outFlag,
 		),
 		Action: csrAction,
@@ -48,18 +49,13 @@ func csrAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var req hsm.CSRRequest
-	var d1req *d1.SubjectRequest
-	switch c.String("profile") {
-	case "d1", "D1":
-		d1req, err = d1Subject(c, label)
-	case "":
-		req, err = genericCSR(c)
-	default:
-		err = usagef("unknown --profile %q; the only profile is d1", c.String("profile"))
-	}
+	fromLeaf := c.Bool("successor") && c.String("profile") == "" && !c.IsSet("subject")
+	req, d1req, err := csrInput(c, label, fromLeaf)
 	if err != nil {
 		return err
+	}
+	if c.Bool("successor") {
+		return csrSuccessor(c, label, d1req, req, fromLeaf)
 	}
 	client, _, err := lifecycleAgent(c)
 	if err != nil {
@@ -98,6 +94,23 @@ func csrAction(c *cli.Context) error {
 		}
 		return writeCSR(c, label, signer.Public(), der, req)
 	})
+}
+
+// csrInput reads the request's flags: a generic request or a D1 one, or
+// none when a successor's CSR copies the current certificate (fromLeaf).
+func csrInput(c *cli.Context, label string, fromLeaf bool) (req hsm.CSRRequest, d1req *d1.SubjectRequest, err error) {
+	switch profile := c.String("profile"); {
+	case fromLeaf && (c.IsSet("dns") || c.IsSet("ip")):
+		err = usagef("--dns and --ip need --subject; without it the successor's CSR copies the current certificate's names")
+	case fromLeaf:
+	case profile == "d1" || profile == "D1":
+		d1req, err = d1Subject(c, label)
+	case profile == "":
+		req, err = genericCSR(c)
+	default:
+		err = usagef("unknown --profile %q; the only profile is d1", c.String("profile"))
+	}
+	return req, d1req, err
 }
 
 // d1Final completes a D1 request with the key's real type, which its CN

@@ -15,7 +15,7 @@ import (
 func keysCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "keys",
-		Usage: "generate, list and delete key pairs inside the token",
+		Usage: "generate, list, rotate and delete key pairs inside the token",
 		Subcommands: []*cli.Command{
 			{
 				Name:  "generate",
@@ -43,6 +43,7 @@ func keysCommand() *cli.Command {
 				),
 				Action: keysDelete,
 			},
+			keysRotateCommand(),
 		},
 	}
 }

@@ -3,12 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
 	"github.com/hsmagent/hsmagent/agent/keytype"
+	"github.com/hsmagent/hsmagent/agent/rotation"
 	"github.com/urfave/cli/v2"
 )
 
@@ -66,6 +68,16 @@ type statusKeyView struct {
 	// DaysLeft counts whole days to NotAfter (negative once expired by a
 	// day or more); absent without a certificate.
 	DaysLeft *int `json:"daysLeft,omitempty"`
+	// Successor is the pending successor of a key being rotated ('keys
+	// rotate'); Retired, the keys it replaced and that are not yet deleted.
+	Successor *statusSuccessor `json:"successor,omitempty"`
+	Retired   []string         `json:"retired,omitempty"`
+}
+
+type statusSuccessor struct {
+	Label          string `json:"label"`
+	Type           string `json:"type"`
+	HasCertificate bool   `json:"hasCertificate"`
 }
 
 func statusAction(c *cli.Context) error {
@@ -126,7 +138,16 @@ func statusAction(c *cli.Context) error {
 // certificate within expiryWarning of its not-after.
 func statusReport(keys []agent.Key, now time.Time) statusView {
 	v := statusView{Keys: []statusKeyView{}, Problems: []string{}}
+	listed := map[string]bool{}
 	for _, k := range keys {
+		listed[k.Label] = true
+	}
+	var others []agent.Key // the successors and retired keys of listed keys
+	for _, k := range keys {
+		if base, kind := rotation.Parse(k.Label); kind != rotation.Current && listed[base] {
+			others = append(others, k)
+			continue
+		}
 		kv := statusKeyView{Label: k.Label, Type: string(keytype.Of(k.Public))}
 		if kv.Type == "" {
 			kv.Type = "other"
@@ -145,6 +166,16 @@ func statusReport(keys []agent.Key, now time.Time) statusView {
 			}
 		}
 		v.Keys = append(v.Keys, kv)
+	}
+	// Told beside their key, never a problem: no client signs with them.
+	for _, k := range others {
+		base, kind := rotation.Parse(k.Label)
+		i := slices.IndexFunc(v.Keys, func(kv statusKeyView) bool { return kv.Label == base })
+		if kind == rotation.Successor {
+			v.Keys[i].Successor = &statusSuccessor{Label: k.Label, Type: string(keytype.Of(k.Public)), HasCertificate: len(k.Chain) > 0}
+		} else {
+			v.Keys[i].Retired = append(v.Keys[i].Retired, k.Label)
+		}
 	}
 	return v
 }
@@ -166,7 +197,22 @@ func printStatus(c *cli.Context, v statusView) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", k.Label, k.Type, subject, notAfter, days)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, k := range v.Keys {
+		if s := k.Successor; s != nil {
+			next := "next: hsmagent csr --key " + k.Label + " --successor"
+			if s.HasCertificate {
+				next = "certified, not promoted: hsmagent cert import --key " + k.Label + " --successor"
+			}
+			fmt.Fprintf(w, "%s: pending successor %s (%s), not used until promoted; %s\n", k.Label, s.Label, s.Type, next)
+		}
+		for _, r := range k.Retired {
+			fmt.Fprintf(w, "%s: retired key %s kept; delete it once no one needs it: hsmagent keys delete --label %s --yes\n", k.Label, r, r)
+		}
+	}
+	return nil
 }
 
 func plural(n int) string {

@@ -32,7 +32,12 @@ func New(tok *hsm.Token) *Store { return &Store{Token: tok} }
 func (s *Store) TokenLabel() string { return s.Token.Label() }
 
 // Keys implements server.KeyStore.
+// A promotion that a crash stopped halfway is finished first (and logged
+// by the token), so that the label serves one whole key.
 func (s *Store) Keys() ([]server.Key, error) {
+	if _, err := s.Token.FinishPromotions(); err != nil {
+		return nil, err
+	}
 	keys, err := s.Token.Keys()
 	if err != nil {
 		return nil, err
@@ -62,6 +67,12 @@ func (s *Store) Generate(label string, kt keytype.Type) (crypto.PublicKey, error
 // SetChain stores a certificate chain with the key, replacing any earlier one.
 func (s *Store) SetChain(label string, chain []*x509.Certificate) error {
 	return notFound(s.Token.ImportChain(label, chain))
+}
+
+// Promote makes the successor of the key labelled label that key (see
+// hsm.Token.Promote) and returns the label of the key before.
+func (s *Store) Promote(label string) (string, error) {
+	return s.Token.Promote(label)
 }
 
 // Delete destroys the key pair and its certificates.

@@ -16,14 +16,23 @@ import (
 // generate on a fast token, far longer on a slow one.
 const adminGrace = 2 * time.Minute
 
-// adminRequest is the body of msgGenerate, msgDelete and msgSetChain.
+// adminRequest is the body of msgGenerate, msgDelete, msgSetChain and msgPromote.
 type adminRequest struct {
 	Label   string   `json:"label"`
 	KeyType string   `json:"key_type,omitempty"`
 	Chain   [][]byte `json:"chain,omitempty"` // DER, leaf first
 }
 
-var _ core.AdminStore = (*Store)(nil)
+var _ core.RotationStore = (*Store)(nil)
+
+// Promote implements core.RotationStore in the worker.
+func (s *Store) Promote(label string) (string, error) {
+	a, err := s.admin(msgPromote, adminRequest{Label: label})
+	if err != nil {
+		return "", err
+	}
+	return string(a.body), nil
+}
 
 // Generate implements core.AdminStore in the worker.
 func (s *Store) Generate(label string, kt keytype.Type) (crypto.PublicKey, error) {
@@ -103,7 +112,31 @@ func (s *served) admin(typ byte, id uint64, body []byte) {
 		return
 	}
 	var out []byte
+	var keep string // a signer cache entry the change leaves usable
 	switch typ {
+	case msgPromote:
+		rs, ok := store.(core.RotationStore)
+		if !ok {
+			fail(fmt.Errorf("worker: this token's store cannot rotate keys"))
+			return
+		}
+		// The current key's handle is made warm and kept: a signature asked
+		// of it before the agent reloads finishes on it, not on the successor.
+		if cur, err := store.Signer(req.Label); err == nil {
+			fp := Fingerprint(cur.Public())
+			keep = req.Label + "\x00" + string(fp[:])
+			s.mu.Lock()
+			if s.signers[keep] == nil {
+				s.signers[keep] = cur
+			}
+			s.mu.Unlock()
+		}
+		retired, err := rs.Promote(req.Label)
+		if err != nil {
+			fail(err)
+			return
+		}
+		out = []byte(retired)
 	case msgGenerate:
 		kt, err := keytype.Parse(req.KeyType)
 		if err != nil {
@@ -139,7 +172,11 @@ func (s *served) admin(typ byte, id uint64, body []byte) {
 		}
 	}
 	s.mu.Lock()
-	clear(s.signers) // a key gone or replaced: its warm handle must not sign
+	for k := range s.signers { // a key gone or replaced: its warm handle must not sign
+		if k != keep {
+			delete(s.signers, k)
+		}
+	}
 	s.mu.Unlock()
 	s.w.answer(typ, id, statusOK, out)
 }

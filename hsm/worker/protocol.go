@@ -28,6 +28,7 @@ const (
 	msgGenerate // a key pair generated; answered with its PKIX public key
 	msgDelete   // a key pair destroyed with its chain
 	msgSetChain // a certificate chain stored with a key
+	msgPromote  // a key's successor promoted; answered with the retired label
 )
 
 // Statuses of an answer.

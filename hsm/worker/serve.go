@@ -137,7 +137,7 @@ func (s *served) handle(msg []byte, answer func(typ byte, id uint64, status byte
 			return
 		}
 		s.sign(id, req, answer)
-	case msgGenerate, msgDelete, msgSetChain:
+	case msgGenerate, msgDelete, msgSetChain, msgPromote:
 		s.admin(typ, id, body)
 	default:
 		answer(typ, id, statusFailed, []byte(fmt.Sprintf("worker: unknown message type %d", typ)))

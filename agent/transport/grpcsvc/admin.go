@@ -100,3 +100,30 @@ func (s adminService) CreateCSR(ctx context.Context, req *agentpb.CreateCSRReque
 	}
 	return &agentpb.CreateCSRResponse{Csr: der, RequestId: rid}, nil
 }
+
+func (s adminService) RotateKey(ctx context.Context, req *agentpb.RotateKeyRequest) (*agentpb.RotateKeyResponse, error) {
+	p, err := s.peer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	k, rid, err := s.core.RotateKey(ctx, p, req.GetLabel(), req.GetKeyType(), req.GetReplace())
+	sendRequestID(ctx, rid)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &agentpb.RotateKeyResponse{Successor: k, RequestId: rid}, nil
+}
+
+func (s adminService) PromoteKey(ctx context.Context, req *agentpb.PromoteKeyRequest) (*agentpb.PromoteKeyResponse, error) {
+	p, err := s.peer(ctx)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := s.core.PromoteKey(ctx, p, req)
+	if rid := core.RequestIDOf(err); rid != "" {
+		sendRequestID(ctx, rid)
+	} else if resp != nil {
+		sendRequestID(ctx, resp.RequestId)
+	}
+	return resp, toStatus(err)
+}
