@@ -138,19 +138,19 @@ func (c *Core) adminBegin(ctx context.Context, p Peer, a *adminCall) (AdminStore
 		err := Errorf(CodePermissionDenied,
 			"agent: uid %d may not change the agent's keys: its admin rule allows %s; to allow this user, add it or one of its groups under admin: (users:, groups:) in the agent's config and reload the agent (SIGHUP)",
 			p.UID, policy.adminNames())
-		return nil, c.adminRefused(ctx, p, a, "not-admin", err)
+		return nil, c.adminRefused(ctx, p, a, AdminNotAdmin, err)
 	}
 	store, ok := c.store.(AdminStore)
 	if !ok {
-		return nil, c.adminRefused(ctx, p, a, "unsupported",
+		return nil, c.adminRefused(ctx, p, a, AdminUnsupported,
 			Errorf(CodeFailedPrecondition, "agent: this agent's key store cannot be changed through the agent"))
 	}
 	if a.op != opKeys && a.op != opToken {
 		if err := checkAdminLabel(a.label); err != nil {
-			return nil, c.adminRefused(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "%v", err))
+			return nil, c.adminRefused(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "%v", err))
 		}
 		if c.auditKey != "" && a.label == c.auditKey {
-			return nil, c.adminRefused(ctx, p, a, "audit-key",
+			return nil, c.adminRefused(ctx, p, a, AdminAuditKey,
 				Errorf(CodePermissionDenied, "agent: key %q is the agent's audit signing key, which no caller changes", a.label))
 		}
 	}
@@ -175,19 +175,19 @@ func checkAdminLabel(label string) error {
 
 // adminRefused records a refusal (rationed per uid, as the other
 // refusals are) and returns err with the record's id.
-func (c *Core) adminRefused(ctx context.Context, p Peer, a *adminCall, result string, err *Error) error {
+func (c *Core) adminRefused(ctx context.Context, p Peer, a *adminCall, o AdminOutcome, err *Error) error {
 	err.RequestID = a.rid
-	if c.refusals.allow(p.UID, EventAdmin, result) {
-		c.adminRecord(ctx, slog.LevelWarn, p, a, result, err)
+	if c.refusals.allow(p.UID, EventAdmin, o.String()) {
+		c.adminRecord(ctx, p, a, o, err)
 	}
 	return err
 }
 
 // adminFailed records an operation the store or the input refused; every one
 // gets its record (only admins get this far).
-func (c *Core) adminFailed(ctx context.Context, p Peer, a *adminCall, result string, err *Error) error {
+func (c *Core) adminFailed(ctx context.Context, p Peer, a *adminCall, o AdminOutcome, err *Error) error {
 	err.RequestID = a.rid
-	if c.adminRecord(ctx, slog.LevelWarn, p, a, result, err) != nil {
+	if c.adminRecord(ctx, p, a, o, err) != nil {
 		return auditUnavailable().withID(a.rid)
 	}
 	return err
@@ -201,20 +201,20 @@ func (c *Core) storeFailed(ctx context.Context, p Peer, a *adminCall, err error)
 	if rerr := c.Reload(nil); rerr != nil {
 		c.log.Debug("reloading the keys after a failed admin change failed too", "op", a.op, "err", rerr)
 	}
-	return c.adminFailed(ctx, p, a, "failed", storeFailure(err))
+	return c.adminFailed(ctx, p, a, AdminFailed, storeFailure(err))
 }
 
 // adminDone records a change that was made. The change cannot be taken back
 // when its record fails: the caller is told so.
 func (c *Core) adminDone(ctx context.Context, p Peer, a *adminCall) error {
-	if c.adminRecord(ctx, slog.LevelInfo, p, a, "ok", nil) != nil {
+	if c.adminRecord(ctx, p, a, AdminDone, nil) != nil {
 		return &Error{Code: CodeUnavailable, RequestID: a.rid,
 			Msg: "agent: the " + a.op + " was made, but its audit record could not be written; see the agent's log"}
 	}
 	return nil
 }
 
-func (c *Core) adminRecord(ctx context.Context, level slog.Level, p Peer, a *adminCall, result string, err *Error) error {
+func (c *Core) adminRecord(ctx context.Context, p Peer, a *adminCall, o AdminOutcome, err *Error) error {
 	attrs := []slog.Attr{slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID), slog.String("op", a.op)}
 	if a.op != opKeys && a.op != opToken {
 		attrs = append(attrs, slog.String("key", auditLabel(a.label)))
@@ -235,12 +235,12 @@ func (c *Core) adminRecord(ctx context.Context, level slog.Level, p Peer, a *adm
 	if err != nil {
 		code = err.Code
 	}
-	attrs = append(attrs, slog.String("result", result), slog.String("code", code.String()))
+	attrs = append(attrs, slog.String("result", o.String()), slog.String("code", code.String()))
 	if err != nil {
 		attrs = append(attrs, slog.String("error", auditText(err.Msg)))
 	}
 	attrs = append(attrs, slog.String("request_id", a.rid))
-	return c.audit.write(ctx, level, EventAdmin.String(), attrs...)
+	return c.audit.write(ctx, o.Level(), EventAdmin.String(), attrs...)
 }
 
 // auditText is an error message as a record keeps it: the caller's input
@@ -305,6 +305,14 @@ func (c *Core) reloadAfter(a *adminCall) error {
 	return nil
 }
 
+// adminCommit serves a change the store made and records it.
+func (c *Core) adminCommit(ctx context.Context, p Peer, a *adminCall) error {
+	if err := c.reloadAfter(a); err != nil {
+		return err
+	}
+	return c.adminDone(ctx, p, a)
+}
+
 // AdminToken names the token of the store ("" for a store that is none).
 func (c *Core) AdminToken(ctx context.Context, p Peer) (string, string, error) {
 	a := &adminCall{op: opToken}
@@ -347,21 +355,18 @@ func (c *Core) GenerateKey(ctx context.Context, p Peer, label, keyType string) (
 	}
 	kt, err := keytype.Parse(keyType)
 	if err != nil {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "agent: %v", err))
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "agent: %v", err))
 	}
 	c.adminMu.Lock()
 	defer c.adminMu.Unlock()
 	if c.state.Load().keys[label] != nil {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "exists", Errorf(CodeAlreadyExists,
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminExists, Errorf(CodeAlreadyExists,
 			"agent: a key labelled %q exists already; choose another label or delete it first", label))
 	}
 	if a.pub, err = store.Generate(label, kt); err != nil {
 		return nil, a.rid, c.storeFailed(ctx, p, a, err)
 	}
-	if err := c.reloadAfter(a); err != nil {
-		return nil, a.rid, err
-	}
-	if err := c.adminDone(ctx, p, a); err != nil {
+	if err := c.adminCommit(ctx, p, a); err != nil {
 		return nil, a.rid, err
 	}
 	e := c.state.Load().keys[label]
@@ -387,10 +392,7 @@ func (c *Core) DeleteKey(ctx context.Context, p Peer, label string) (string, err
 	if err := store.Delete(label); err != nil {
 		return a.rid, c.storeFailed(ctx, p, a, err)
 	}
-	if err := c.reloadAfter(a); err != nil {
-		return a.rid, err
-	}
-	return a.rid, c.adminDone(ctx, p, a)
+	return a.rid, c.adminCommit(ctx, p, a)
 }
 
 // ImportCertificate stores a certificate and its chain with a key and
@@ -401,34 +403,25 @@ func (c *Core) ImportCertificate(ctx context.Context, p Peer, req *agentpb.Impor
 	if err != nil {
 		return nil, err
 	}
-	certs, err := parseImport(req.GetCertificates())
+	certs, err := c.adminCertificates(ctx, p, a, req.GetCertificates())
 	if err != nil {
-		return nil, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "%v", err))
+		return nil, err
 	}
 	c.adminMu.Lock()
 	defer c.adminMu.Unlock()
 	e := c.state.Load().keys[a.label]
 	if e == nil {
-		return nil, c.adminFailed(ctx, p, a, "not-found", Errorf(CodeNotFound, "agent: no key labelled %q to import a certificate for", a.label))
+		return nil, c.adminFailed(ctx, p, a, AdminNotFound, Errorf(CodeNotFound, "agent: no key labelled %q to import a certificate for", a.label))
 	}
-	a.pub = e.signer.Public()
 	prev, err := parseImport(e.proto.CertificateChain)
 	if err != nil && len(e.proto.CertificateChain) > 0 {
-		return nil, c.adminFailed(ctx, p, a, "failed", Errorf(CodeInternal, "agent: the chain stored with key %q: %v", a.label, err))
+		return nil, c.adminFailed(ctx, p, a, AdminFailed, Errorf(CodeInternal, "agent: the chain stored with key %q: %v", a.label, err))
 	}
-	chain, kept, cerr := c.importChain(a.label, a.pub, certs, prev, req.GetReplaceChain())
-	if cerr != nil {
-		return nil, c.adminFailed(ctx, p, a, "invalid", cerr)
-	}
-	leaf := chain[0]
-	a.serial, a.chain = leaf.SerialNumber.Text(16), len(chain)-1
-	if err := store.SetChain(a.label, chain); err != nil {
-		return nil, c.storeFailed(ctx, p, a, err)
-	}
-	if err := c.reloadAfter(a); err != nil {
+	kept, err := c.certify(ctx, p, a, store, a.label, e, certs, prev, req.GetReplaceChain())
+	if err != nil {
 		return nil, err
 	}
-	if err := c.adminDone(ctx, p, a); err != nil {
+	if err := c.adminCommit(ctx, p, a); err != nil {
 		return nil, err
 	}
 	resp := &agentpb.ImportCertificateResponse{PreviousChain: e.proto.CertificateChain, KeptChain: uint32(kept), RequestId: a.rid}
@@ -436,6 +429,33 @@ func (c *Core) ImportCertificate(ctx context.Context, p Peer, req *agentpb.Impor
 		resp.Key = now.proto
 	}
 	return resp, nil
+}
+
+// adminCertificates parses the certificates of an import, recording a
+// refusal.
+func (c *Core) adminCertificates(ctx context.Context, p Peer, a *adminCall, ders [][]byte) ([]*x509.Certificate, error) {
+	certs, err := parseImport(ders)
+	if err != nil {
+		return nil, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "%v", err))
+	}
+	return certs, nil
+}
+
+// certify stores certs (a leaf and its chain, in any order) with the key e
+// under label target, keeping the chain prev for a leaf alone when it links
+// and replace is false, and returns how many of prev it kept. The record of a
+// gets the key's fingerprint and the leaf's serial.
+func (c *Core) certify(ctx context.Context, p Peer, a *adminCall, store AdminStore, target string, e *entry, certs, prev []*x509.Certificate, replace bool) (int, error) {
+	a.pub = e.signer.Public()
+	chain, kept, cerr := c.importChain(target, a.pub, certs, prev, replace)
+	if cerr != nil {
+		return 0, c.adminFailed(ctx, p, a, AdminInvalid, cerr)
+	}
+	a.serial, a.chain = chain[0].SerialNumber.Text(16), len(chain)-1
+	if err := store.SetChain(target, chain); err != nil {
+		return 0, c.storeFailed(ctx, p, a, err)
+	}
+	return kept, nil
 }
 
 func parseImport(ders [][]byte) ([]*x509.Certificate, error) {
@@ -540,11 +560,11 @@ func (c *Core) CreateCSR(ctx context.Context, p Peer, label string, template []b
 	}
 	tmpl, err := x509.ParseCertificateRequest(template)
 	if err != nil {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "agent: the CSR template is not a DER PKCS #10 request: %v", err))
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "agent: the CSR template is not a DER PKCS #10 request: %v", err))
 	}
 	e := c.state.Load().keys[label]
 	if e == nil {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "not-found", Errorf(CodeNotFound, "agent: no key labelled %q to make a CSR for", label))
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminNotFound, Errorf(CodeNotFound, "agent: no key labelled %q to make a CSR for", label))
 	}
 	a.pub = e.signer.Public()
 	var alg x509.SignatureAlgorithm
@@ -554,7 +574,7 @@ func (c *Core) CreateCSR(ctx context.Context, p Peer, label string, template []b
 	case *rsa.PublicKey:
 		alg = x509.SHA256WithRSA
 	default:
-		return nil, a.rid, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeFailedPrecondition, "agent: key %q: %T keys make no CSR", label, a.pub))
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeFailedPrecondition, "agent: key %q: %T keys make no CSR", label, a.pub))
 	}
 	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
 		RawSubject: tmpl.RawSubject, DNSNames: tmpl.DNSNames, IPAddresses: tmpl.IPAddresses,
@@ -567,7 +587,7 @@ func (c *Core) CreateCSR(ctx context.Context, p Peer, label string, template []b
 		if isKeyChanged(err) {
 			c.keyChanged(label, e, err)
 		}
-		return nil, a.rid, c.adminFailed(ctx, p, a, "failed", storeFailure(fmt.Errorf("agent: signing the CSR of key %q: %w", label, err)))
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminFailed, storeFailure(fmt.Errorf("agent: signing the CSR of key %q: %w", label, err)))
 	}
 	if err := c.adminDone(ctx, p, a); err != nil {
 		return nil, a.rid, err

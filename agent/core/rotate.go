@@ -36,11 +36,11 @@ func (c *Core) rotationBegin(ctx context.Context, p Peer, a *adminCall) (Rotatio
 	}
 	rs, ok := store.(RotationStore)
 	if !ok {
-		return nil, c.adminFailed(ctx, p, a, "unsupported",
+		return nil, c.adminFailed(ctx, p, a, AdminUnsupported,
 			Errorf(CodeFailedPrecondition, "agent: this agent's key store cannot rotate keys"))
 	}
 	if err := rotation.CheckRotatable(a.label); err != nil {
-		return nil, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "agent: %v", err))
+		return nil, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "agent: %v", err))
 	}
 	return rs, nil
 }
@@ -61,24 +61,24 @@ func (c *Core) RotateKey(ctx context.Context, p Peer, label, keyType string, rep
 	st := c.state.Load()
 	cur := st.keys[label]
 	if cur == nil {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "not-found", Errorf(CodeNotFound,
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminNotFound, Errorf(CodeNotFound,
 			"agent: no key labelled %q to rotate; 'hsmagent keys list' shows the keys", label))
 	}
 	kt := keytype.Of(cur.signer.Public())
 	if keyType != "" {
 		if kt, err = keytype.Parse(keyType); err != nil {
-			return nil, a.rid, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "agent: %v", err))
+			return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "agent: %v", err))
 		}
 	}
 	if kt == "" {
-		return nil, a.rid, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument,
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument,
 			"agent: key %q is of a type hsmagent does not generate; give the successor's with --type", label))
 	}
 	a.keyType = string(kt)
 	succ := rotation.SuccessorLabel(label)
 	if st.keys[succ] != nil {
 		if !replace {
-			return nil, a.rid, c.adminFailed(ctx, p, a, "exists", Errorf(CodeAlreadyExists,
+			return nil, a.rid, c.adminFailed(ctx, p, a, AdminExists, Errorf(CodeAlreadyExists,
 				"agent: key %q has a pending successor already; finish with 'hsmagent csr --key %s --successor' and 'hsmagent cert import --key %s --successor', or start again with 'hsmagent keys rotate --label %s --replace'",
 				label, label, label, label))
 		}
@@ -89,10 +89,7 @@ func (c *Core) RotateKey(ctx context.Context, p Peer, label, keyType string, rep
 	if a.pub, err = store.Generate(succ, kt); err != nil {
 		return nil, a.rid, c.storeFailed(ctx, p, a, err)
 	}
-	if err := c.reloadAfter(a); err != nil {
-		return nil, a.rid, err
-	}
-	if err := c.adminDone(ctx, p, a); err != nil {
+	if err := c.adminCommit(ctx, p, a); err != nil {
 		return nil, a.rid, err
 	}
 	e := c.state.Load().keys[succ]
@@ -114,9 +111,9 @@ func (c *Core) PromoteKey(ctx context.Context, p Peer, req *agentpb.PromoteKeyRe
 	if err != nil {
 		return nil, err
 	}
-	certs, err := parseImport(req.GetCertificates())
+	certs, err := c.adminCertificates(ctx, p, a, req.GetCertificates())
 	if err != nil {
-		return nil, c.adminFailed(ctx, p, a, "invalid", Errorf(CodeInvalidArgument, "%v", err))
+		return nil, err
 	}
 	c.adminMu.Lock()
 	defer c.adminMu.Unlock()
@@ -125,28 +122,19 @@ func (c *Core) PromoteKey(ctx context.Context, p Peer, req *agentpb.PromoteKeyRe
 	cur, se := st.keys[a.label], st.keys[succ]
 	switch {
 	case cur == nil:
-		return nil, c.adminFailed(ctx, p, a, "not-found", Errorf(CodeNotFound, "agent: no key labelled %q to promote a successor to", a.label))
+		return nil, c.adminFailed(ctx, p, a, AdminNotFound, Errorf(CodeNotFound, "agent: no key labelled %q to promote a successor to", a.label))
 	case se == nil:
-		return nil, c.adminFailed(ctx, p, a, "not-found", Errorf(CodeNotFound,
+		return nil, c.adminFailed(ctx, p, a, AdminNotFound, Errorf(CodeNotFound,
 			"agent: key %q has no pending successor; make one with 'hsmagent keys rotate --label %s'", a.label, a.label))
 	}
-	a.pub = se.signer.Public()
-	prev, _ := parseImport(cur.proto.CertificateChain)
-	chain, _, cerr := c.importChain(succ, a.pub, certs, prev, req.GetReplaceChain())
-	if cerr != nil {
-		return nil, c.adminFailed(ctx, p, a, "invalid", cerr)
-	}
-	a.serial, a.chain = chain[0].SerialNumber.Text(16), len(chain)-1
-	if err := store.SetChain(succ, chain); err != nil {
-		return nil, c.storeFailed(ctx, p, a, err)
+	prev, _ := parseImport(cur.proto.CertificateChain) // a chain that does not parse is not kept
+	if _, err := c.certify(ctx, p, a, store, succ, se, certs, prev, req.GetReplaceChain()); err != nil {
+		return nil, err
 	}
 	if a.retired, err = store.Promote(a.label); err != nil {
 		return nil, c.storeFailed(ctx, p, a, err)
 	}
-	if err := c.reloadAfter(a); err != nil {
-		return nil, err
-	}
-	if err := c.adminDone(ctx, p, a); err != nil {
+	if err := c.adminCommit(ctx, p, a); err != nil {
 		return nil, err
 	}
 	resp := &agentpb.PromoteKeyResponse{RetiredLabel: a.retired, RequestId: a.rid}
