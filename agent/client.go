@@ -229,6 +229,12 @@ func (e *KeyNotFoundError) Error() string {
 // *rsa.PSSOptions (rsa.PSSSaltLengthAuto, rsa.PSSSaltLengthEqualsHash or a
 // length the key allows). A digest that is not the hash's size, another hash
 // or a salt length out of range fails in the client, before any call.
+//
+// The signer follows the label: after a rotation promotes a successor, Sign
+// uses the new key while Public still returns the key fetched here; call
+// Signer again (or follow WatchKeys) for the new public key. The signers of
+// TLSCertificate, GetCertificate and GetClientCertificate stay with the key
+// of the chain they present instead.
 func (c *Client) Signer(ctx context.Context, label string) (crypto.Signer, error) {
 	k, err := c.key(ctx, label)
 	if err != nil {
@@ -243,13 +249,21 @@ func (c *Client) TLSCertificate(ctx context.Context, label string) (*tls.Certifi
 	if err != nil {
 		return nil, err
 	}
-	return tlsCertificate(k, &remoteSigner{client: c, label: label, public: k.Public})
+	return c.tlsCertificate(k)
 }
 
-func tlsCertificate(k Key, signer crypto.Signer) (*tls.Certificate, error) {
+// tlsCertificate is k's chain with a signer that names the key it holds
+// (SignRequest.key_id): a handshake that presented this chain is signed by
+// its key even when a rotation promotes another one meanwhile.
+func (c *Client) tlsCertificate(k Key) (*tls.Certificate, error) {
 	if len(k.Chain) == 0 {
 		return nil, fmt.Errorf("agent: key %q has no certificate; import one with 'hsmagent cert import' and reload the agent", k.Label)
 	}
+	spki, err := x509.MarshalPKIXPublicKey(k.Public)
+	if err != nil {
+		return nil, fmt.Errorf("agent: key %q: encoding its public key: %w", k.Label, err)
+	}
+	signer := &remoteSigner{client: c, label: k.Label, public: k.Public, keyID: wire.KeyID(spki)}
 	cert := &tls.Certificate{PrivateKey: signer, Leaf: k.Chain[0]}
 	for _, c := range k.Chain {
 		cert.Certificate = append(cert.Certificate, c.Raw)
@@ -261,6 +275,7 @@ type remoteSigner struct {
 	client *Client
 	label  string
 	public crypto.PublicKey
+	keyID  []byte // set: sign with this key only (see tlsCertificate)
 }
 
 var _ crypto.Signer = (*remoteSigner)(nil)
@@ -273,6 +288,7 @@ func (s *remoteSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) 
 	if err != nil {
 		return nil, err
 	}
+	req.KeyId = s.keyID
 	ctx, cancel := context.WithTimeout(context.Background(), s.client.signTimeout)
 	defer cancel()
 	resp, err := s.client.sign(ctx, req)

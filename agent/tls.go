@@ -109,7 +109,7 @@ func (c *Client) buildCache(resp *agentpb.ListKeysResponse) *certCache {
 		if err != nil {
 			continue
 		}
-		cert, err := tlsCertificate(k, &remoteSigner{client: c, label: k.Label, public: k.Public})
+		cert, err := c.tlsCertificate(k)
 		if err == nil {
 			next.byLabel[pk.Label] = cert
 		}

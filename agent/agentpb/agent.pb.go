@@ -416,6 +416,13 @@ type SignRequest struct {
 	Padding Padding `protobuf:"varint,4,opt,name=padding,proto3,enum=hsmagent.v1.Padding" json:"padding,omitempty"`
 	// PSS salt length in bytes; 0 means the hash length (what TLS 1.3 uses).
 	PssSaltLength int32 `protobuf:"varint,5,opt,name=pss_salt_length,json=pssSaltLength,proto3" json:"pss_salt_length,omitempty"`
+	// Optional: the key the caller holds under the label: the first 8 bytes
+	// of the SHA-256 of its Key.public_key (DER SubjectPublicKeyInfo).
+	// A TLS handshake that presented the certificate of a key a rotation has
+	// just retired is signed with that key (for a minute after the promotion),
+	// so that it completes; any other key than the label's is refused with
+	// FAILED_PRECONDITION rather than signed with a key the caller does not hold.
+	KeyId         []byte `protobuf:"bytes,6,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -483,6 +490,13 @@ func (x *SignRequest) GetPssSaltLength() int32 {
 		return x.PssSaltLength
 	}
 	return 0
+}
+
+func (x *SignRequest) GetKeyId() []byte {
+	if x != nil {
+		return x.KeyId
+	}
+	return nil
 }
 
 type SignResponse struct {
@@ -1600,13 +1614,14 @@ const file_hsmagent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"public_key\x18\x04 \x01(\fR\tpublicKey\x12+\n" +
 	"\x11certificate_chain\x18\x05 \x03(\fR\x10certificateChain\x12$\n" +
-	"\x0enot_after_unix\x18\x06 \x01(\x03R\fnotAfterUnix\"\xb6\x01\n" +
+	"\x0enot_after_unix\x18\x06 \x01(\x03R\fnotAfterUnix\"\xcd\x01\n" +
 	"\vSignRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\fR\x06digest\x12%\n" +
 	"\x04hash\x18\x03 \x01(\x0e2\x11.hsmagent.v1.HashR\x04hash\x12.\n" +
 	"\apadding\x18\x04 \x01(\x0e2\x14.hsmagent.v1.PaddingR\apadding\x12&\n" +
-	"\x0fpss_salt_length\x18\x05 \x01(\x05R\rpssSaltLength\"K\n" +
+	"\x0fpss_salt_length\x18\x05 \x01(\x05R\rpssSaltLength\x12\x15\n" +
+	"\x06key_id\x18\x06 \x01(\fR\x05keyId\"K\n" +
 	"\fSignResponse\x12\x1c\n" +
 	"\tsignature\x18\x01 \x01(\fR\tsignature\x12\x1d\n" +
 	"\n" +

@@ -81,6 +81,11 @@ const (
 	DefaultConnectionRatePerUID = 200
 	DefaultMaxSignStreams       = 256
 	DefaultMaxSignStreamsPerUID = 16
+	// RetiredKeyGrace is how long after a promotion the key it retired still
+	// signs for a caller that names it (SignRequest.key_id): long enough for
+	// a TLS handshake that presented its certificate to complete, and no
+	// longer, so that a retired key soon stops signing.
+	RetiredKeyGrace = time.Minute
 )
 
 // Core serves signatures and key lists to Peers; it is safe for

@@ -9,9 +9,11 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"time"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"github.com/hsmagent/hsmagent/agent/rotation"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -26,6 +28,15 @@ type state struct {
 	// changed, and when each key it no longer has was removed.
 	policyAt uint64
 	gone     map[string]uint64
+	// The newest retired key of each label a rotation promoted a successor
+	// to, and when it was retired: it signs for callers that still hold it
+	// for RetiredKeyGrace.
+	retired map[string]retiredKey
+}
+
+type retiredKey struct {
+	e  *entry
+	at time.Time
 }
 
 type entry struct {
@@ -33,6 +44,7 @@ type entry struct {
 	rsaPub    *rsa.PublicKey // nil for EC keys
 	proto     *agentpb.Key
 	changedAt uint64 // the revision that brought this key or chain
+	keyID     []byte // wire.KeyID of the public key
 }
 
 // Reload reads the keys and chains again and installs policy (nil keeps the
@@ -64,7 +76,7 @@ func (c *Core) load(policy *Policy) error {
 		if err != nil {
 			return err
 		}
-		e := &entry{proto: pk}
+		e := &entry{proto: pk, keyID: wire.KeyID(pk.PublicKey)}
 		if rp, ok := k.Public.(*rsa.PublicKey); ok {
 			e.rsaPub = rp
 		}
@@ -84,6 +96,7 @@ func (c *Core) load(policy *Policy) error {
 		next.labels = append(next.labels, k.Label)
 	}
 	sort.Strings(next.labels)
+	next.retired = newestRetired(next.keys)
 	next.gone = map[string]uint64{}
 	if old != nil {
 		next.revision, next.policyAt = old.revision, old.policyAt
@@ -119,6 +132,25 @@ func (c *Core) load(policy *Policy) error {
 	c.keysLoaded(next)
 	c.observer.KeysLoaded(keys)
 	return nil
+}
+
+// newestRetired finds the newest retired key of each label in keys.
+func newestRetired(keys map[string]*entry) map[string]retiredKey {
+	retired := map[string]retiredKey{}
+	for label, e := range keys {
+		base, kind := rotation.Parse(label)
+		if kind != rotation.Retired {
+			continue
+		}
+		at, err := rotation.RetiredAt(label)
+		if err != nil {
+			continue
+		}
+		if prev, ok := retired[base]; !ok || at.After(prev.at) {
+			retired[base] = retiredKey{e: e, at: at}
+		}
+	}
+	return retired
 }
 
 func keyProto(k Key) (*agentpb.Key, error) {

@@ -1,6 +1,7 @@
 package core
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -85,6 +86,13 @@ func (c *Core) check(p Peer, req *agentpb.SignRequest) (*entry, crypto.SignerOpt
 	if e == nil {
 		return nil, nil, NotFound, fmt.Errorf("agent: key %q not found", req.Key)
 	}
+	if len(req.KeyId) > 0 && !bytes.Equal(req.KeyId, e.keyID) {
+		held, o, err := st.heldKey(req)
+		if err != nil {
+			return nil, nil, o, err
+		}
+		e = held
+	}
 	hash, ok := wire.GoHash(req.Hash)
 	if !ok {
 		return nil, nil, Invalid, fmt.Errorf("agent: hash %v is not supported; use SHA-256, SHA-384 or SHA-512", req.Hash)
@@ -110,6 +118,21 @@ func (c *Core) check(p Peer, req *agentpb.SignRequest) (*entry, crypto.SignerOpt
 		return nil, nil, Invalid, fmt.Errorf("agent: padding %v is not supported", req.Padding)
 	}
 	return e, opts, Signed, nil
+}
+
+// heldKey is the key a caller holds under req.Key when it is not the
+// label's (req.KeyId differs): the key a rotation retired, within
+// RetiredKeyGrace of its promotion, so that a handshake that presented its
+// certificate completes. Any other key is refused: a signature by the
+// label's key would not verify against the public key the caller holds.
+func (st *state) heldKey(req *agentpb.SignRequest) (*entry, Outcome, error) {
+	if len(req.KeyId) != wire.KeyIDSize {
+		return nil, Invalid, fmt.Errorf("agent: key_id is %d bytes, want %d (the first bytes of the SHA-256 of the public key)", len(req.KeyId), wire.KeyIDSize)
+	}
+	if r, ok := st.retired[req.Key]; ok && bytes.Equal(req.KeyId, r.e.keyID) && time.Since(r.at) < RetiredKeyGrace {
+		return r.e, Signed, nil
+	}
+	return nil, KeyChanged, fmt.Errorf("agent: key %q is not the key the caller holds: it was rotated or replaced; get the key again (its certificate and signer) to sign with the new one", req.Key)
 }
 
 // signed is the outcome of the key store's answer sig, err to req.

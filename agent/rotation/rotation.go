@@ -63,6 +63,15 @@ func Parse(label string) (base string, kind Kind) {
 	return label, Current
 }
 
+// RetiredAt is when the key of a retired label was retired.
+func RetiredAt(label string) (time.Time, error) {
+	i := strings.LastIndex(label, retiredInfix)
+	if i <= 0 {
+		return time.Time{}, fmt.Errorf("key %q is not a retired key", label)
+	}
+	return time.Parse(TimeFormat, label[i+len(retiredInfix):])
+}
+
 // CheckRotatable refuses a label that cannot be rotated: a successor or a
 // retired key, or one too long for its retired label to fit the token.
 func CheckRotatable(label string) error {

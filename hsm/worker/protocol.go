@@ -29,6 +29,7 @@ const (
 	msgDelete   // a key pair destroyed with its chain
 	msgSetChain // a certificate chain stored with a key
 	msgPromote  // a key's successor promoted; answered with the retired label
+	msgEnd      // one past the last type: a new type goes before it
 )
 
 // Statuses of an answer.

@@ -4,6 +4,7 @@ package wire
 
 import (
 	"crypto"
+	"crypto/sha256"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/keytype"
@@ -63,4 +64,14 @@ var algorithms = map[keytype.Type]agentpb.Algorithm{
 // unsupported key).
 func Algorithm(pub crypto.PublicKey) agentpb.Algorithm {
 	return algorithms[keytype.Of(pub)]
+}
+
+// KeyIDSize is the length of a SignRequest's key_id.
+const KeyIDSize = 8
+
+// KeyID is the key_id of a SignRequest for the key whose DER
+// SubjectPublicKeyInfo is spki: enough to tell a label's keys apart.
+func KeyID(spki []byte) []byte {
+	sum := sha256.Sum256(spki)
+	return sum[:KeyIDSize]
 }
