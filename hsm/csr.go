@@ -56,13 +56,21 @@ func CreateCSR(signer crypto.Signer, req CSRRequest) ([]byte, error) {
 // ParseSubject reads a distinguished name written as in RFC 4514 but in
 // reading order, e.g. "CN=api.example.com,OU=Payments,O=Example Bank,C=FR".
 // Supported attributes: C, ST, L, O, OU, CN, SERIALNUMBER, STREET, POSTALCODE.
-// A comma or plus inside a value is escaped with a backslash.
+// A comma or plus inside a value is escaped with a backslash. The form
+// OpenSSL's -subj takes and 'hsmagent csr' prints, "/C=FR/O=Example
+// Bank/CN=api.example.com", is read too; there a '/' inside a value (a D1
+// CN's) needs no escape, as no attribute lacks its '='.
 func ParseSubject(s string) (pkix.Name, error) {
 	var name pkix.Name
-	if strings.TrimSpace(s) == "" {
+	s = strings.TrimSpace(s)
+	if s == "" || s == "/" {
 		return name, errors.New("hsm: subject is empty")
 	}
-	for _, rdn := range splitUnescaped(s, ',') {
+	rdns := splitUnescaped(s, ',')
+	if s[0] == '/' {
+		rdns = slashRDNs(strings.TrimSuffix(s[1:], "/"))
+	}
+	for _, rdn := range rdns {
 		key, value, ok := strings.Cut(rdn, "=")
 		key = strings.ToUpper(strings.TrimSpace(key))
 		value = unescapeDN(strings.TrimSpace(value))
@@ -102,6 +110,20 @@ func ParseSubject(s string) (pkix.Name, error) {
 		}
 	}
 	return name, nil
+}
+
+// slashRDNs splits the OpenSSL form at its '/'s, a part without '=' being
+// the rest of the value before it.
+func slashRDNs(s string) []string {
+	var rdns []string
+	for _, part := range splitUnescaped(s, '/') {
+		if n := len(rdns); n > 0 && !strings.Contains(part, "=") {
+			rdns[n-1] += `\/` + part
+			continue
+		}
+		rdns = append(rdns, part)
+	}
+	return rdns
 }
 
 func splitUnescaped(s string, sep byte) []string {

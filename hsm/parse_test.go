@@ -31,6 +31,13 @@ func TestParseSubject(t *testing.T) {
 		{in: "C=FRA", wantErr: "two-letter"},
 		{in: "CN=a,CN=b", wantErr: "more than one CN"},
 		{in: "EMAIL=a@b", wantErr: `"EMAIL" is not supported`},
+		// OpenSSL's form, as 'hsmagent csr' prints it: a D1 CN keeps its '/'s.
+		{in: "/C=FR/ST=Ile-de-France/O=Example Bank/CN=TLSMA-ECDSA/ABCDEFGHIJ/PPR", want: pkix.Name{Country: []string{"FR"},
+			Province: []string{"Ile-de-France"}, Organization: []string{"Example Bank"}, CommonName: "TLSMA-ECDSA/ABCDEFGHIJ/PPR"}},
+		{in: `/O=a,b/CN=x\/y/`, want: pkix.Name{Organization: []string{"a,b"}, CommonName: "x/y"}},
+		{in: "/", wantErr: "empty"},
+		{in: "/CN", wantErr: "not KEY=VALUE"},
+		{in: "/CN=a/CN=b", wantErr: "more than one CN"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
