@@ -6,6 +6,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,6 +93,27 @@ func TestSignWithTheKeyTheCallerHolds(t *testing.T) {
 			if !ecdsa.VerifyASN1(tt.verifies.(*ecdsa.PublicKey), digest[:], a.Signature) {
 				t.Fatal("the signature does not verify under the key the caller holds")
 			}
+			// The record names the retired key when it signed, and only then.
+			rec := w.audit.sign(t, a.RequestID)
+			retired, _ := rec["retired_key"].(string)
+			if want := tt.verifies == before; want != strings.HasPrefix(retired, "web/retired-") || (!want && retired != "") {
+				t.Errorf("sign record %v: retired_key %q, want one: %v", rec, retired, want)
+			}
 		})
 	}
+}
+
+// sign is the sign record of request rid.
+func (s *syncBuffer) sign(t *testing.T, rid string) map[string]any {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, line := range strings.Split(strings.TrimSpace(s.b.String()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == "sign" && m["request_id"] == rid {
+			return m
+		}
+	}
+	t.Fatalf("no sign record of request %s", rid)
+	return nil
 }

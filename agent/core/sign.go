@@ -169,11 +169,33 @@ func (c *Core) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, 
 	if o.rationed() && !c.refusals.allow(p.UID, EventSign, o.String()) {
 		return nil
 	}
-	if aerr := c.audit.write(ctx, o.Level(), EventSign.String(),
+	attrs := [...]slog.Attr{
 		slog.Int("uid", p.UID), slog.Int("gid", p.GID), slog.Int("pid", p.PID),
 		slog.String("key", auditLabel(req.Key)), slog.String("hash", req.Hash.String()),
-		slog.String("result", o.String()), slog.Duration("duration", d), slog.String("request_id", rid)); aerr != nil {
+		slog.String("result", o.String()), slog.Duration("duration", d), slog.String("request_id", rid),
+		{}, // the retired key that signed, if one did
+	}
+	n := len(attrs) - 1
+	if o == Signed && len(req.KeyId) > 0 {
+		if retired := c.state.Load().retiredSigner(req); retired != "" {
+			attrs[n] = slog.String("retired_key", auditLabel(retired))
+			n++
+		}
+	}
+	if aerr := c.audit.write(ctx, o.Level(), EventSign.String(), attrs[:n]...); aerr != nil {
 		return auditUnavailable()
 	}
 	return nil
+}
+
+// retiredSigner is the label of the retired key that signs req, which names
+// it, or "" when the label's key does.
+func (st *state) retiredSigner(req *agentpb.SignRequest) string {
+	if e := st.keys[req.Key]; e != nil && bytes.Equal(e.keyID, req.KeyId) {
+		return ""
+	}
+	if r, ok := st.retired[req.Key]; ok && bytes.Equal(r.e.keyID, req.KeyId) {
+		return r.e.proto.Label
+	}
+	return ""
 }
