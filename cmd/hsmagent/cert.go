@@ -82,6 +82,31 @@ func importedCerts(c *cli.Context) ([]*x509.Certificate, error) {
 	return certs, nil
 }
 
+// directChain orders certs (a leaf and its chain) for key, as imported on
+// the token itself: the leaf must be key's (whose is names it in the error),
+// a leaf alone keeps key's stored chain when it links, and the chain's
+// warnings are printed.
+func directChain(c *cli.Context, certs []*x509.Certificate, key *hsm.Key, whose string) ([]*x509.Certificate, error) {
+	chain, err := hsm.SortChain(key.Public, certs)
+	if errors.Is(err, hsm.ErrNoMatchingCertificate) {
+		return nil, fmt.Errorf("certificate %q does not belong to %s: its public key differs", certs[0].Subject, whose)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if chain, err = keptChain(c, chain, key); err != nil {
+		return nil, err
+	}
+	warnings, err := hsm.ChainWarnings(chain, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range warnings {
+		warnf(c, "%s", w)
+	}
+	return chain, nil
+}
+
 func certImport(c *cli.Context) error {
 	label, certs, err := importInput(c)
 	if err != nil {
@@ -107,22 +132,9 @@ func certImport(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
-		chain, err := hsm.SortChain(key.Public, certs)
-		if errors.Is(err, hsm.ErrNoMatchingCertificate) {
-			return fmt.Errorf("certificate %q does not belong to key %q: its public key differs", certs[0].Subject, label)
-		}
+		chain, err := directChain(c, certs, key, fmt.Sprintf("key %q", label))
 		if err != nil {
 			return err
-		}
-		if chain, err = keptChain(c, chain, key); err != nil {
-			return err
-		}
-		warnings, err := hsm.ChainWarnings(chain, time.Now())
-		if err != nil {
-			return err
-		}
-		for _, w := range warnings {
-			warnf(c, "%s", w)
 		}
 		leaf := chain[0]
 		if w := d1.CheckImportEnv(leaf.Subject.CommonName, label); w != "" {

@@ -235,23 +235,11 @@ func certImportSuccessor(c *cli.Context, label string, certs []*x509.Certificate
 		if err != nil {
 			return err
 		}
-		chain, err := hsm.SortChain(s.Public, certs)
-		if errors.Is(err, hsm.ErrNoMatchingCertificate) {
-			return fmt.Errorf("certificate %q does not belong to the successor of key %q: its public key differs", certs[0].Subject, label)
-		}
-		if err != nil {
-			return err
-		}
 		// A leaf alone keeps the current key's chain when it links.
-		if chain, err = keptChain(c, chain, &hsm.Key{Label: label, Public: s.Public, Chain: cur.Chain}); err != nil {
-			return err
-		}
-		warnings, err := hsm.ChainWarnings(chain, time.Now())
+		chain, err := directChain(c, certs, &hsm.Key{Label: label, Public: s.Public, Chain: cur.Chain},
+			fmt.Sprintf("the successor of key %q", label))
 		if err != nil {
 			return err
-		}
-		for _, w := range warnings {
-			warnf(c, "%s", w)
 		}
 		if err := tok.ImportChain(succ, chain); err != nil {
 			return err
