@@ -12,6 +12,7 @@ import (
 	"math/big"
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/internal/wire"
 )
 
 // object is one PKCS#11 object of a caller's view of the token.
@@ -25,7 +26,8 @@ type object struct {
 // keyInfo is what signing needs to know of a key.
 type keyInfo struct {
 	rsa     bool
-	sigSize int // bytes of a signature: the modulus, or r||s
+	sigSize int    // bytes of a signature: the modulus, or r||s
+	keyID   []byte // wire.KeyID: a handle signs with its key only
 }
 
 func (o *object) attr(t uint32) (Attribute, bool) {
@@ -98,7 +100,7 @@ func objectsOf(k *agentpb.Key) ([]*object, error) {
 		}
 	}
 	var keyAttrs []Attribute
-	info := &keyInfo{}
+	info := &keyInfo{keyID: wire.KeyID(k.PublicKey)}
 	switch p := pub.(type) {
 	case *ecdsa.PublicKey:
 		params, point, err := ecAttrs(p)

@@ -122,7 +122,10 @@ func (op *signOp) update(data []byte) uint64 {
 // request is the core's request for the operation's data, or the PKCS#11
 // error of data that cannot be signed.
 func (op *signOp) request() (*agentpb.SignRequest, uint64) {
-	req := &agentpb.SignRequest{Key: op.key.label}
+	// The handle names a key, not the label: after a rotation it signs with
+	// the key it was found for (the core lets a just-retired key finish), or
+	// is CKR_KEY_HANDLE_INVALID.
+	req := &agentpb.SignRequest{Key: op.key.label, KeyId: op.key.key.keyID}
 	var h crypto.Hash
 	var digest []byte
 	switch {
