@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -214,7 +215,11 @@ func (rb *runbook) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := sh.Start(); err != nil {
-		t.Fatal(err)
+		// Root in a container without CAP_SYS_ADMIN has no mount namespace.
+		if errors.Is(err, syscall.EPERM) && os.Getenv("CI") == "" {
+			t.Skipf("no mount namespace for the runbook: %v", err)
+		}
+		t.Fatalf("bash in a mount namespace of its own: %v", err)
 	}
 	go func() {
 		sc := bufio.NewScanner(stdout)
