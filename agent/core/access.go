@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/hsmagent/hsmagent/agent/rotation"
 )
 
 // Rule allows users and groups (names or numeric ids) to use the keys whose
@@ -23,6 +25,11 @@ import (
 //   - [abc], [a-z] and [^a-z] match one character in (or not in) the class,
 //     never "/";
 //   - \ makes the next character literal: "\*" matches only "*".
+//
+// No pattern ("*" and "**" included) matches the labels of a rotation, a
+// pending successor "L/successor" or a retired key "L/retired-<time>": only
+// their exact label names them, so that nobody signs with a key that is not
+// yet or no longer the label's unless a rule says so outright.
 //
 // Groups match the caller's primary gid and the supplementary groups its
 // process holds, as the kernel reports them when it connects (see Peer); a
@@ -191,8 +198,13 @@ func (p *Policy) Allowed(peer Peer, label string) bool {
 }
 
 func (r resolvedRule) matchesKey(label string) bool {
+	rotating := false // a successor's or retired key's label: exact labels only
+	if strings.IndexByte(label, '/') >= 0 {
+		_, kind := rotation.Parse(label)
+		rotating = kind != rotation.Current
+	}
 	for _, k := range r.keys {
-		if k.match(label) {
+		if (!rotating || !k.wild) && k.match(label) {
 			return true
 		}
 	}
@@ -204,6 +216,7 @@ func (r resolvedRule) matchesKey(label string) bool {
 // form that crosses "/".
 type keyPattern struct {
 	every bool // the pattern is "*": all keys, whatever they contain
+	wild  bool // the pattern has a wildcard: it is not an exact label
 	parts []patternPart
 }
 
@@ -229,7 +242,7 @@ func compileKeyPattern(s string) (keyPattern, error) {
 		return keyPattern{}, errors.New("empty pattern")
 	}
 	if s == "*" {
-		return keyPattern{every: true}, nil
+		return keyPattern{every: true, wild: true}, nil
 	}
 	var kp keyPattern
 	for i := 0; i < len(s); {
@@ -238,6 +251,7 @@ func compileKeyPattern(s string) (keyPattern, error) {
 			return keyPattern{}, err
 		}
 		kp.parts = append(kp.parts, part)
+		kp.wild = kp.wild || part.kind != partRune
 		i += n
 	}
 	return kp, nil

@@ -111,6 +111,16 @@ func TestKeyPatterns(t *testing.T) {
 		{`\*`, "x", false},
 		{`[\]]`, "]", true},
 		{`a\/b`, "a/b", true},
+		// A rotation's labels: named only exactly, by no pattern.
+		{"*", "web/successor", false},
+		{"**", "web/successor", false},
+		{"web/*", "web/successor", false},
+		{"web/**", "web/retired-20261203T170000Z", false},
+		{"*", "web/retired-20261203T170000Z", false},
+		{"web/successor", "web/successor", true},
+		{"web/retired-20261203T170000Z", "web/retired-20261203T170000Z", true},
+		{`web/retired-20261203T170000\Z`, "web/retired-20261203T170000Z", true},
+		{"web/**", "web/retired-later", true}, // not a retired label: its time does not parse
 	}
 	for _, tt := range tests {
 		t.Run(tt.pattern+" "+tt.label, func(t *testing.T) {

@@ -39,6 +39,10 @@ func TestPlanKeys(t *testing.T) {
 			map[Env][]string{PreProd: nil, Production: nil}, []Env{Production}},
 		{"empty section", map[Env]*Settings{Production: nil}, nil, map[Env][]string{Production: nil}, []Env{Production}},
 		{"ambiguous label", nil, []string{"ppr-prd"}, map[Env][]string{}, nil},
+		// A rotation's keys are checked by the served check, not as the environment's keys.
+		{"a pending successor and a retired key", nil, []string{"d1-ppr-mtls", "d1-ppr-mtls/successor", "d1-ppr-mtls/retired-20261203T170000Z"},
+			map[Env][]string{PreProd: {"d1-ppr-mtls"}}, []Env{PreProd}},
+		{"a rotation's keys alone name no environment", nil, []string{"d1-prd-mtls/successor"}, map[Env][]string{}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

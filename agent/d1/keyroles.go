@@ -1,6 +1,10 @@
 package d1
 
-import "strings"
+import (
+	"strings"
+
+	"github.com/hsmagent/hsmagent/agent/rotation"
+)
 
 // KeyPlan is what one environment should have on the token.
 type KeyPlan struct {
@@ -31,6 +35,9 @@ func PlanKeys(settings map[Env]*Settings, labels []string) map[Env]*KeyPlan {
 		plans[env] = p
 	}
 	for _, label := range labels {
+		if _, kind := rotation.Parse(label); kind != rotation.Current {
+			continue // a successor or retired key: not the label's key (CheckServed reports it)
+		}
 		env, ok := EnvOfLabel(label)
 		if !ok {
 			continue
