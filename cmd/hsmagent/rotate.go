@@ -213,6 +213,9 @@ func certImportSuccessor(c *cli.Context, label string, certs []*x509.Certificate
 		if err != nil {
 			return agentFailure(err)
 		}
+		if kept := len(k.Chain) - len(certs); kept > 0 {
+			infof(c, "kept the %d chain certificate(s) stored with key %q: they still link to the new certificate", kept, label)
+		}
 		return promoted(c, label, k.Chain, retired, "through the agent at "+socket+"; it serves it now")
 	}
 	sel, err := selectToken(c)
