@@ -293,7 +293,9 @@ func streamMixHelper(socket, plan string) int {
 			if err == nil {
 				err = stream.Send(req)
 			}
-			if err == nil {
+			// A stream the agent refused at once ends the Send with io.EOF:
+			// its status comes with Recv.
+			if err == nil || errors.Is(err, io.EOF) {
 				_, err = stream.Recv()
 			}
 			answer = "ok"

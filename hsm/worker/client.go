@@ -185,14 +185,24 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 		signs.Close()
 		return nil, ia, fmt.Errorf("hsm: starting the HSM worker %s: %w", s.o.Command[0], err)
 	}
+	// The worker's ends are its own now: when it exits, our reads end.
+	theirs.Close()
+	theirSigns.Close()
 	p := &proc{cmd: cmd, conn: conn, signs: signs, pid: cmd.Process.Pid, pending: map[uint64]*call{},
 		dead: make(chan struct{}), exited: make(chan struct{}), read: make(chan struct{}),
 		r: bufio.NewReaderSize(conn, 64<<10)}
-	go p.wait()
+	// p.wait, which closes conn when the worker exits, starts once the start
+	// is answered: a worker that refuses its start answers, then exits, and
+	// its answer must still be read.
+	fail := func(why error) {
+		go p.wait()
+		p.end(why, true)
+		<-p.exited
+	}
 	in := s.o.Init
 	if s.o.PIN != nil {
 		if in.PIN, err = s.o.PIN(); err != nil {
-			p.end(err, true)
+			fail(err)
 			return nil, ia, err
 		}
 	}
@@ -205,23 +215,23 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 	}
 	conn.SetDeadline(time.Time{})
 	if err != nil {
-		p.end(err, true)
-		<-p.exited
+		fail(err)
 		return nil, ia, fmt.Errorf("hsm: the HSM worker did not start (%s): %w", p.status, err)
 	}
 	typ, _, rest := parseHeader(msg)
 	if typ != msgInit || len(rest) < 1 {
-		p.end(errMalformed, true)
+		fail(errMalformed)
 		return nil, ia, fmt.Errorf("hsm: the HSM worker answered its start with message type %d", typ)
 	}
 	if rest[0] != statusOK {
-		p.end(errors.New("start refused"), true)
+		fail(errors.New("start refused"))
 		return nil, ia, errors.New(string(rest[1:])) // the token's own error: PIN, slot, module
 	}
 	if err := json.Unmarshal(rest[1:], &ia); err != nil {
-		p.end(err, true)
+		fail(err)
 		return nil, ia, fmt.Errorf("hsm: the HSM worker's start: %w", err)
 	}
+	go p.wait()
 	go p.readBoth()
 	return p, ia, nil
 }
