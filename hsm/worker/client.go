@@ -492,7 +492,7 @@ func (p *proc) complete(msg []byte) bool {
 		return false
 	}
 	typ, id, rest := parseHeader(msg)
-	if typ < msgKeys || typ > msgSetChain {
+	if typ < msgKeys || typ > msgPromote {
 		p.end(fmt.Errorf("%w: an answer of type %d", errMalformed, typ), true)
 		return false
 	}
