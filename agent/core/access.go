@@ -15,7 +15,9 @@ import (
 // Rule allows users and groups (names or numeric ids) to use the keys whose
 // labels match one of Keys. A key is an exact label or a pattern:
 //
-//   - "*" as the whole pattern matches every key;
+//   - "*" as the whole pattern matches every key but a rotation's pending
+//     successors and retired keys ("L/successor", "L/retired-<time>", see
+//     package rotation), which only a pattern naming them matches;
 //   - elsewhere, * matches any run of characters except "/", and ? one
 //     character except "/": "d1-ppr-*" matches "d1-ppr-mtls" but not "d1-ppr-a/b";
 //   - ** matches any run of characters, "/" included: "d1/**" matches
@@ -203,7 +205,7 @@ func (r resolvedRule) matchesKey(label string) bool {
 // used: its * stops at "/", so "*" would not mean "every key", and it has no
 // form that crosses "/".
 type keyPattern struct {
-	every bool // the pattern is "*": all keys, whatever they contain
+	every bool // the pattern is "*": all keys, whatever they contain, but a rotation's others
 	parts []patternPart
 }
 
@@ -319,7 +321,7 @@ func classRune(s string) (rune, int, error) {
 // len(label)*len(parts) steps at most, with no backtracking.
 func (kp keyPattern) match(label string) bool {
 	if kp.every {
-		return true
+		return !rotationOther(label)
 	}
 	at := make([]bool, len(kp.parts)+1)
 	at[0] = true

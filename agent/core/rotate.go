@@ -27,6 +27,14 @@ const (
 	opPromote = "promote-key"
 )
 
+// rotationOther says whether label is a rotation's pending successor or a
+// retired key, which no client signs with unless a rule names it: an
+// access rule's "*" does not match it.
+func rotationOther(label string) bool {
+	_, kind := rotation.Parse(label)
+	return kind != rotation.Current
+}
+
 // rotationBegin is adminBegin for the rotation: a store that can promote,
 // and a label that can be rotated.
 func (c *Core) rotationBegin(ctx context.Context, p Peer, a *adminCall) (RotationStore, error) {
