@@ -636,7 +636,17 @@ func TestRotationAgentRestarted(t *testing.T) {
 	cmd.Env = w.a.fx.Env()
 	w.a.d = w.a.fx.runDaemon(t, d, cmd)
 
-	// The client of the agent before reconnects by itself.
+	// The client of the agent before reconnects by itself; calls made
+	// before it has may fail, as while the agent was down.
+	serving := time.Now()
+	deadline := serving.Add(10 * time.Second)
+	for _, err := w.client.Keys(w.ctx); err != nil; _, err = w.client.Keys(w.ctx) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the client did not reconnect to the restarted agent: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("the client answered %v after the restarted agent served", time.Since(serving).Round(time.Millisecond))
 	w.waitHandshake(t, w.client, w.first)
 	if !w.signsWith(t, w.client, w.oldPub) {
 		t.Error("after the restart the agent does not sign with the key before")
@@ -659,5 +669,83 @@ func TestRotationAgentRestarted(t *testing.T) {
 	tok := w.tokenKeys(t)
 	if tok[rotLabel] != succFP || tok[retired] != w.oldFP || len(tok) != 2 {
 		t.Errorf("the token holds %v; want %s -> %s and %s -> %s", tok, rotLabel, succFP, retired, w.oldFP)
+	}
+}
+
+// TestRotationSignaturesAcrossPromotion signs under the label without a
+// pause from several goroutines while the successor is promoted: no
+// signature fails, each verifies with the key before or the successor,
+// and every one begun after cert import --successor returned is the
+// successor's.
+func TestRotationSignaturesAcrossPromotion(t *testing.T) {
+	w := newRotationWorld(t)
+	succFP := w.rotate(t)
+	next := w.thales.SignCSR(t, w.successorCSR(t).Raw)
+	nextPath := writePEM(t, filepath.Join(w.files, "next.crt"), next)
+	signer, err := w.client.Signer(w.ctx, rotLabel) // by label: it follows the promotion
+	if err != nil {
+		t.Fatal(err)
+	}
+	type signed struct {
+		begun   time.Time
+		old, nu bool
+		err     error
+	}
+	stop := make(chan struct{})
+	results := make(chan []signed, 4)
+	for g := 0; g < 4; g++ {
+		go func(g int) {
+			var out []signed
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					results <- out
+					return
+				default:
+				}
+				digest := sha256.Sum256([]byte(fmt.Sprintf("%d-%d", g, i)))
+				s := signed{begun: time.Now()}
+				var sig []byte
+				if sig, s.err = signer.Sign(nil, digest[:], crypto.SHA256); s.err == nil {
+					s.old = ecdsa.VerifyASN1(w.oldPub.(*ecdsa.PublicKey), digest[:], sig)
+					s.nu = ecdsa.VerifyASN1(next.PublicKey.(*ecdsa.PublicKey), digest[:], sig)
+				}
+				out = append(out, s)
+			}
+		}(g)
+	}
+	time.Sleep(200 * time.Millisecond)
+	w.promote(t, "--cert", nextPath)
+	done := time.Now()
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	var all []signed
+	for g := 0; g < 4; g++ {
+		all = append(all, <-results...)
+	}
+	var olds, news, after int
+	for _, s := range all {
+		switch {
+		case s.err != nil:
+			t.Errorf("a signature across the promotion failed: %v", s.err)
+		case s.old == s.nu:
+			t.Errorf("a signature verifies with neither key (or both: %v)", s.old)
+		case s.old && s.begun.After(done):
+			t.Errorf("a signature begun %v after the promotion returned is the key before's", s.begun.Sub(done))
+		case s.old:
+			olds++
+		default:
+			news++
+			if s.begun.After(done) {
+				after++
+			}
+		}
+	}
+	t.Logf("%d signatures: %d with the key before, %d with the successor (%d begun after the promotion returned)", len(all), olds, news, after)
+	if olds == 0 || after == 0 {
+		t.Errorf("%d signatures with the key before, %d with the successor after the promotion: the test saw no cut-over", olds, after)
+	}
+	if tok := w.tokenKeys(t); tok[rotLabel] != succFP {
+		t.Errorf("the token holds %v, want %s -> %s", tok, rotLabel, succFP)
 	}
 }
