@@ -15,7 +15,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -440,6 +442,16 @@ func TestRotationThroughAgent(t *testing.T) {
 	if _, ok := tok[succ]; ok {
 		t.Errorf("the token still holds %s", succ)
 	}
+	// And as an outside tool reads it: each object of the key before moved
+	// to the retired label, the successor's to the label, none left behind.
+	want := map[string][]string{
+		"Private Key": {rotLabel, retired},
+		"Public Key":  {rotLabel, retired},
+		"Certificate": {rotLabel, rotLabel + "/chain/1", retired, retired + "/chain/1"},
+	}
+	if got := w.p11Objects(t); !reflect.DeepEqual(got, want) {
+		t.Errorf("pkcs11-tool --list-objects finds %v, want %v", got, want)
+	}
 	rec = w.a.lastRecord(t, "promote-key")
 	if rec["result"] != "ok" || rec["uid"] != float64(0) || rec["key"] != rotLabel || rec["public_key_sha256"] != succFP ||
 		rec["serial"] != serial || rec["chain"] != float64(1) || rec["retired"] != retired {
@@ -748,4 +760,41 @@ func TestRotationSignaturesAcrossPromotion(t *testing.T) {
 	if tok := w.tokenKeys(t); tok[rotLabel] != succFP {
 		t.Errorf("the token holds %v, want %s -> %s", tok, rotLabel, succFP)
 	}
+}
+
+// p11Objects is what pkcs11-tool --list-objects, an outside reader, finds
+// on the token: object class ("Private Key", "Public Key", "Certificate")
+// -> labels.
+func (w *rotationWorld) p11Objects(t *testing.T) map[string][]string {
+	t.Helper()
+	fx := w.a.fx
+	tool, err := exec.LookPath("pkcs11-tool")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("pkcs11-tool is missing: run 'make deps' or apt-get install opensc")
+		}
+		t.Skip("pkcs11-tool is missing (apt-get install opensc)")
+	}
+	// The PIN on pkcs11-tool's command line is acceptable for a throwaway test token only.
+	cmd := exec.Command(tool, "--module", fx.ModulePath, "--token-label", fx.Label, "--login", "--pin", fx.PIN, "--list-objects")
+	cmd.Env = fx.Env()
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("pkcs11-tool --list-objects: %v\n%s", err, out)
+	}
+	objs := map[string][]string{}
+	class := ""
+	for _, l := range strings.Split(string(out), "\n") {
+		if c, _, ok := strings.Cut(l, " Object;"); ok && !strings.HasPrefix(l, " ") {
+			class = c
+			continue
+		}
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), "label:"); ok && class != "" {
+			objs[class] = append(objs[class], strings.TrimSpace(v))
+		}
+	}
+	for c := range objs {
+		slices.Sort(objs[c])
+	}
+	return objs
 }
