@@ -55,9 +55,9 @@ type rotationWorld struct {
 var d1CSRFlags = []string{"--profile", "d1", "--issuer-id", "ABCDEFGHIJ", "--env", "PPR",
 	"--country", "FR", "--state", "Ile-de-France", "--locality", "Paris", "--org", "Example Bank", "--org-unit", "Card Issuing"}
 
-func newRotationWorld(t *testing.T) *rotationWorld {
+func newRotationWorld(t *testing.T, serveFlags ...string) *rotationWorld {
 	t.Helper()
-	a := startAdminAgent(t)
+	a := startAdminAgent(t, serveFlags...)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	// The inputs of commands run as another user: t.TempDir's parent is
@@ -347,8 +347,25 @@ func (w *rotationWorld) doctorSuccessor(t *testing.T) *doctorLine {
 // before, presents the new certificate after with no restart and signs with
 // the new key; the old key stays on the token under its retired label;
 // each step is audited; status and doctor show the successor while pending.
+// It runs with the agent's HSM worker (the default) and with the module in
+// the agent's own process.
 func TestRotationThroughAgent(t *testing.T) {
-	w := newRotationWorld(t)
+	for _, mode := range []struct {
+		name   string
+		flags  []string
+		worker bool
+	}{{"hsm worker", nil, true}, {"in process", []string{"--hsm-in-process"}, false}} {
+		t.Run(mode.name, func(t *testing.T) {
+			w := newRotationWorld(t, mode.flags...)
+			if want := fmt.Sprintf(`"hsm_worker":%v`, mode.worker); !strings.Contains(w.a.d.logText(), want) {
+				t.Fatalf("the agent's log lacks %s:\n%s", want, w.a.d.logText())
+			}
+			rotationThroughAgent(t, w)
+		})
+	}
+}
+
+func rotationThroughAgent(t *testing.T, w *rotationWorld) {
 	w.startPeer(t)
 	watch := watchKeys(t, w.a.d.socket)
 
@@ -688,9 +705,17 @@ func TestRotationAgentRestarted(t *testing.T) {
 // pause from several goroutines while the successor is promoted: no
 // signature fails, each verifies with the key before or the successor,
 // and every one begun after cert import --successor returned is the
-// successor's.
+// successor's. It runs with the HSM worker and with the module in process.
 func TestRotationSignaturesAcrossPromotion(t *testing.T) {
-	w := newRotationWorld(t)
+	for _, mode := range []struct {
+		name  string
+		flags []string
+	}{{"hsm worker", nil}, {"in process", []string{"--hsm-in-process"}}} {
+		t.Run(mode.name, func(t *testing.T) { signaturesAcrossPromotion(t, newRotationWorld(t, mode.flags...)) })
+	}
+}
+
+func signaturesAcrossPromotion(t *testing.T, w *rotationWorld) {
 	succFP := w.rotate(t)
 	next := w.thales.SignCSR(t, w.successorCSR(t).Raw)
 	nextPath := writePEM(t, filepath.Join(w.files, "next.crt"), next)
