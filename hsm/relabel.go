@@ -7,7 +7,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ThalesGroup/crypto11"
 	"github.com/hsmagent/hsmagent/agent/rotation"
 	"github.com/miekg/pkcs11"
 )
@@ -317,8 +316,13 @@ func listObjects(p *pkcs11.Ctx, sh pkcs11.SessionHandle) ([]object, error) {
 // withRawSession runs f on a read-write session of the token opened
 // beside crypto11's, on the same module: the application is logged in
 // already, so the session sees the private objects without the PIN.
+// No other operation of this process runs on the token meanwhile: SoftHSM
+// fails a signature with a key's handle (CKR_OBJECT_HANDLE_INVALID) while
+// another session relabels the key, and the reopen that error brings would
+// make the signers of the key before look it up again by its label, which
+// names the successor by then.
 func (t *Token) withRawSession(f func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) error) error {
-	return t.do(func(_ *crypto11.Context, _ uint64) error {
+	return t.doExclusive(func() error {
 		p := pkcs11.New(t.modulePath)
 		if p == nil {
 			return fmt.Errorf("hsm: cannot load PKCS#11 module %q", t.modulePath)
@@ -344,6 +348,40 @@ func (t *Token) withRawSession(f func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) er
 		defer func() { _ = p.CloseSession(sh) }()
 		return f(p, sh)
 	})
+}
+
+// doExclusive is do with the token's lock held for writing, for an op on
+// a session of its own.
+func (t *Token) doExclusive(op func() error) error {
+	for attempt := 0; ; attempt++ {
+		t.mu.Lock()
+		if t.closed {
+			t.mu.Unlock()
+			return errors.New("hsm: token is closed")
+		}
+		if t.down != nil {
+			err := t.unavailable()
+			t.mu.Unlock()
+			return err
+		}
+		gen := t.generation
+		err := op()
+		t.mu.Unlock()
+		switch {
+		case err == nil:
+			return nil
+		case !isSessionLost(err):
+			return err
+		case attempt > 0:
+			t.reopenDidNotHelp()
+			return explain(err)
+		}
+		if again, rerr := t.reopen(gen, err); rerr != nil {
+			return rerr
+		} else if !again {
+			return explain(err)
+		}
+	}
 }
 
 // rawSlot finds the configured token's slot as crypto11 does, by label or serial.

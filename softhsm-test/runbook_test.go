@@ -628,8 +628,3 @@ func readCert(t *testing.T, path string) *x509.Certificate {
 	}
 	return c
 }
-
-func samePublic(a, b crypto.PublicKey) bool {
-	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
-	return ok && b != nil && k.Equal(b)
-}

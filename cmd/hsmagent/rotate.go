@@ -134,6 +134,9 @@ func successorCSR(label string, cur *hsm.Key, succ crypto.PublicKey) (hsm.CSRReq
 // csrSuccessor makes the CSR of label's successor, signed by the successor;
 // req is used unless fromLeaf, when it comes from the current certificate.
 func csrSuccessor(c *cli.Context, label string, d1req *d1.SubjectRequest, req hsm.CSRRequest, fromLeaf bool) error {
+	if err := rotation.CheckRotatable(label); err != nil {
+		return usageError{err}
+	}
 	succ := rotation.SuccessorLabel(label)
 	client, _, err := lifecycleAgent(c)
 	if err != nil {
