@@ -97,7 +97,7 @@ func promotionSteps(objs []object, base, retired string) ([]relabel, error) {
 	case len(oldPub) != 1:
 		return nil, fmt.Errorf("hsm: key %q has no public key object labelled %q with its CKA_ID, which a rotation needs", base, base)
 	case len(pickAny(objs, func(o object) bool { return o.label == retired || strings.HasPrefix(o.label, retired+chainLabelSep) })) > 0:
-		return nil, fmt.Errorf("hsm: label %q is in use already", retired)
+		return nil, fmt.Errorf("hsm: the retired label %q is taken: a key of %q was retired in this same second; run the import again", retired, base)
 	}
 	steps := []relabel{{bPriv[0], retired}}                                        // A
 	steps = append(steps, moveChain(objs, base, retired)...)                       // B

@@ -162,7 +162,7 @@ func (m *MemoryStore) Promote(label string) (string, error) {
 	}
 	retired := rotation.RetiredLabel(label, time.Now())
 	if m.keys[retired] != nil {
-		return "", fmt.Errorf("agent: label %q is in use already", retired)
+		return "", fmt.Errorf("agent: the retired label %q is taken: a key of %q was retired in this same second; run the import again", retired, label)
 	}
 	m.keys[retired], m.keys[label] = cur, s
 	delete(m.keys, succ)
