@@ -74,6 +74,19 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 step "an mTLS request whose client key is used through the agent"
 "$(dirname "$bin")/mtls-get" --socket "$work/run/agent.sock" --key d1-ppr-mtls --ca "$work/ca.crt" "https://localhost:$port/"
 
+step "rotate the D1 client key through the agent: no PIN, no agent restart, no client change"
+# The operator's commands reach the running agent, which alone opens the
+# token: the PIN leaves their environment.
+as_operator() { env -u HSMAGENT_PIN_FILE HSMAGENT_SOCKET="$work/run/agent.sock" "$bin" "$@"; }
+as_operator keys rotate --label d1-ppr-mtls
+as_operator csr --key d1-ppr-mtls --successor --out "$work/d1-ppr-next.csr"
+openssl x509 -req -in "$work/d1-ppr-next.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
+	-days 90 -out "$work/d1-ppr-next.crt" 2>/dev/null
+as_operator cert import --key d1-ppr-mtls --successor --cert "$work/d1-ppr-next.crt"
+as_operator status
+echo "a new mTLS handshake: the new certificate and key, accepted by openssl s_server -Verify" >&2
+"$(dirname "$bin")/mtls-get" --socket "$work/run/agent.sock" --key d1-ppr-mtls --ca "$work/ca.crt" "https://localhost:$port/"
+
 step "a short benchmark: in-process vs through the agent, same key"
 "$bin" bench --key d1-ppr-mtls --socket "$work/run/agent.sock" --duration 1s
 
