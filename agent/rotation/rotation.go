@@ -75,9 +75,9 @@ func RetiredAt(label string) (time.Time, error) {
 // CheckRotatable refuses a label that cannot be rotated: a successor or a
 // retired key, or one too long for its retired label to fit the token.
 func CheckRotatable(label string) error {
-	switch _, kind := Parse(label); {
+	switch base, kind := Parse(label); {
 	case kind != Current:
-		return fmt.Errorf("key %q is a %s key; rotate the key it belongs to", label, kind)
+		return fmt.Errorf("key %q is a %s key of %q; the rotation's commands take the key being rotated: give %q", label, kind, base, base)
 	case len(RetiredLabel(label, time.Time{})) > MaxLabel:
 		return fmt.Errorf("key label %q is too long to rotate: its retired label would be longer than %d bytes", label, MaxLabel)
 	}
