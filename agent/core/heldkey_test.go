@@ -59,6 +59,14 @@ func TestSignWithTheKeyTheCallerHolds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// And one whose retired label is dated in the future: made by hand, not by a promotion.
+	if _, err := w.store.Generate("later", "ecdsa-p256"); err != nil {
+		t.Fatal(err)
+	}
+	laterPub, err := w.store.Generate(rotation.RetiredLabel("later", time.Now().Add(time.Hour)), "ecdsa-p256")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := w.core.Reload(nil); err != nil {
 		t.Fatal(err)
 	}
@@ -76,6 +84,7 @@ func TestSignWithTheKeyTheCallerHolds(t *testing.T) {
 		{"the key just retired named", "web", keyIDOf(t, before), before, CodeOK},
 		{"a key the label never had", "web", keyIDOf(t, oldPub), nil, CodeFailedPrecondition},
 		{"a key retired past the grace", "old", keyIDOf(t, oldPub), nil, CodeFailedPrecondition},
+		{"a key retired in the future", "later", keyIDOf(t, laterPub), nil, CodeFailedPrecondition},
 		{"a key id of the wrong length", "web", []byte{1, 2, 3}, nil, CodeInvalidArgument},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
