@@ -598,6 +598,7 @@ func TestRotationBadInput(t *testing.T) {
 		{"import for a retired label", []string{"cert", "import", "--key", retiredLabel, "--successor", "--cert", current}, 2, "is a retired key"},
 		{"csr --successor for a successor label", []string{"csr", "--key", succ, "--successor"}, 2, `key "` + succ + `" is a successor key`},
 		{"csr --successor for a retired label", []string{"csr", "--key", retiredLabel, "--successor"}, 2, `key "` + retiredLabel + `" is a retired key`},
+		{"generate a successor by hand", []string{"keys", "generate", "--label", rotation.SuccessorLabel("other"), "--type", "ecdsa-p256"}, 2, "only a rotation makes: hsmagent keys rotate --label other"},
 		{"csr --successor with no successor pending", []string{"csr", "--key", "other", "--successor"}, 1, `key "other" has no pending successor`},
 	}
 	for _, tt := range tests {

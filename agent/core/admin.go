@@ -20,6 +20,7 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/keytype"
+	"github.com/hsmagent/hsmagent/agent/rotation"
 )
 
 // AdminStore is the KeyStore the Admin operations change: the same three
@@ -354,6 +355,9 @@ func (c *Core) GenerateKey(ctx context.Context, p Peer, label, keyType string) (
 		return nil, a.rid, err
 	}
 	kt, err := keytype.Parse(keyType)
+	if err == nil {
+		err = rotation.CheckNew(label)
+	}
 	if err != nil {
 		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "agent: %v", err))
 	}

@@ -72,6 +72,15 @@ func RetiredAt(label string) (time.Time, error) {
 	return time.Parse(TimeFormat, label[i+len(retiredInfix):])
 }
 
+// CheckNew refuses a new key under a rotation's label: a successor is made
+// by 'keys rotate', a retired key by the promotion, never by hand.
+func CheckNew(label string) error {
+	if base, kind := Parse(label); kind != Current {
+		return fmt.Errorf("%q is a %s key's label of %q, which only a rotation makes: hsmagent keys rotate --label %s", label, kind, base, base)
+	}
+	return nil
+}
+
 // CheckRotatable refuses a label that cannot be rotated: a successor or a
 // retired key, or one too long for its retired label to fit the token.
 func CheckRotatable(label string) error {

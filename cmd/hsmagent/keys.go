@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/rotation"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/urfave/cli/v2"
 )
@@ -52,6 +53,9 @@ func keysGenerate(c *cli.Context) error {
 	label, err := adminLabel(c, "label")
 	if err != nil {
 		return err
+	}
+	if err := rotation.CheckNew(label); err != nil {
+		return usageError{err}
 	}
 	kt, err := hsm.ParseKeyType(c.String("type"))
 	if err != nil {
