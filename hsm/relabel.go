@@ -350,39 +350,6 @@ func (t *Token) withRawSession(f func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) er
 	})
 }
 
-// doExclusive is do with the token's lock held for writing, for an op on
-// a session of its own.
-func (t *Token) doExclusive(op func() error) error {
-	for attempt := 0; ; attempt++ {
-		t.mu.Lock()
-		if t.closed {
-			t.mu.Unlock()
-			return errors.New("hsm: token is closed")
-		}
-		if t.down != nil {
-			err := t.unavailable()
-			t.mu.Unlock()
-			return err
-		}
-		gen := t.generation
-		err := op()
-		t.mu.Unlock()
-		switch {
-		case err == nil:
-			return nil
-		case !isSessionLost(err):
-			return err
-		case attempt > 0:
-			t.reopenDidNotHelp()
-			return explain(err)
-		}
-		if again, rerr := t.reopen(gen, err); rerr != nil {
-			return rerr
-		} else if !again {
-			return explain(err)
-		}
-	}
-}
 
 // rawSlot finds the configured token's slot as crypto11 does, by label or serial.
 func (t *Token) rawSlot(p *pkcs11.Ctx) (uint, error) {

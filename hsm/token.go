@@ -172,20 +172,31 @@ func (t *Token) Close() error {
 // lost, the token is reopened and op runs once more. While the token is
 // unavailable, do fails at once.
 func (t *Token) do(op func(ctx *crypto11.Context, generation uint64) error) error {
+	return t.retrying(t.mu.RLock, t.mu.RUnlock, op)
+}
+
+// doExclusive is do with the token's lock held for writing: no other call
+// runs beside op (a relabelling that a signature must not see halfway).
+func (t *Token) doExclusive(op func() error) error {
+	return t.retrying(t.mu.Lock, t.mu.Unlock, func(*crypto11.Context, uint64) error { return op() })
+}
+
+// retrying is do and doExclusive, with t.mu taken by lock and unlock.
+func (t *Token) retrying(lock, unlock func(), op func(ctx *crypto11.Context, generation uint64) error) error {
 	for attempt := 0; ; attempt++ {
-		t.mu.RLock()
+		lock()
 		if t.closed {
-			t.mu.RUnlock()
+			unlock()
 			return errors.New("hsm: token is closed")
 		}
 		if t.down != nil {
 			err := t.unavailable()
-			t.mu.RUnlock()
+			unlock()
 			return err
 		}
 		ctx, gen := t.ctx, t.generation
 		err := op(ctx, gen)
-		t.mu.RUnlock()
+		unlock()
 		switch {
 		case err == nil:
 			if t.churning.Load() {
