@@ -104,6 +104,20 @@ func (a *adminAgent) runAs(t *testing.T, groups []uint32, args ...string) result
 	return r
 }
 
+// dial connects a Go client to the agent as this test's user, both ended
+// with the test; ctx bounds the test's calls to a minute.
+func (a *adminAgent) dial(t *testing.T) (context.Context, *agent.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	client, err := agent.Dial(ctx, a.d.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	return ctx, client
+}
+
 // auditRecords are the admin records of the audit file.
 func (a *adminAgent) auditRecords(t *testing.T) []map[string]any {
 	t.Helper()
@@ -268,13 +282,7 @@ func TestAdminLifecycleThroughAgent(t *testing.T) {
 		t.Fatalf("the agent runs no HSM worker:\n%s", a.d.logText())
 	}
 	w := watchKeys(t, a.d.socket)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	client, err := agent.Dial(ctx, a.d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	ctx, client := a.dial(t)
 	const label = "d1-ppr-mtls"
 
 	r := a.run(t, "keys", "generate", "--label", label, "--type", "ecdsa-p256")
@@ -430,13 +438,7 @@ func TestAdminBadInputKeepsServing(t *testing.T) {
 	if r := a.run(t, "keys", "generate", "--label", "other"); r.code != 0 {
 		t.Fatalf("keys generate: %s", r.stderr)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	client, err := agent.Dial(ctx, a.d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	ctx, client := a.dial(t)
 	keys, err := client.Keys(ctx)
 	if err != nil || len(keys) != 2 {
 		t.Fatalf("keys %v %v", keys, err)

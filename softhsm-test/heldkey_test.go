@@ -1,7 +1,6 @@
 package softhsmtest
 
 import (
-	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/sha256"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
 )
@@ -21,13 +19,7 @@ import (
 // names no key, follows the label.
 func TestHandshakeAcrossPromotionSignsWithItsKey(t *testing.T) {
 	a := startAdminAgent(t)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	client, err := agent.Dial(ctx, a.d.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
+	ctx, client := a.dial(t)
 	const label = "web"
 	thales := NewCAWithIntermediate(t, "Test Thales")
 	mustRun := func(args ...string) {
