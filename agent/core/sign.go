@@ -129,8 +129,12 @@ func (st *state) heldKey(req *agentpb.SignRequest) (*entry, Outcome, error) {
 	if len(req.KeyId) != wire.KeyIDSize {
 		return nil, Invalid, fmt.Errorf("agent: key_id is %d bytes, want %d (the first bytes of the SHA-256 of the public key)", len(req.KeyId), wire.KeyIDSize)
 	}
-	if r, ok := st.retired[req.Key]; ok && bytes.Equal(req.KeyId, r.e.keyID) && time.Since(r.at) < RetiredKeyGrace {
-		return r.e, Signed, nil
+	// The age is checked both ways: a clock that stepped back since the
+	// state was loaded does not stretch the grace.
+	if r, ok := st.retired[req.Key]; ok && bytes.Equal(req.KeyId, r.e.keyID) {
+		if age := time.Since(r.at); age >= 0 && age < RetiredKeyGrace {
+			return r.e, Signed, nil
+		}
 	}
 	return nil, KeyChanged, fmt.Errorf("agent: key %q is not the key the caller holds: it was rotated or replaced; get the key again (its certificate and signer) to sign with the new one", req.Key)
 }

@@ -1,0 +1,45 @@
+package core
+
+import (
+	"context"
+	"crypto/sha256"
+	"testing"
+	"time"
+
+	"github.com/hsmagent/hsmagent/agent/agentpb"
+	"github.com/hsmagent/hsmagent/agent/rotation"
+)
+
+// A retired label dated in the future (the clock stepped back after a
+// promotion, or a label made by hand) must not sign for the label's
+// callers for longer than RetiredKeyGrace, nor hide the key a promotion
+// has just retired from the handshakes that hold it.
+func TestRetiredKeyDatedInTheFuture(t *testing.T) {
+	w := newAdminWorld(t)
+	ctx := context.Background()
+	policy, err := NewPolicyWithAdmin([]Rule{{Keys: []string{"*"}, Users: []string{"4300"}}}, AdminRule{Groups: []string{"4200"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	future, err := w.store.Generate(rotation.RetiredLabel("web", time.Now().Add(24*time.Hour)), "ecdsa-p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	justRetired, err := w.store.Generate(rotation.RetiredLabel("web", time.Now()), "ecdsa-p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.core.Reload(policy); err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("handshake transcript"))
+	sign := func(keyID []byte) Answer {
+		return w.core.Sign(ctx, strangerPeer, &agentpb.SignRequest{Key: "web", Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256, KeyId: keyID})
+	}
+	if a := sign(keyIDOf(t, future)); CodeOf(a.Err) != CodeFailedPrecondition {
+		t.Errorf("signing under \"web\" with a key retired a day from now: %v (%v), want FailedPrecondition: it would sign for a day and a minute", a.Err, a.Outcome)
+	}
+	if a := sign(keyIDOf(t, justRetired)); a.Err != nil {
+		t.Errorf("signing under \"web\" with the key just retired: %v, want a signature (a future-dated label hides it)", a.Err)
+	}
+}
