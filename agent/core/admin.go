@@ -20,6 +20,7 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/keytype"
+	"github.com/hsmagent/hsmagent/agent/rotation"
 )
 
 // AdminStore is the KeyStore the Admin operations change: the same three
@@ -356,6 +357,13 @@ func (c *Core) GenerateKey(ctx context.Context, p Peer, label, keyType string) (
 	kt, err := keytype.Parse(keyType)
 	if err != nil {
 		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument, "agent: %v", err))
+	}
+	// A successor's or retired key's label is a rotation's only: a key
+	// generated under one would sign under the label it names.
+	if base, kind := rotation.Parse(label); kind != rotation.Current {
+		return nil, a.rid, c.adminFailed(ctx, p, a, AdminInvalid, Errorf(CodeInvalidArgument,
+			"agent: %q is the label of a %s key of %q, which only a rotation makes; to rotate the key: hsmagent keys rotate --label %s",
+			label, kind, base, base))
 	}
 	c.adminMu.Lock()
 	defer c.adminMu.Unlock()

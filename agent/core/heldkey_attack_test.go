@@ -43,3 +43,28 @@ func TestRetiredKeyDatedInTheFuture(t *testing.T) {
 		t.Errorf("signing under \"web\" with the key just retired: %v, want a signature (a future-dated label hides it)", a.Err)
 	}
 }
+
+// Only a rotation makes a successor's or a retired key's label: a key
+// generated under one would sign under the label it names (for every
+// caller allowed that label, "*" included, within the grace) or be
+// promoted without the rotation's checks.
+func TestGenerateRefusesRotationLabels(t *testing.T) {
+	w := newAdminWorld(t)
+	ctx := context.Background()
+	for _, label := range []string{rotation.SuccessorLabel("web"), rotation.RetiredLabel("web", time.Now()),
+		rotation.RetiredLabel("web", time.Now().Add(time.Hour)), "a/b/successor"} {
+		_, _, err := w.core.GenerateKey(ctx, operatorPeer, label, "ecdsa-p256")
+		if CodeOf(err) != CodeInvalidArgument {
+			t.Errorf("GenerateKey(%q) = %v, want InvalidArgument", label, err)
+		}
+		if w.core.state.Load().keys[label] != nil {
+			t.Errorf("GenerateKey(%q) made the key", label)
+		}
+	}
+	// Labels that only look like a rotation's are labels like any other.
+	for _, label := range []string{"web/retired-yesterday", "web/successors", "x/retired-2026"} {
+		if _, _, err := w.core.GenerateKey(ctx, operatorPeer, label, "ecdsa-p256"); err != nil {
+			t.Errorf("GenerateKey(%q) = %v, want a key", label, err)
+		}
+	}
+}

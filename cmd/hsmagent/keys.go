@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/rotation"
 	"github.com/hsmagent/hsmagent/hsm"
 	"github.com/urfave/cli/v2"
 )
@@ -52,6 +53,11 @@ func keysGenerate(c *cli.Context) error {
 	label, err := adminLabel(c, "label")
 	if err != nil {
 		return err
+	}
+	// Only a rotation makes a successor's or a retired key's label: a key
+	// generated under one would sign under the label it names.
+	if base, kind := rotation.Parse(label); kind != rotation.Current {
+		return usagef("--label %q is the label of a %s key of %q, which only a rotation makes; to rotate the key: hsmagent keys rotate --label %s", label, kind, base, base)
 	}
 	kt, err := hsm.ParseKeyType(c.String("type"))
 	if err != nil {
