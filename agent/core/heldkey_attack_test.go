@@ -2,7 +2,12 @@ package core
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"io"
 	"testing"
 	"time"
 
@@ -66,5 +71,53 @@ func TestGenerateRefusesRotationLabels(t *testing.T) {
 		if _, _, err := w.core.GenerateKey(ctx, operatorPeer, label, "ecdsa-p256"); err != nil {
 			t.Errorf("GenerateKey(%q) = %v, want a key", label, err)
 		}
+	}
+}
+
+// hookSigner signs with its key and runs during before it answers.
+type hookSigner struct {
+	crypto.Signer
+	during func()
+}
+
+func (h *hookSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	sig, err := h.Signer.Sign(r, digest, opts)
+	h.during()
+	return sig, err
+}
+
+// The sign record names the retired key that signed even when the key
+// list changes while it signs (the retired key deleted, as the runbook
+// says to do once no one needs it): the record is of the key that signed,
+// not of the key list after.
+func TestSignRecordNamesTheRetiredKeyThatSigned(t *testing.T) {
+	w := newAdminWorld(t)
+	ctx := context.Background()
+	retiredLabel := rotation.RetiredLabel("web", time.Now())
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hook := &hookSigner{Signer: key, during: func() {
+		if _, err := w.core.DeleteKey(ctx, rootPeer, retiredLabel); err != nil {
+			t.Error(err)
+		}
+	}}
+	if err := w.store.Add(retiredLabel, hook, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.core.Reload(nil); err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("handshake transcript"))
+	a := w.core.Sign(ctx, rootPeer, &agentpb.SignRequest{Key: "web", Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256, KeyId: keyIDOf(t, key.Public())})
+	if a.Err != nil {
+		t.Fatal(a.Err)
+	}
+	if !ecdsa.VerifyASN1(&key.PublicKey, digest[:], a.Signature) {
+		t.Fatal("not signed by the retired key")
+	}
+	if rec := w.audit.sign(t, a.RequestID); rec["retired_key"] != retiredLabel {
+		t.Errorf("sign record %v: retired_key %v, want %q (the record says the label's key signed)", rec, rec["retired_key"], retiredLabel)
 	}
 }
