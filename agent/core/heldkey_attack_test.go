@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -119,5 +120,37 @@ func TestSignRecordNamesTheRetiredKeyThatSigned(t *testing.T) {
 	}
 	if rec := w.audit.sign(t, a.RequestID); rec["retired_key"] != retiredLabel {
 		t.Errorf("sign record %v: retired_key %v, want %q (the record says the label's key signed)", rec, rec["retired_key"], retiredLabel)
+	}
+}
+
+// A caller refused a label learns nothing from key_id: a key id that is
+// the label's retired key's, a wrong one, a malformed one or none all get
+// the answer of a label no key has, and each refusal is recorded.
+func TestKeyIDTellsNothingOfRefusedLabels(t *testing.T) {
+	w := newAdminWorld(t)
+	ctx := context.Background()
+	retired, err := w.store.Generate(rotation.RetiredLabel("web", time.Now()), "ecdsa-p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.core.Reload(nil); err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("x"))
+	answer := func(label string, keyID []byte) string {
+		a := w.core.Sign(ctx, strangerPeer, &agentpb.SignRequest{Key: label, Digest: digest[:], Hash: agentpb.Hash_HASH_SHA256, KeyId: keyID})
+		if a.Signature != nil {
+			t.Fatalf("signed %q for a caller no rule allows", label)
+		}
+		w.audit.sign(t, a.RequestID) // each refusal has its record
+		return CodeOf(a.Err).String() + ": " + strings.ReplaceAll(a.Err.(*Error).Msg, label, "L")
+	}
+	want := answer("nokey", nil)
+	for _, keyID := range [][]byte{nil, keyIDOf(t, retired), make([]byte, 8), {1, 2, 3}, make([]byte, 4096)} {
+		for _, label := range []string{"web", "nokey"} {
+			if got := answer(label, keyID); got != want {
+				t.Errorf("%q with key_id %x: %q, want %q", label, keyID, got, want)
+			}
+		}
 	}
 }
