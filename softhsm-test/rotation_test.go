@@ -598,8 +598,9 @@ func TestRotationBadInput(t *testing.T) {
 		{"import for a retired label", []string{"cert", "import", "--key", retiredLabel, "--successor", "--cert", current}, 2, "is a retired key"},
 		{"csr --successor for a successor label", []string{"csr", "--key", succ, "--successor"}, 2, `key "` + succ + `" is a successor key`},
 		{"csr --successor for a retired label", []string{"csr", "--key", retiredLabel, "--successor"}, 2, `key "` + retiredLabel + `" is a retired key`},
-		{"generate a successor by hand", []string{"keys", "generate", "--label", rotation.SuccessorLabel("other"), "--type", "ecdsa-p256"}, 2, "only a rotation makes: hsmagent keys rotate --label other"},
 		{"csr --successor with no successor pending", []string{"csr", "--key", "other", "--successor"}, 1, `key "other" has no pending successor`},
+		{"generate under a successor's label", []string{"keys", "generate", "--label", rotation.SuccessorLabel("other")}, 2, `only a rotation makes; to rotate the key: hsmagent keys rotate --label other`},
+		{"generate under a retired label", []string{"keys", "generate", "--label", rotation.RetiredLabel(rotLabel, time.Now().Add(time.Hour))}, 2, `is the label of a retired key of "` + rotLabel + `"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

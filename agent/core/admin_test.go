@@ -216,7 +216,7 @@ func TestAdminGenerateAndDelete(t *testing.T) {
 		{"too long", long, "ecdsa-p256", CodeInvalidArgument, "longer than"},
 		{"bad UTF-8", "a\xffb", "ecdsa-p256", CodeInvalidArgument, "not valid UTF-8"},
 		{"unknown type", "x", "ed25519", CodeInvalidArgument, `unsupported key type "ed25519"`},
-		{"a successor's label", "web/successor", "ecdsa-p256", CodeInvalidArgument, "only a rotation makes: hsmagent keys rotate --label web"},
+		{"a successor's label", "web/successor", "ecdsa-p256", CodeInvalidArgument, "only a rotation makes; to rotate the key: hsmagent keys rotate --label web"},
 		{"a retired key's label", "web/retired-20990101T000000Z", "ecdsa-p256", CodeInvalidArgument, "only a rotation makes"},
 	}
 	for _, tt := range tests {

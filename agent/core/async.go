@@ -113,7 +113,7 @@ func (f *flight) timedOut() {
 // wait for a client that does not read.
 func (f *flight) finish(sig []byte, o Outcome, err error) {
 	ss := f.ss
-	if aerr := ss.c.auditSign(ss.ctx, ss.p, f.req, f.rid, o, time.Since(f.start)); aerr != nil && err == nil {
+	if aerr := ss.c.auditSign(ss.ctx, ss.p, f.req, f.e, f.rid, o, time.Since(f.start)); aerr != nil && err == nil {
 		sig, o, err = nil, AuditDown, aerr // no signature leaves without its record
 	}
 	r := &agentpb.SignStreamResult{Id: f.id, Signature: sig, Code: int32(o.Code()), RequestId: f.rid}

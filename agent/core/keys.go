@@ -96,7 +96,7 @@ func (c *Core) load(policy *Policy) error {
 		next.labels = append(next.labels, k.Label)
 	}
 	sort.Strings(next.labels)
-	next.retired = newestRetired(next.keys)
+	next.retired = newestRetired(next.keys, time.Now())
 	next.gone = map[string]uint64{}
 	if old != nil {
 		next.revision, next.policyAt = old.revision, old.policyAt
@@ -134,8 +134,12 @@ func (c *Core) load(policy *Policy) error {
 	return nil
 }
 
-// newestRetired finds the newest retired key of each label in keys.
-func newestRetired(keys map[string]*entry) map[string]retiredKey {
+// newestRetired finds the newest retired key of each label in keys, of
+// those retired by now: a label dated later (a clock that stepped back
+// since the promotion, or a label made by hand) would sign for the label's
+// callers until its date and a grace after, and hide the key a promotion
+// has just retired.
+func newestRetired(keys map[string]*entry, now time.Time) map[string]retiredKey {
 	retired := map[string]retiredKey{}
 	for label, e := range keys {
 		base, kind := rotation.Parse(label)
@@ -143,7 +147,7 @@ func newestRetired(keys map[string]*entry) map[string]retiredKey {
 			continue
 		}
 		at, err := rotation.RetiredAt(label)
-		if err != nil {
+		if err != nil || at.After(now) {
 			continue
 		}
 		if prev, ok := retired[base]; !ok || at.After(prev.at) {

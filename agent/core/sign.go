@@ -32,8 +32,9 @@ type Answer struct {
 func (c *Core) Sign(ctx context.Context, p Peer, req *agentpb.SignRequest) Answer {
 	start := time.Now()
 	a := Answer{RequestID: newRequestID()}
-	a.Signature, a.Outcome, a.Err = c.sign(ctx, p, req, nil)
-	if aerr := c.auditSign(ctx, p, req, a.RequestID, a.Outcome, time.Since(start)); aerr != nil && a.Err == nil {
+	var e *entry
+	a.Signature, a.Outcome, e, a.Err = c.sign(ctx, p, req, nil)
+	if aerr := c.auditSign(ctx, p, req, e, a.RequestID, a.Outcome, time.Since(start)); aerr != nil && a.Err == nil {
 		a.Signature, a.Outcome, a.Err = nil, AuditDown, aerr // no signature leaves without its record
 	}
 	if a.Err != nil {
@@ -42,23 +43,26 @@ func (c *Core) Sign(ctx context.Context, p Peer, req *agentpb.SignRequest) Answe
 	return a
 }
 
-// sign checks req and signs it. late, if set, makes the HSM call run in the
-// calling goroutine and gets the answer if the HSM timeout passes first;
-// sign then returns errAnswered when the call has returned (see gate.do).
-func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, Outcome, error) {
+// sign checks req and signs it, and returns the key it chose (nil if
+// none), whose audit record names it. late, if set, makes the HSM call run
+// in the calling goroutine and gets the answer if the HSM timeout passes
+// first; sign then returns errAnswered when the call has returned (see
+// gate.do).
+func (c *Core) sign(ctx context.Context, p Peer, req *agentpb.SignRequest, late func(*gateError)) ([]byte, Outcome, *entry, error) {
 	e, opts, o, err := c.check(p, req)
 	if err != nil {
-		return nil, o, err
+		return nil, o, nil, err
 	}
 	sig, err := c.gate.do(ctx, p.UID, func() ([]byte, error) { return e.signer.Sign(rand.Reader, req.Digest, opts) }, late)
 	if errors.Is(err, errAnswered) {
-		return nil, Timeout, err
+		return nil, Timeout, e, err
 	}
 	var ge *gateError
 	if errors.As(err, &ge) {
-		return nil, ge.outcome, ge
+		return nil, ge.outcome, e, ge
 	}
-	return c.signed(req, e, sig, err)
+	sig, o, err = c.signed(req, e, sig, err)
+	return sig, o, e, err
 }
 
 // check decides whether p may have req signed, and with which options.
@@ -129,10 +133,11 @@ func (st *state) heldKey(req *agentpb.SignRequest) (*entry, Outcome, error) {
 	if len(req.KeyId) != wire.KeyIDSize {
 		return nil, Invalid, fmt.Errorf("agent: key_id is %d bytes, want %d (the first bytes of the SHA-256 of the public key)", len(req.KeyId), wire.KeyIDSize)
 	}
-	// A retired label's time is the promotion's, by this host's clock: one
-	// in the future was not made by a promotion and gets no grace.
+	// A retired label's time is the promotion's, by this host's clock. The
+	// age is checked both ways: a label dated later (made by hand, or a clock
+	// stepped back since) does not stretch the grace.
 	if r, ok := st.retired[req.Key]; ok && bytes.Equal(req.KeyId, r.e.keyID) {
-		if age := time.Since(r.at); age > -time.Second && age < RetiredKeyGrace {
+		if age := time.Since(r.at); age >= 0 && age < RetiredKeyGrace {
 			return r.e, Signed, nil
 		}
 	}
@@ -160,9 +165,10 @@ func (c *Core) signed(req *agentpb.SignRequest, e *entry, sig []byte, err error)
 	return sig, Signed, nil
 }
 
-// auditSign records a sign request's outcome o. Its error, when the record
-// of a signature could not be written, means the signature must not go out.
-func (c *Core) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, rid string, o Outcome, d time.Duration) error {
+// auditSign records a sign request's outcome o, signed by e (nil if no key
+// was chosen). Its error, when the record of a signature could not be
+// written, means the signature must not go out.
+func (c *Core) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, e *entry, rid string, o Outcome, d time.Duration) error {
 	// Metrics are readable by more users than the audit: a caller refused a
 	// key learns nothing there either (no label, one label for both denials).
 	known := ""
@@ -180,26 +186,13 @@ func (c *Core) auditSign(ctx context.Context, p Peer, req *agentpb.SignRequest, 
 		{}, // the retired key that signed, if one did
 	}
 	n := len(attrs) - 1
-	if o == Signed && len(req.KeyId) > 0 {
-		if retired := c.state.Load().retiredSigner(req); retired != "" {
-			attrs[n] = slog.String("retired_key", auditLabel(retired))
-			n++
-		}
+	// The key that signed, as check chose it: the key list may have changed since.
+	if o == Signed && e != nil && e.proto.Label != req.Key {
+		attrs[n] = slog.String("retired_key", auditLabel(e.proto.Label))
+		n++
 	}
 	if aerr := c.audit.write(ctx, o.Level(), EventSign.String(), attrs[:n]...); aerr != nil {
 		return auditUnavailable()
 	}
 	return nil
-}
-
-// retiredSigner is the label of the retired key that signs req, which names
-// it, or "" when the label's key does.
-func (st *state) retiredSigner(req *agentpb.SignRequest) string {
-	if e := st.keys[req.Key]; e != nil && bytes.Equal(e.keyID, req.KeyId) {
-		return ""
-	}
-	if r, ok := st.retired[req.Key]; ok && bytes.Equal(r.e.keyID, req.KeyId) {
-		return r.e.proto.Label
-	}
-	return ""
 }

@@ -224,8 +224,9 @@ func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Dur
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	answer := func(sig []byte, o Outcome, err error) {
-		if aerr := ss.c.auditSign(ctx, ss.p, req, rid, o, time.Since(start)); aerr != nil && err == nil {
+	// e is the key that signed (nil: none did), which the record names.
+	answer := func(sig []byte, o Outcome, e *entry, err error) {
+		if aerr := ss.c.auditSign(ctx, ss.p, req, e, rid, o, time.Since(start)); aerr != nil && err == nil {
 			sig, o, err = nil, AuditDown, aerr // no signature leaves without its record
 		}
 		r := &agentpb.SignStreamResult{Id: id, Signature: sig, Code: int32(o.Code()), RequestId: rid}
@@ -234,9 +235,9 @@ func (ss *signStream) sign(id uint64, req *agentpb.SignRequest, timeout time.Dur
 		}
 		ss.queue(r)
 	}
-	sig, o, err := ss.c.sign(ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.outcome, ge) })
+	sig, o, e, err := ss.c.sign(ctx, ss.p, req, func(ge *gateError) { answer(nil, ge.outcome, nil, ge) })
 	if !errors.Is(err, errAnswered) {
-		answer(sig, o, err)
+		answer(sig, o, e, err)
 	}
 }
 

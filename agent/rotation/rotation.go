@@ -73,10 +73,11 @@ func RetiredAt(label string) (time.Time, error) {
 }
 
 // CheckNew refuses a new key under a rotation's label: a successor is made
-// by 'keys rotate', a retired key by the promotion, never by hand.
+// by 'keys rotate', a retired key by the promotion, never by hand (a key
+// generated under one would sign under the label it names).
 func CheckNew(label string) error {
 	if base, kind := Parse(label); kind != Current {
-		return fmt.Errorf("%q is a %s key's label of %q, which only a rotation makes: hsmagent keys rotate --label %s", label, kind, base, base)
+		return fmt.Errorf("%q is the label of a %s key of %q, which only a rotation makes; to rotate the key: hsmagent keys rotate --label %s", label, kind, base, base)
 	}
 	return nil
 }

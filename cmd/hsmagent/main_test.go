@@ -64,6 +64,8 @@ func TestUsageErrors(t *testing.T) {
 		{"missing config file", []string{"serve", "--config", "/nonexistent/agent.yaml"}, 2, "--config"},
 		{"unsupported key type", []string{"keys", "generate", "--token", "t", "--label", "k", "--type", "ed25519"}, 2, `unsupported key type "ed25519"`},
 		{"generate without label", []string{"keys", "generate", "--token", "t"}, 2, "missing --label"},
+		{"generate a successor's label", []string{"keys", "generate", "--token", "t", "--label", "web/successor"}, 2, `only a rotation makes; to rotate the key: hsmagent keys rotate --label web`},
+		{"generate a retired key's label", []string{"keys", "generate", "--token", "t", "--label", "web/retired-29991231T000000Z"}, 2, `is the label of a retired key of "web"`},
 		{"no token", []string{"keys", "list"}, 2, "no token selected"},
 		{"token and serial", []string{"keys", "list", "--token", "a", "--token-serial", "b"}, 2, "not both"},
 		{"PIN in URI", []string{"keys", "list", "--uri", "pkcs11:token=a?pin-value=1234"}, 2, "pin-value"},

@@ -138,9 +138,11 @@ func statusAction(c *cli.Context) error {
 // certificate within expiryWarning of its not-after.
 func statusReport(keys []agent.Key, now time.Time) statusView {
 	v := statusView{Keys: []statusKeyView{}, Problems: []string{}}
-	listed := map[string]bool{}
+	listed := map[string]bool{} // the keys shown as keys: a rotation's keys are shown beside theirs
 	for _, k := range keys {
-		listed[k.Label] = true
+		if _, kind := rotation.Parse(k.Label); kind == rotation.Current {
+			listed[k.Label] = true
+		}
 	}
 	var others []agent.Key // the successors and retired keys of listed keys
 	for _, k := range keys {

@@ -22,7 +22,8 @@ const MaxLabel = 128
 const MaxBatch = 64
 
 // MaxRequestSize caps what a client may send in one message: a batch of
-// MaxBatch sign requests, each a label of at most 128 bytes and a digest of at most 64.
+// MaxBatch sign requests, each a label of at most 128 bytes, a digest of at
+// most 64 and a key_id (15680 bytes with every field at its longest).
 const MaxRequestSize = 16 << 10
 
 // Hash maps a Go hash to the wire; ok is false for hashes the agent refuses.

@@ -140,6 +140,11 @@ type conn struct {
 	objects  map[uint64]*object // the view of the last search, by handle
 	handles  map[string]uint64  // object identities seen on this connection
 	next     uint64             // the next object handle
+	// The private keys found before that the last search no longer shows
+	// (a rotation promoted another key to the label), by handle: their
+	// handles still sign, with the key they were found for, for as long as
+	// the core lets that key sign under the label (SignRequest.key_id).
+	unlisted map[uint64]*object
 }
 
 // session is one PKCS#11 session: at most one search and one signature.
@@ -161,7 +166,7 @@ func (s *Server) serveConn(pc *listen.Conn) {
 	}
 	defer s.conns.remove(pc)
 	c := &conn{srv: s, pc: pc, ctx: ctx, sessions: map[uint64]*session{}, objects: map[uint64]*object{},
-		handles: map[string]uint64{}}
+		handles: map[string]uint64{}, unlisted: map[uint64]*object{}}
 	// The client's first byte is the highest protocol version it speaks.
 	pc.SetReadDeadline(time.Now().Add(s.opts.Handshake))
 	var v [1]byte
@@ -654,6 +659,17 @@ func (c *conn) refresh() uint64 {
 			objects[handle] = o
 		}
 	}
+	for handle, o := range c.objects {
+		if o.class == ckoPrivateKey && objects[handle] == nil {
+			if len(c.unlisted) >= maxHandles {
+				clear(c.unlisted)
+			}
+			c.unlisted[handle] = o
+		}
+	}
+	for handle := range objects {
+		delete(c.unlisted, handle)
+	}
 	c.objects = objects
 	return ckrOK
 }
@@ -719,6 +735,9 @@ func (c *conn) signInit(d *decoder, e *encoder) uint64 {
 		return ckrOperationActive
 	}
 	o := c.objects[key]
+	if o == nil {
+		o = c.unlisted[key]
+	}
 	if o == nil {
 		return ckrKeyHandleInvalid
 	}
