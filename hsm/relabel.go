@@ -350,7 +350,6 @@ func (t *Token) withRawSession(f func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) er
 	})
 }
 
-
 // rawSlot finds the configured token's slot as crypto11 does, by label or serial.
 func (t *Token) rawSlot(p *pkcs11.Ctx) (uint, error) {
 	slots, err := p.GetSlotList(true)
