@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -120,6 +121,7 @@ func Serve(conn io.ReadWriter, signs *os.File, pid int, open Opener) error {
 const (
 	minReaders      = 2
 	readBlockedLong = 4 * time.Millisecond
+	yieldEvery      = 4 * time.Millisecond // see serveSigns: under the monitor's 10 ms
 )
 
 // serveSigns answers the requests of the signatures socket until it fails.
@@ -136,6 +138,7 @@ func (s *served) serveSigns(fd int, parked bool) {
 	if parked && !s.park() {
 		return
 	}
+	yielded := time.Now()
 	for {
 		s.reading.Add(1)
 		began := time.Now()
@@ -159,6 +162,16 @@ func (s *served) serveSigns(fd int, parked bool) {
 		}
 		if waited > readBlockedLong && !s.parkIfRead() {
 			return
+		}
+		if now := time.Now(); now.Sub(yielded) > yieldEvery {
+			// A goroutine that only ever waits in system calls and C never
+			// passes through the scheduler, so the runtime's monitor takes
+			// it for one that has run 10 ms without a break: it asks it to
+			// stop, takes its P, and polls again at its shortest interval,
+			// half of the worker's CPU at one caller. A pass through the
+			// scheduler now and then tells it otherwise.
+			runtime.Gosched()
+			yielded = now
 		}
 	}
 }
