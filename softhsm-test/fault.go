@@ -58,6 +58,9 @@ type FaultStats struct {
 	Hung      int // calls that waited on hang
 	Waiting   int // calls waiting on hang right now
 	Replayed  int // signatures answered from the replay table, without SoftHSM (SetReplay)
+	Slept     int // calls that slept their latency
+	SleptNS   int // what those sleeps took in all, in nanoseconds
+	LateNS    int // how much longer than asked they took in all: the process's wake-up delay
 }
 
 // FaultOps are the names of the wrapped call groups, as fail_ops, hang_ops and Stats use them.
@@ -347,6 +350,12 @@ func readFaultStats(path string) (map[string]FaultStats, error) {
 				s.Waiting = v
 			case "replayed":
 				s.Replayed = v
+			case "slept":
+				s.Slept = v
+			case "slept_ns":
+				s.SleptNS = v
+			case "late_ns":
+				s.LateNS = v
 			}
 		}
 		out[op] = s

@@ -125,7 +125,7 @@ func (s *Store) Close() error {
 type proc struct {
 	cmd   *exec.Cmd
 	conn  net.Conn // frames: the start, listings
-	signs net.Conn // SOCK_SEQPACKET: signatures, a packet each
+	signs *packets // SOCK_SEQPACKET: signatures, a packet each
 	pid   int
 
 	wmu  sync.Mutex
@@ -174,6 +174,12 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 		return nil, ia, err
 	}
 	defer theirSigns.Close()
+	sp, err := newPackets(signs)
+	if err != nil {
+		conn.Close()
+		signs.Close()
+		return nil, ia, fmt.Errorf("hsm: starting the HSM worker: %w", err)
+	}
 	cmd := exec.Command(s.o.Command[0], s.o.Command[1:]...)
 	cmd.ExtraFiles = []*os.File{theirs, theirSigns} // fd 3, fd 4
 	cmd.Stderr = os.Stderr                          // its log lines, beside the agent's
@@ -188,7 +194,7 @@ func (s *Store) spawn() (*proc, initAnswer, error) {
 	// The worker's ends are its own now: when it exits, our reads end.
 	theirs.Close()
 	theirSigns.Close()
-	p := &proc{cmd: cmd, conn: conn, signs: signs, pid: cmd.Process.Pid, pending: map[uint64]*call{},
+	p := &proc{cmd: cmd, conn: conn, signs: sp, pid: cmd.Process.Pid, pending: map[uint64]*call{},
 		dead: make(chan struct{}), exited: make(chan struct{}), read: make(chan struct{}),
 		r: bufio.NewReaderSize(conn, 64<<10)}
 	// p.wait, which closes conn when the worker exits, starts once the start
@@ -423,7 +429,7 @@ func (p *proc) start(msg func(b []byte, id uint64) []byte, sign bool, grace time
 	p.mu.Unlock()
 	var err error
 	if sign {
-		_, err = p.signs.Write(msg(make([]byte, 0, 256), id)) // a packet is written whole
+		err = p.signs.write(msg(make([]byte, 0, 256), id)) // a packet is written whole
 	} else {
 		p.wmu.Lock()
 		p.wbuf = msg(p.wbuf[:0], id)
@@ -481,7 +487,7 @@ func (p *proc) readFrames() {
 func (p *proc) readSigns() {
 	buf := make([]byte, maxPacket)
 	for {
-		n, err := p.signs.Read(buf)
+		n, err := p.signs.read(buf)
 		if err == nil && n == 0 {
 			err = io.EOF
 		}

@@ -12,8 +12,11 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/hsmagent/hsmagent/agent/core"
 )
@@ -81,10 +84,11 @@ func Serve(conn io.ReadWriter, signs *os.File, pid int, open Opener) error {
 	if err := w.answer(msgInit, id, statusOK, a); err != nil {
 		return err
 	}
-	s := &served{store: store, w: w, signers: map[string]crypto.Signer{}, signs: signs}
+	s := &served{store: store, w: w, signers: map[string]crypto.Signer{}, signs: signs, ended: make(chan struct{})}
+	s.spare = make(chan struct{}, max(in.MaxSessions, 1))
 	fd := int(signs.Fd()) // Fd puts it in blocking mode: the reads below block their thread
-	for range max(in.MaxSessions, 1) {
-		go s.serveSigns(fd)
+	for i := range max(in.MaxSessions, 1) {
+		go s.serveSigns(fd, i >= minReaders)
 	}
 	for {
 		msg, err := readFrame(r, nil) // each request its own buffer: the reader moves on
@@ -98,8 +102,31 @@ func Serve(conn io.ReadWriter, signs *os.File, pid int, open Opener) error {
 	}
 }
 
+// minReaders is how many of the session goroutines wait in a read of the
+// signatures socket when none is busy; readBlockedLong is how long a read
+// may have waited for its request before its goroutine, once done, parks
+// instead of reading again.
+//
+// A goroutine waiting in a read holds its scheduler slot (P) in a system
+// call, and the kernel wakes the waiting readers in turn, oldest first: with
+// every session's goroutine waiting there, each read waits for as many
+// requests as there are sessions, past 10 ms at low rates (66 sessions at
+// 450 signatures/s: 145 ms). The runtime's monitor takes back each slot
+// held that long in a system call, and each time it does it starts polling
+// again at its shortest interval (20 µs), walking every P: a sixth of the
+// worker's CPU on the network shape. So the readers are as many as the
+// requests need: a goroutine whose read waited long parks after its
+// signature while others read, and a reader that takes a request and leaves
+// no other reading wakes a parked one first.
+const (
+	minReaders      = 2
+	readBlockedLong = 4 * time.Millisecond
+	yieldEvery      = 4 * time.Millisecond // see serveSigns: under the monitor's 10 ms
+)
+
 // serveSigns answers the requests of the signatures socket until it fails.
-func (s *served) serveSigns(fd int) {
+// A goroutine started parked waits to be woken before reading.
+func (s *served) serveSigns(fd int, parked bool) {
 	in := make([]byte, maxPacket)
 	var out []byte
 	reply := func(typ byte, id uint64, status byte, body []byte) error {
@@ -108,20 +135,89 @@ func (s *served) serveSigns(fd int) {
 		_, err := syscall.Write(fd, out) // a packet is written whole: no lock
 		return err
 	}
+	if parked && !s.park() {
+		return
+	}
+	yielded := time.Now()
 	for {
+		s.reading.Add(1)
+		began := time.Now()
 		n, err := syscall.Read(fd, in)
+		waited := time.Since(began)
+		left := s.reading.Add(-1)
 		if err == syscall.EINTR {
 			continue
 		}
 		if err != nil || n == 0 {
-			return // the agent is gone: the reader of conn ends the worker
+			s.endOnce.Do(func() { close(s.ended) }) // the parked ones end too
+			return                                  // the agent is gone: the reader of conn ends the worker
+		}
+		if left == 0 {
+			s.wakeSpare() // another reads while this one signs
 		}
 		if n < header {
 			reply(0, 0, statusFailed, []byte("worker: a request shorter than its header"))
-			continue
+		} else {
+			s.handle(in[:n], reply)
 		}
-		s.handle(in[:n], reply)
+		if waited > readBlockedLong && !s.parkIfRead() {
+			return
+		}
+		if now := time.Now(); now.Sub(yielded) > yieldEvery {
+			// A goroutine that only ever waits in system calls and C never
+			// passes through the scheduler, so the runtime's monitor takes
+			// it for one that has run 10 ms without a break: it asks it to
+			// stop, takes its P, and polls again at its shortest interval,
+			// half of the worker's CPU at one caller. A pass through the
+			// scheduler now and then tells it otherwise.
+			runtime.Gosched()
+			yielded = now
+		}
 	}
+}
+
+// parkIfRead parks the calling goroutine if another reads (there are then
+// minReaders-1 others at least, as minReaders is 2); false: the socket has
+// failed, end.
+func (s *served) parkIfRead() bool {
+	s.rmu.Lock()
+	if s.reading.Load() < minReaders-1 {
+		s.rmu.Unlock()
+		return true // none other reads: this one does
+	}
+	s.parked++
+	s.rmu.Unlock()
+	return s.wait()
+}
+
+// park parks the calling goroutine, started so; false as for parkIfRead.
+func (s *served) park() bool {
+	s.rmu.Lock()
+	s.parked++
+	s.rmu.Unlock()
+	return s.wait()
+}
+
+func (s *served) wait() bool {
+	select {
+	case <-s.spare:
+		return true
+	case <-s.ended:
+		return false
+	}
+}
+
+// wakeSpare wakes a parked session goroutine, if one is parked. A reader
+// that left none reading calls it after counting itself out of reading,
+// and parkIfRead counts under rmu: either this sees the parked one, or
+// that one sees no reader and does not park.
+func (s *served) wakeSpare() {
+	s.rmu.Lock()
+	if s.parked > 0 {
+		s.parked--
+		s.spare <- struct{}{} // room for every session: never blocks
+	}
+	s.rmu.Unlock()
 }
 
 // handle answers one request with answer.
@@ -182,6 +278,13 @@ type served struct {
 	store core.KeyStore
 	w     *answerer
 	signs *os.File // kept: its finalizer would close the descriptor the sessions read
+
+	reading atomic.Int32  // session goroutines in, or about to enter, a read of signs
+	rmu     sync.Mutex    // orders parking with wakeSpare
+	parked  int           // session goroutines parked, under rmu
+	spare   chan struct{} // a parked session goroutine takes a value: read
+	endOnce sync.Once
+	ended   chan struct{} // closed when a reader has seen the socket fail
 
 	mu      sync.Mutex
 	signers map[string]crypto.Signer // by label and fingerprint: a warm handle per key

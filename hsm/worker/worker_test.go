@@ -62,6 +62,12 @@ type fixture struct {
 // and a worker store on it.
 func start(t *testing.T, killAfter time.Duration) *fixture {
 	t.Helper()
+	return startSessions(t, killAfter, 4)
+}
+
+// startSessions is start with the worker's sessions given.
+func startSessions(t *testing.T, killAfter time.Duration, sessions int) *fixture {
+	t.Helper()
 	tok := softhsmtest.New(t)
 	fm := softhsmtest.NewFaultModule(t, tok)
 	direct := tok.Open(t)
@@ -74,7 +80,7 @@ func start(t *testing.T, killAfter time.Duration) *fixture {
 	log := &lockedBuffer{}
 	s, err := worker.Start(worker.Options{
 		Command:    []string{os.Args[0], childArg},
-		Init:       worker.Init{ModulePath: cfg.ModulePath, TokenLabel: cfg.TokenLabel, MaxSessions: 4},
+		Init:       worker.Init{ModulePath: cfg.ModulePath, TokenLabel: cfg.TokenLabel, MaxSessions: sessions},
 		PIN:        cfg.PIN,
 		Logger:     slog.New(slog.NewTextHandler(log, nil)),
 		KillAfter:  killAfter,

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <strings.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -70,9 +71,10 @@ static const char *const op_names[OP_COUNT] = {
 #define OPS_ALL ((1u << OP_COUNT) - 1)
 
 /* Counters kept per op in the stats file. */
-enum field { F_CALLS, F_FORWARDED, F_FAILED, F_HUNG, F_WAITING, F_REPLAYED, F_COUNT };
+enum field { F_CALLS, F_FORWARDED, F_FAILED, F_HUNG, F_WAITING, F_REPLAYED, F_SLEPT, F_SLEPT_NS, F_LATE_NS, F_COUNT };
 
-static const char *const field_names[F_COUNT] = {"calls", "forwarded", "failed", "hung", "waiting", "replayed"};
+static const char *const field_names[F_COUNT] = {"calls",    "forwarded", "failed",  "hung",   "waiting",
+						 "replayed", "slept",     "slept_ns", "late_ns"};
 
 #define STATS_HEADER_BYTES 512
 
@@ -500,8 +502,18 @@ static CK_RV enter(enum op op, struct controls *c)
 		count(op, F_WAITING, -1);
 	}
 	long us = op == OP_SIGN ? c->sign_latency_us : c->latency_us;
-	if (us > 0)
+	if (us > 0) {
+		/* What the sleep took, against what was asked: the wake-up
+		 * latency of the calling process (timer slack, scheduling). */
+		struct timespec t0, t1;
+		clock_gettime(CLOCK_MONOTONIC, &t0);
 		sleep_ns((long long)us * 1000);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+		count(op, F_SLEPT, 1);
+		count(op, F_SLEPT_NS, took);
+		count(op, F_LATE_NS, took - (int64_t)us * 1000);
+	}
 	CK_RV rv = take_failure(op);
 	if (rv != CKR_OK)
 		count(op, F_FAILED, 1);
@@ -1004,6 +1016,24 @@ static void open_stats(const char *path)
 	stats = (uint64_t *)(p + STATS_HEADER_BYTES);
 }
 
+/*
+ * per_process returns path with its first "%p" replaced by this process's
+ * id, so that each process can count in a file of its own (the agent's
+ * worker apart from the process that started it). Without "%p", path.
+ */
+static const char *per_process(const char *path)
+{
+	const char *at = strstr(path, "%p");
+	if (at == NULL)
+		return path;
+	size_t n = strlen(path) + 24;
+	char *out = malloc(n);
+	if (out == NULL)
+		return path;
+	snprintf(out, n, "%.*s%ld%s", (int)(at - path), path, (long)getpid(), at + 2);
+	return out;
+}
+
 static void load(void)
 {
 	/*
@@ -1045,7 +1075,7 @@ static void load(void)
 		control_path = strdup(ctl);
 	const char *st = getenv("HSMAGENT_FAULT_STATS");
 	if (st != NULL && *st != '\0')
-		open_stats(st);
+		open_stats(per_process(st));
 
 	wrapped = *list;
 	wrapped.C_GetFunctionList = C_GetFunctionList;
