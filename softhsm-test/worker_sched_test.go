@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -37,7 +36,7 @@ func TestWorkerQuietAtOneCaller(t *testing.T) {
 	}
 	tok.Close()
 	fm.SetSignLatency(2 * time.Millisecond)
-	before := children(t)
+	before := ChildPIDs(t)
 	cfg := fm.Config()
 	store, err := worker.Start(worker.Options{Command: []string{binary, "hsm-worker"}, PIN: cfg.PIN,
 		Init: worker.Init{ModulePath: cfg.ModulePath, TokenLabel: cfg.TokenLabel, MaxSessions: core.DefaultMaxInFlight + 1}})
@@ -45,15 +44,7 @@ func TestWorkerQuietAtOneCaller(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	var pids []int
-	for _, pid := range children(t) {
-		if !slices.Contains(before, pid) {
-			pids = append(pids, pid)
-		}
-	}
-	if len(pids) != 1 {
-		t.Fatalf("worker processes: %v; want one", pids)
-	}
+	pid := NewChild(t, before)
 	if _, err := store.Keys(); err != nil {
 		t.Fatal(err)
 	}
@@ -71,34 +62,13 @@ func TestWorkerQuietAtOneCaller(t *testing.T) {
 	}
 	sign(100) // the replay table, the sessions' first calls, the readers settling
 	const n = 400
-	b0 := blocks(t, pids[0])
+	b0 := blocks(t, pid)
 	sign(n)
-	per := float64(blocks(t, pids[0])-b0) / n
+	per := float64(blocks(t, pid)-b0) / n
 	t.Logf("the worker's threads blocked %.1f times a signature", per)
 	if per > 6 {
 		t.Fatalf("the worker's threads blocked %.1f times a signature at one caller; want at most 6", per)
 	}
-}
-
-// children lists this process's child processes (each thread's).
-func children(t *testing.T) []int {
-	t.Helper()
-	tasks, err := filepath.Glob("/proc/self/task/*/children")
-	if err != nil || len(tasks) == 0 {
-		t.Fatalf("no /proc/self/task/*/children: %v", err)
-	}
-	var pids []int
-	for _, task := range tasks {
-		b, err := os.ReadFile(task)
-		if err != nil {
-			continue // the thread has ended
-		}
-		for _, f := range strings.Fields(string(b)) {
-			n, _ := strconv.Atoi(f)
-			pids = append(pids, n)
-		}
-	}
-	return pids
 }
 
 // blocks is how many times the threads of process pid have blocked

@@ -5,12 +5,13 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	softhsmtest "github.com/hsmagent/hsmagent/softhsm-test"
 )
 
 // TestWorkerReadersFollowLoad: the worker's session goroutines wait in a
@@ -20,17 +21,9 @@ import (
 // still finds every session.
 func TestWorkerReadersFollowLoad(t *testing.T) {
 	const sessions = 16
-	before := childPIDs(t)
+	before := softhsmtest.ChildPIDs(t)
 	f := startSessions(t, 0, sessions)
-	var pids []int
-	for _, pid := range childPIDs(t) {
-		if !slices.Contains(before, pid) {
-			pids = append(pids, pid)
-		}
-	}
-	if len(pids) != 1 {
-		t.Fatalf("worker processes: %v; want one", pids)
-	}
+	pid := softhsmtest.NewChild(t, before)
 	ec := f.signer(t, "ec")
 	burst := func() time.Duration {
 		t.Helper()
@@ -57,7 +50,7 @@ func TestWorkerReadersFollowLoad(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := readersOf(t, pids[0]); n < 1 || n > 3 {
+	if n := readersOf(t, pid); n < 1 || n > 3 {
 		t.Fatalf("%d threads read the signatures socket after signatures one at a time; want 1 to 3", n)
 	}
 	f.fm.SetSignLatency(latency)

@@ -11,8 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -141,7 +139,7 @@ func TestWorkerHasNoPINInArgvOrEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("HSMAGENT_PIN", strings.TrimSpace(string(pin)))
-	before := childPIDs(t) // workers of earlier tests may still be exiting
+	before := softhsmtest.ChildPIDs(t) // workers of earlier tests may still be exiting
 	s, err := worker.Start(worker.Options{Command: []string{os.Args[0], childArg},
 		Init: worker.Init{ModulePath: tok.ModulePath, TokenLabel: tok.Label},
 		PIN:  hsm.PINFromEnv("HSMAGENT_PIN"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
@@ -149,17 +147,9 @@ func TestWorkerHasNoPINInArgvOrEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	var pids []int
-	for _, pid := range childPIDs(t) {
-		if !slices.Contains(before, pid) {
-			pids = append(pids, pid)
-		}
-	}
-	if len(pids) != 1 {
-		t.Fatalf("worker processes: %v; want one", pids)
-	}
+	pid := softhsmtest.NewChild(t, before)
 	for _, file := range []string{"cmdline", "environ"} {
-		b, err := os.ReadFile("/proc/" + strconv.Itoa(pids[0]) + "/" + file)
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/" + file)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -266,28 +256,6 @@ func signsAgainWithin(t *testing.T, s crypto.Signer, d time.Duration) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-}
-
-// childPIDs lists this process's children (each thread's: a child belongs
-// to the thread that forked it).
-func childPIDs(t *testing.T) []int {
-	t.Helper()
-	tasks, err := filepath.Glob("/proc/self/task/*/children")
-	if err != nil || len(tasks) == 0 {
-		t.Fatalf("no /proc/self/task/*/children: %v", err)
-	}
-	var pids []int
-	for _, task := range tasks {
-		b, err := os.ReadFile(task)
-		if err != nil {
-			continue // the thread has ended
-		}
-		for _, f := range strings.Fields(string(b)) {
-			n, _ := strconv.Atoi(f)
-			pids = append(pids, n)
-		}
-	}
-	return pids
 }
 
 type lockedBuffer struct {

@@ -19,23 +19,24 @@ import (
 )
 
 // A key handle names one key. After a rotation promotes another key to its
-// label, a handle found before signs with the key it named (the key just
-// retired, within core.RetiredKeyGrace), a handle found after signs with the
-// new key, and once the retired key is deleted the old handle is
-// CKR_KEY_HANDLE_INVALID: never a signature by a key the client did not find.
+// label, a handle found before signs with the key it was found for (the key
+// just retired, within core.RetiredKeyGrace), even when the same connection
+// searches again (a client that finds its certificate again, or a second
+// session of the same process): the search adds the new key's handle, it
+// does not take the old one away while the retired key may still sign. A
+// handle found after signs with the new key, and once the retired key is
+// deleted the old handle is CKR_KEY_HANDLE_INVALID: never a signature by a
+// key the client did not find.
 func TestKeyHandleOutlivesPromotion(t *testing.T) {
 	a := startAgent(t, nil, Options{})
 	ctx := context.Background()
 	root := core.Peer{UID: 0, GID: 0, PID: 1}
-	// Two clients: one found the key before the rotation and finds no more
-	// (as OpenSSL's engine does), the other finds it after.
-	c, later := dial(t, a.path, 2), dial(t, a.path, 2)
-	s, ls := c.openSession(), later.openSession()
-	privateKey := func(c *testClient, s uint64) uint64 {
+	c := dial(t, a.path, 2)
+	s := c.openSession()
+	privateKey := func() uint64 {
 		return c.find(s, ulongAttr(ckaClass, ckoPrivateKey), bytesAttr(ckaLabel, []byte("ec-key")))[0]
 	}
-	before := privateKey(c, s)
-
+	before := privateKey()
 	succ, _, err := a.core.RotateKey(ctx, root, "ec-key", "", false)
 	if err != nil {
 		t.Fatal(err)
@@ -49,36 +50,44 @@ func TestKeyHandleOutlivesPromotion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	after := privateKey(later, ls)
-
+	after := privateKey() // the same connection searches again
+	if after == before {
+		t.Fatal("the new key has the old key's handle")
+	}
 	digest := sha256.Sum256([]byte("data"))
 	mech := Mechanism{Type: ckmECDSA}
-	for _, tc := range []struct {
-		name   string
-		c      *testClient
-		s      uint64
-		handle uint64
-		pub    crypto.PublicKey
-	}{
-		{"the handle found before", c, s, before, a.keys["ec-key"].Public()},
-		{"the handle found after", later, ls, after, newPub},
-	} {
-		sig, rv := tc.c.sign(tc.s, tc.handle, mech, digest[:], false)
-		if rv != ckrOK {
-			t.Fatalf("%s: rv %#x", tc.name, rv)
-		}
-		verify(t, tc.pub, crypto.SHA256, digest[:], sig, false)
+	sig, rv := c.sign(s, before, mech, digest[:], false)
+	if rv != ckrOK {
+		t.Fatalf("the handle found before the promotion, after a new search: rv %#x, want CKR_OK (the key just retired signs for a minute)", rv)
 	}
+	verify(t, a.keys["ec-key"].Public(), crypto.SHA256, digest[:], sig, false)
 	if !strings.Contains(a.audit.String(), `"retired_key":"`+resp.RetiredLabel+`"`) {
 		t.Errorf("no sign record names the retired key %q:\n%s", resp.RetiredLabel, a.audit.String())
 	}
+	// A client that found the key only after the promotion signs with the new one.
+	later := dial(t, a.path, 2)
+	ls := later.openSession()
+	h := later.find(ls, ulongAttr(ckaClass, ckoPrivateKey), bytesAttr(ckaLabel, []byte("ec-key")))[0]
+	sig, rv = later.sign(ls, h, mech, digest[:], false)
+	if rv != ckrOK {
+		t.Fatalf("a handle found after the promotion: rv %#x", rv)
+	}
+	verify(t, newPub, crypto.SHA256, digest[:], sig, false)
 
+	// Once the retired key is gone, the handle signs with no key, even
+	// after another search.
 	if _, err := a.core.DeleteKey(ctx, root, resp.RetiredLabel); err != nil {
 		t.Fatal(err)
 	}
+	privateKey()
 	if _, rv := c.sign(s, before, mech, digest[:], false); rv != ckrKeyHandleInvalid {
 		t.Fatalf("the deleted key's handle: rv %#x, want CKR_KEY_HANDLE_INVALID", rv)
 	}
+	sig, rv = c.sign(s, after, mech, digest[:], false)
+	if rv != ckrOK {
+		t.Fatalf("the new key's handle: rv %#x", rv)
+	}
+	verify(t, newPub, crypto.SHA256, digest[:], sig, false)
 }
 
 // issued is a certificate for pub from a throwaway CA.
