@@ -11,6 +11,7 @@ import (
 
 	"github.com/hsmagent/hsmagent/agent/agentpb"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
+	"github.com/hsmagent/hsmagent/internal/rawsock"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -46,12 +47,19 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 		// Unavailable, as gRPC says of a connection it cannot make.
 		return nil, status.Error(codes.Unavailable, explain(path, err).Error())
 	}
-	conn.SetDeadline(time.Now().Add(signConnTimeout))
-	if _, err := io.WriteString(conn, wire.Preface); err != nil {
+	// Raw calls (see rawsock): a caller signing now and then would wake the
+	// runtime's monitor with each read and write of its signatures.
+	raw, err := rawsock.New(conn.(*net.UnixConn))
+	if err != nil {
+		conn.Close()
+		return nil, status.Error(codes.Unavailable, explain(path, err).Error())
+	}
+	conn.SetDeadline(time.Now().Add(signConnTimeout)) // bounds the raw calls' waits too
+	if _, err := raw.Write([]byte(wire.Preface)); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("%w: %v", errSignConnRefused, err)
 	}
-	r := bufio.NewReaderSize(conn, 16<<10)
+	r := bufio.NewReaderSize(raw.Stream(), 16<<10)
 	head := make([]byte, len(wire.Preface))
 	if _, err := io.ReadFull(r, head); err != nil {
 		conn.Close()
@@ -66,7 +74,7 @@ func dialSignConn(ctx context.Context, path string) (*frameStream, error) {
 	}
 	conn.SetDeadline(time.Time{})
 	context.AfterFunc(ctx, func() { conn.Close() })
-	return &frameStream{ctx: ctx, conn: conn, r: r, w: wire.FrameWriter{W: conn}}, nil
+	return &frameStream{ctx: ctx, conn: conn, r: r, w: wire.FrameWriter{W: raw}}, nil
 }
 
 // frameStream is the signStreamIO of a signing connection.

@@ -124,16 +124,33 @@ func (f *flight) finish(sig []byte, o Outcome, err error) {
 	ss.pending--
 	ss.outbox = append(ss.outbox, r)
 	idle := !ss.sending && !ss.closed
+	// Only the stream's last item in flight is sent so: while others are,
+	// the handler sends (it gathers results that come meanwhile into one
+	// message, and this goroutine goes on to the HSM's next answer).
+	quick := idle && ss.quick != nil && ss.pending == 0
+	ss.sending = ss.sending || quick
 	ss.mu.Unlock()
-	if idle {
+	switch {
+	case quick:
+		ss.sendQuick()
+	case idle:
 		ss.wake()
 	}
 }
 
 // flushQueued sends what finish queued, unless a send is under way (whose
-// sender takes it too). It runs in the stream's handler.
+// sender takes it too), and finishes what a quick send left. It runs in the
+// stream's handler.
 func (ss *signStream) flushQueued() {
 	ss.mu.Lock()
+	if ss.unfinished {
+		ss.unfinished = false
+		ss.mu.Unlock()
+		if ss.finishQuick() {
+			ss.flush() // sending is still set: send what queued meanwhile
+		}
+		return
+	}
 	if ss.sending || ss.closed || len(ss.outbox) == 0 {
 		ss.mu.Unlock()
 		return

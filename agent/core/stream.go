@@ -65,6 +65,7 @@ func (c *Core) ServeStream(ctx context.Context, p Peer, stream Stream) error {
 func (c *Core) serveStream(ctx context.Context, p Peer, stream Stream) error {
 	ss := &signStream{c: c, stream: stream, ctx: ctx, p: p,
 		slots: make(chan struct{}, maxInFlightPerStream), changed: make(chan struct{}, 1), draining: make(chan struct{})}
+	ss.quick, _ = stream.(QuickSender)
 	// A client that stops reading (its flow-control window closed) blocks
 	// Send once gRPC holds 64 KiB for the stream: after stallAfter without
 	// a send completing, its connection is closed and what it held is freed.
@@ -107,6 +108,20 @@ func (c *Core) serveStream(ctx context.Context, p Peer, stream Stream) error {
 	}
 }
 
+// QuickSender is a Stream that can send without waiting for its client (a
+// signing connection): the goroutine that reads the HSM's answers then sends
+// a result itself when no send is under way, rather than waking the stream's
+// handler to send it, which at one caller is a goroutine hand-off and a
+// thread wake-up on every signature's path.
+type QuickSender interface {
+	// TrySend sends m as far as the connection takes it now, and reports
+	// whether it took all of it. What it did not take waits for
+	// FinishSend; no other send comes before.
+	TrySend(*agentpb.SignStreamResponse) (sent bool, err error)
+	// FinishSend sends what TrySend left, waiting as Send does.
+	FinishSend() error
+}
+
 // HangupWatcher is a Stream that can notice its client hang up while
 // nothing reads from it: a signing connection. (gRPC's transport reads all
 // the time and ends the stream's context by itself.)
@@ -129,12 +144,16 @@ type signStream struct {
 	draining chan struct{} // closed: take no more requests
 	stall    *time.Timer
 	sends    atomic.Int64 // sends begun and ended: odd while one is under way
+	quick    QuickSender  // nil: every send is the handler's or a worker's
 
 	mu      sync.Mutex
 	pending int                         // items being signed
 	outbox  []*agentpb.SignStreamResult // results not yet taken for a send
 	sending bool
-	closed  bool  // the handler returned or is returning: no more sends
+	// unfinished: a quick send left part of its message for the handler to
+	// send (FinishSend); sending stays set until it has.
+	unfinished bool
+	closed     bool  // the handler returned or is returning: no more sends
 	failed  error // a send failed or stalled: the handler returns it
 	refused error // the stream's end once drained: a message refused after its requests
 }
@@ -275,20 +294,75 @@ func (ss *signStream) flush() {
 		for range batch {
 			<-ss.slots
 		}
-		ss.sends.Add(1)
-		ss.stall.Reset(ss.c.stallAfter)
-		err := ss.stream.Send(&agentpb.SignStreamResponse{Results: batch})
-		ss.stall.Stop()
-		ss.sends.Add(1)
-		if err != nil {
-			ss.fail(err)
-			ss.mu.Lock()
+		msg := &agentpb.SignStreamResponse{Results: batch}
+		if !ss.send(func() error { return ss.stream.Send(msg) }) {
+			return
+		}
+	}
+}
+
+// send makes one send that may wait for the client, bounded by stallAfter.
+// It reports false, having ended the sending, if the send failed.
+func (ss *signStream) send(send func() error) bool {
+	ss.sends.Add(1)
+	ss.stall.Reset(ss.c.stallAfter)
+	err := send()
+	ss.stall.Stop()
+	ss.sends.Add(1)
+	if err != nil {
+		ss.sendFailed(err)
+		return false
+	}
+	return true
+}
+
+func (ss *signStream) sendFailed(err error) {
+	ss.fail(err)
+	ss.mu.Lock()
+	ss.sending = false
+	ss.mu.Unlock()
+	ss.wake()
+}
+
+// sendQuick sends the queued results as far as the connection takes them
+// without waiting, in the goroutine that reads the HSM's answers, which must
+// never wait for a client that does not read: what the connection does not
+// take at once is the handler's to finish. The caller has set sending.
+func (ss *signStream) sendQuick() {
+	for {
+		ss.mu.Lock()
+		if len(ss.outbox) == 0 || ss.closed {
 			ss.sending = false
+			ending := ss.isDraining() || ss.closed
+			ss.mu.Unlock()
+			if ending {
+				ss.wake()
+			}
+			return
+		}
+		batch := wire.TakeBatch(&ss.outbox, maxBatch, maxResponseBytes)
+		ss.mu.Unlock()
+		for range batch {
+			<-ss.slots
+		}
+		sent, err := ss.quick.TrySend(&agentpb.SignStreamResponse{Results: batch})
+		if err != nil {
+			ss.sendFailed(err)
+			return
+		}
+		if !sent {
+			ss.mu.Lock()
+			ss.unfinished = true // sending stays set: the handler finishes
 			ss.mu.Unlock()
 			ss.wake()
 			return
 		}
 	}
+}
+
+// finishQuick sends what a quick send left; false if that failed.
+func (ss *signStream) finishQuick() bool {
+	return ss.send(ss.quick.FinishSend)
 }
 
 // stalled runs when a send has not completed for stallAfter.
@@ -350,6 +424,19 @@ func (ss *signStream) end(err error) error {
 	sending := ss.sending
 	ss.mu.Unlock()
 	for sending {
+		ss.mu.Lock()
+		unfinished := ss.unfinished
+		ss.unfinished = false
+		ss.mu.Unlock()
+		if unfinished {
+			// A frame cut short would garble the transport's last words.
+			if ss.finishQuick() {
+				ss.mu.Lock()
+				ss.sending = false
+				ss.mu.Unlock()
+			}
+			break
+		}
 		<-ss.changed
 		ss.mu.Lock()
 		sending = ss.sending

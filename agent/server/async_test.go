@@ -133,3 +133,64 @@ func TestAsyncSignerTimeout(t *testing.T) {
 		t.Errorf("audit results:\n%s", audit.buf.String())
 	}
 }
+
+// TestAsyncResultsToAClientThatStopsReading: the goroutine that reads the
+// HSM's answers sends results itself while the connection takes them, and
+// leaves to the stream's handler what a full connection does not take; a
+// client that stops reading, then reads again, gets every result whole,
+// each frame intact, and the agent's shutdown waits for none of it.
+func TestAsyncResultsToAClientThatStopsReading(t *testing.T) {
+	store := &asyncStore{stallingStore: newStallingStore(t)}
+	a := agenttest.Start(t, store, server.Options{HSMTimeout: time.Minute, Audit: slog.New(slog.DiscardHandler)})
+	keys, _ := store.Keys()
+	var pub *ecdsa.PublicKey
+	for _, k := range keys {
+		if k.Label == "ec" {
+			pub = k.Public.(*ecdsa.PublicKey)
+		}
+	}
+	c := openSignConn(t, a.Socket)
+	// Far more results than a Unix socket holds (about 200 KiB here, a
+	// result is about 110 bytes framed), written while the client reads none.
+	const total = 8000
+	digest := digestOf("full")
+	sent := make(chan error, 1)
+	go func() {
+		for id := 1; id <= total; id += 64 {
+			var its []*agentpb.SignStreamItem
+			for i := id; i < id+64 && i <= total; i++ {
+				its = append(its, &agentpb.SignStreamItem{Id: uint64(i), Request: &agentpb.SignRequest{
+					Key: "ec", Digest: digest, Hash: agentpb.Hash_HASH_SHA256}})
+			}
+			c.conn.SetWriteDeadline(time.Now().Add(frameTimeout))
+			if _, err := c.conn.Write(frame(t, its...)); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+	time.Sleep(300 * time.Millisecond) // the agent fills the socket and waits
+	got := map[uint64]bool{}
+	for len(got) < total {
+		m, err := c.next()
+		if err != nil {
+			t.Fatalf("after %d of %d results: %v", len(got), total, err)
+		}
+		for _, r := range m.Results {
+			if r.Code != 0 || got[r.Id] || r.Id < 1 || r.Id > total {
+				t.Fatalf("result %d: code %d %q (seen before: %v)", r.Id, r.Code, r.Message, got[r.Id])
+			}
+			if !ecdsa.VerifyASN1(pub, digest, r.Signature) {
+				t.Fatalf("result %d: the signature does not verify", r.Id)
+			}
+			got[r.Id] = true
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if n := store.started.Load(); n < total/2 {
+		t.Errorf("%d of %d items went to SignAsync; want most", n, total)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/hsmagent/hsmagent/agent/core"
 	"github.com/hsmagent/hsmagent/agent/internal/wire"
 	"github.com/hsmagent/hsmagent/agent/transport/listen"
+	"github.com/hsmagent/hsmagent/internal/rawsock"
 )
 
 // Server serves the framed signing connections a listen.Mux hands it.
@@ -40,7 +41,14 @@ func (s *Server) Serve(pc *listen.Conn) {
 	defer pc.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	fs := &frameStream{conn: pc, r: bufio.NewReaderSize(pc, 4<<10), w: wire.FrameWriter{W: pc}, cancel: cancel, idleAfter: s.idleAfter}
+	// Raw calls (see rawsock): at one caller each of a signature's reads
+	// and writes comes after an idle spell and would wake the runtime's
+	// monitor on the signature's path.
+	raw, err := rawsock.New(pc.UnixConn)
+	if err != nil {
+		return
+	}
+	fs := &frameStream{conn: pc, raw: raw, r: bufio.NewReaderSize(raw.Stream(), 4<<10), w: wire.FrameWriter{W: raw}, cancel: cancel, idleAfter: s.idleAfter}
 	if stopping(s.core) || !s.conns.add(pc, cancel) {
 		// Shutting down: gRPC refuses new streams now, and so does this,
 		// with an answer: the client takes a connection closed unanswered
@@ -51,7 +59,7 @@ func (s *Server) Serve(pc *listen.Conn) {
 		return
 	}
 	defer s.conns.remove(pc)
-	err := fs.w.WriteRaw([]byte(wire.Preface))
+	err = fs.w.WriteRaw([]byte(wire.Preface))
 	if err == nil {
 		err = s.core.ServeStream(ctx, pc.Peer, fs)
 	}
@@ -89,6 +97,9 @@ func (f *frameStream) end(err error) {
 // frameStream is the core.Stream of a signing connection.
 type frameStream struct {
 	conn      *listen.Conn
+	raw       *rawsock.Conn
+	qbuf      []byte // the frame of a quick send
+	tail      []byte // what of it the connection did not take (in qbuf)
 	r         *bufio.Reader
 	buf       []byte
 	w         wire.FrameWriter
@@ -131,7 +142,37 @@ func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 	return nil, io.EOF
 }
 
-func (f *frameStream) Send(m *agentpb.SignStreamResponse) error { return f.w.WriteFrame(m) }
+func (f *frameStream) Send(m *agentpb.SignStreamResponse) error {
+	if err := f.FinishSend(); err != nil {
+		return err
+	}
+	return f.w.WriteFrame(m)
+}
+
+// TrySend implements core.QuickSender. The core makes one send at a time,
+// so qbuf and tail need no lock.
+func (f *frameStream) TrySend(m *agentpb.SignStreamResponse) (bool, error) {
+	var err error
+	if f.qbuf, err = wire.AppendFrame(f.qbuf[:0], m); err != nil {
+		return false, err
+	}
+	n, err := f.raw.TryWrite(f.qbuf)
+	if err != nil {
+		return false, err
+	}
+	f.tail = f.qbuf[n:]
+	return len(f.tail) == 0, nil
+}
+
+// FinishSend implements core.QuickSender.
+func (f *frameStream) FinishSend() error {
+	if len(f.tail) == 0 {
+		return nil
+	}
+	_, err := f.raw.Write(f.tail)
+	f.tail = nil
+	return err
+}
 
 // Break implements core.Breaker.
 func (f *frameStream) Break() { f.conn.Close() }
