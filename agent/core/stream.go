@@ -154,8 +154,8 @@ type signStream struct {
 	// send (FinishSend); sending stays set until it has.
 	unfinished bool
 	closed     bool  // the handler returned or is returning: no more sends
-	failed  error // a send failed or stalled: the handler returns it
-	refused error // the stream's end once drained: a message refused after its requests
+	failed     error // a send failed or stalled: the handler returns it
+	refused    error // the stream's end once drained: a message refused after its requests
 }
 
 // receive reads the stream's messages and starts their items, until the
