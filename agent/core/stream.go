@@ -278,27 +278,36 @@ func (ss *signStream) queue(r *agentpb.SignStreamResult) {
 // flush sends the queued results, a message at a time, until none is left.
 func (ss *signStream) flush() {
 	for {
-		ss.mu.Lock()
-		if len(ss.outbox) == 0 || ss.closed {
-			ss.sending = false
-			// The handler waits for the last send only when ending.
-			ending := ss.isDraining() || ss.closed
-			ss.mu.Unlock()
-			if ending {
-				ss.wake()
-			}
+		msg := ss.nextMessage()
+		if msg == nil {
 			return
 		}
-		batch := wire.TakeBatch(&ss.outbox, maxBatch, maxResponseBytes)
-		ss.mu.Unlock()
-		for range batch {
-			<-ss.slots
-		}
-		msg := &agentpb.SignStreamResponse{Results: batch}
 		if !ss.send(func() error { return ss.stream.Send(msg) }) {
 			return
 		}
 	}
+}
+
+// nextMessage takes the queued results of the next message off the outbox,
+// giving back their slots; nil, with the sending ended, when none is left.
+func (ss *signStream) nextMessage() *agentpb.SignStreamResponse {
+	ss.mu.Lock()
+	if len(ss.outbox) == 0 || ss.closed {
+		ss.sending = false
+		// The handler waits for the last send only when ending.
+		ending := ss.isDraining() || ss.closed
+		ss.mu.Unlock()
+		if ending {
+			ss.wake()
+		}
+		return nil
+	}
+	batch := wire.TakeBatch(&ss.outbox, maxBatch, maxResponseBytes)
+	ss.mu.Unlock()
+	for range batch {
+		<-ss.slots
+	}
+	return &agentpb.SignStreamResponse{Results: batch}
 }
 
 // send makes one send that may wait for the client, bounded by stallAfter.
@@ -330,22 +339,11 @@ func (ss *signStream) sendFailed(err error) {
 // take at once is the handler's to finish. The caller has set sending.
 func (ss *signStream) sendQuick() {
 	for {
-		ss.mu.Lock()
-		if len(ss.outbox) == 0 || ss.closed {
-			ss.sending = false
-			ending := ss.isDraining() || ss.closed
-			ss.mu.Unlock()
-			if ending {
-				ss.wake()
-			}
+		msg := ss.nextMessage()
+		if msg == nil {
 			return
 		}
-		batch := wire.TakeBatch(&ss.outbox, maxBatch, maxResponseBytes)
-		ss.mu.Unlock()
-		for range batch {
-			<-ss.slots
-		}
-		sent, err := ss.quick.TrySend(&agentpb.SignStreamResponse{Results: batch})
+		sent, err := ss.quick.TrySend(msg)
 		if err != nil {
 			ss.sendFailed(err)
 			return

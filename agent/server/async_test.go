@@ -45,6 +45,22 @@ func (s *asyncSigner) SignAsync(digest []byte, opts crypto.SignerOpts, done func
 	go func() { done(s.Sign(nil, digest, opts)) }()
 }
 
+// ecPublic is the public key of store's key "ec".
+func ecPublic(t *testing.T, store *asyncStore) *ecdsa.PublicKey {
+	t.Helper()
+	keys, err := store.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if k.Label == "ec" {
+			return k.Public.(*ecdsa.PublicKey)
+		}
+	}
+	t.Fatal(`the store has no key "ec"`)
+	return nil
+}
+
 func digestOf(s string) []byte {
 	d := sha256.Sum256([]byte(s))
 	return d[:]
@@ -56,13 +72,7 @@ func TestAsyncSignerStream(t *testing.T) {
 	store := &asyncStore{stallingStore: newStallingStore(t)}
 	audit := &auditBuffer{}
 	a := agenttest.Start(t, store, server.Options{HSMTimeout: time.Minute, Audit: slog.New(slog.NewTextHandler(audit, nil))})
-	keys, _ := store.Keys()
-	var pub *ecdsa.PublicKey
-	for _, k := range keys {
-		if k.Label == "ec" {
-			pub = k.Public.(*ecdsa.PublicKey)
-		}
-	}
+	pub := ecPublic(t, store)
 	c := openSignConn(t, a.Socket)
 	var its []*agentpb.SignStreamItem
 	for i := range 20 {
@@ -142,13 +152,7 @@ func TestAsyncSignerTimeout(t *testing.T) {
 func TestAsyncResultsToAClientThatStopsReading(t *testing.T) {
 	store := &asyncStore{stallingStore: newStallingStore(t)}
 	a := agenttest.Start(t, store, server.Options{HSMTimeout: time.Minute, Audit: slog.New(slog.DiscardHandler)})
-	keys, _ := store.Keys()
-	var pub *ecdsa.PublicKey
-	for _, k := range keys {
-		if k.Label == "ec" {
-			pub = k.Public.(*ecdsa.PublicKey)
-		}
-	}
+	pub := ecPublic(t, store)
 	c := openSignConn(t, a.Socket)
 	// Far more results than a Unix socket holds (about 200 KiB here, a
 	// result is about 110 bytes framed), written while the client reads none.

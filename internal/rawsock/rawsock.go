@@ -86,7 +86,13 @@ func (r streamReader) Read(b []byte) (int, error) {
 
 // Write writes all of b, waiting while the socket is full. On a packet
 // socket a write is one packet, written whole.
-func (c *Conn) Write(b []byte) (int, error) {
+func (c *Conn) Write(b []byte) (int, error) { return c.write(b, true) }
+
+// TryWrite writes what of b the socket takes now, without waiting: n <
+// len(b) with no error when it is full.
+func (c *Conn) TryWrite(b []byte) (int, error) { return c.write(b, false) }
+
+func (c *Conn) write(b []byte, wait bool) (int, error) {
 	var done int
 	var werr error
 	err := c.raw.Write(func(fd uintptr) bool {
@@ -100,37 +106,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 				return true
 			case e == syscall.EINTR:
 			case e == syscall.EAGAIN:
-				return false // wait until it can be written
-			default:
-				werr = e
-				return true
-			}
-		}
-		return true
-	})
-	if err != nil {
-		return done, err
-	}
-	return done, werr
-}
-
-// TryWrite writes what of b the socket takes now, without waiting: n <
-// len(b) with no error when it is full.
-func (c *Conn) TryWrite(b []byte) (int, error) {
-	var done int
-	var werr error
-	err := c.raw.Write(func(fd uintptr) bool {
-		for done < len(b) {
-			n, e := write(fd, b[done:])
-			switch {
-			case e == 0 && n > 0:
-				done += n
-			case e == 0:
-				werr = io.ErrShortWrite
-				return true
-			case e == syscall.EINTR:
-			case e == syscall.EAGAIN:
-				return true // full: what is left is the caller's
+				return !wait // full: wait until it can be written, or leave the rest to the caller
 			default:
 				werr = e
 				return true
