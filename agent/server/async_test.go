@@ -145,36 +145,36 @@ func TestAsyncSignerTimeout(t *testing.T) {
 }
 
 // TestAsyncResultsToAClientThatStopsReading: the goroutine that reads the
-// HSM's answers sends results itself while the connection takes them, and
-// leaves to the stream's handler what a full connection does not take; a
-// client that stops reading, then reads again, gets every result whole,
-// each frame intact, and the agent's shutdown waits for none of it.
+// HSM's answers sends a stream's last result in flight itself while the
+// connection takes it, and leaves to the stream's handler what a full
+// connection does not take; a client that stops reading, then reads again,
+// gets every result whole, each frame intact. The client sends one item a
+// frame and leaves the agent time to answer it, so that each result is the
+// last in flight when it comes and the quick sends meet the full socket.
 func TestAsyncResultsToAClientThatStopsReading(t *testing.T) {
 	store := &asyncStore{stallingStore: newStallingStore(t)}
 	a := agenttest.Start(t, store, server.Options{HSMTimeout: time.Minute, Audit: slog.New(slog.DiscardHandler)})
 	pub := ecPublic(t, store)
 	c := openSignConn(t, a.Socket)
-	// Far more results than a Unix socket holds (about 200 KiB here, a
-	// result is about 110 bytes framed), written while the client reads none.
-	const total = 8000
+	// Far more results than a Unix socket holds (its 208 KiB of buffer
+	// count each write's whole allocation, about a kilobyte for a result of
+	// 110 bytes), written while the client reads none.
+	const total = 2000
 	digest := digestOf("full")
 	sent := make(chan error, 1)
 	go func() {
-		for id := 1; id <= total; id += 64 {
-			var its []*agentpb.SignStreamItem
-			for i := id; i < id+64 && i <= total; i++ {
-				its = append(its, &agentpb.SignStreamItem{Id: uint64(i), Request: &agentpb.SignRequest{
-					Key: "ec", Digest: digest, Hash: agentpb.Hash_HASH_SHA256}})
-			}
+		for id := 1; id <= total; id++ {
 			c.conn.SetWriteDeadline(time.Now().Add(frameTimeout))
-			if _, err := c.conn.Write(frame(t, its...)); err != nil {
+			if _, err := c.conn.Write(frame(t, &agentpb.SignStreamItem{Id: uint64(id), Request: &agentpb.SignRequest{
+				Key: "ec", Digest: digest, Hash: agentpb.Hash_HASH_SHA256}})); err != nil {
 				sent <- err
 				return
 			}
+			time.Sleep(100 * time.Microsecond)
 		}
 		sent <- nil
 	}()
-	time.Sleep(300 * time.Millisecond) // the agent fills the socket and waits
+	time.Sleep(time.Second) // the agent fills the socket and waits
 	got := map[uint64]bool{}
 	for len(got) < total {
 		m, err := c.next()

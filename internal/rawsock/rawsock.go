@@ -38,9 +38,8 @@ func New(c syscall.Conn) (*Conn, error) {
 }
 
 // Read reads what the socket holds, up to len(b), waiting until it holds
-// something. At the end of a stream socket it returns io.EOF; on a packet
-// socket it reads one packet, and 0 bytes with no error is the other end
-// closed.
+// something; on a packet socket, one packet. 0 bytes with no error is the
+// other end closed (Stream makes that io.EOF).
 func (c *Conn) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil

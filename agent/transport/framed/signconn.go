@@ -46,7 +46,7 @@ func (s *Server) Serve(pc *listen.Conn) {
 	// monitor on the signature's path.
 	raw, err := rawsock.New(pc.UnixConn)
 	if err != nil {
-		return
+		return // closed already: no one to answer
 	}
 	fs := &frameStream{conn: pc, raw: raw, r: bufio.NewReaderSize(raw.Stream(), 4<<10), w: wire.FrameWriter{W: raw}, cancel: cancel, idleAfter: s.idleAfter}
 	if stopping(s.core) || !s.conns.add(pc, cancel) {
@@ -142,12 +142,8 @@ func (f *frameStream) Recv() (*agentpb.SignStreamRequest, error) {
 	return nil, io.EOF
 }
 
-func (f *frameStream) Send(m *agentpb.SignStreamResponse) error {
-	if err := f.FinishSend(); err != nil {
-		return err
-	}
-	return f.w.WriteFrame(m)
-}
+// Send implements core.Stream; the core finishes a quick send first.
+func (f *frameStream) Send(m *agentpb.SignStreamResponse) error { return f.w.WriteFrame(m) }
 
 // TrySend implements core.QuickSender. The core makes one send at a time,
 // so qbuf and tail need no lock.
