@@ -26,7 +26,8 @@ func TestBenchSeveralConcurrencies(t *testing.T) {
 
 	out := bench().stdout
 	for _, want := range []string{"sign in-process", "sign via agent", "TLS 1.3 handshake via agent",
-		"1 callers: agent/in-process signatures", "4 callers: agent/in-process signatures", "through the agent"} {
+		"1 callers: agent/in-process signatures", "4 callers: agent/in-process signatures", "through the agent",
+		"1 caller: this machine's floor"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("bench output lacks %q:\n%s", want, out)
 		}
@@ -46,6 +47,7 @@ func TestBenchSeveralConcurrencies(t *testing.T) {
 			SignRatio    float64 `json:"signRatio"`
 			TLSRatio     float64 `json:"tlsRatio"`
 			SignP50Added int64   `json:"signP50Added"`
+			Floor        *int64  `json:"floorP50Added"`
 		} `json:"runs"`
 		SignRatio float64 `json:"signRatio"`
 	}
@@ -65,6 +67,10 @@ func TestBenchSeveralConcurrencies(t *testing.T) {
 		if run.Concurrency != []int{1, 4}[i] || run.SignRatio <= 0 || run.TLSRatio <= 0 {
 			t.Errorf("run %d: %+v", i, run)
 		}
+	}
+	// The machine's floor is measured at one caller only.
+	if report.Runs[0].Floor == nil || report.Runs[1].Floor != nil {
+		t.Errorf("floorP50Added: want it at 1 caller only:\n%s", r.stdout)
 	}
 	if report.SignRatio != report.Runs[0].SignRatio {
 		t.Errorf("top-level signRatio %v is not the first run's %v", report.SignRatio, report.Runs[0].SignRatio)

@@ -23,7 +23,10 @@ func benchCommand() *cli.Command {
 its own agent as a child process on a temporary socket. Runs, on the same key: signatures
 in-process, signatures through the agent, TLS 1.3 handshakes with the key in-process and
 through the agent, and samples the agent's resident memory during the agent phases.
-With --concurrency 1,8,32 the four phases run at each concurrency in turn, in one run.`,
+With --concurrency 1,8,32 the four phases run at each concurrency in turn, in one run.
+At 1 caller it also measures the machine's floor: what three processes passing a message
+around a wait as long as the in-process signature's add to it with nothing but reads and
+writes, the least the agent (client, agent, HSM worker) could add on this machine.`,
 		Flags: append(tokenFlags(),
 			&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required)"},
 			&cli.StringFlag{Name: "socket", Usage: "agent socket `PATH` (default: start a child agent)"},
@@ -59,7 +62,12 @@ type benchRun struct {
 	// SignP50Added and SignP99Added are the agent's latency minus in-process latency.
 	SignP50Added time.Duration `json:"signP50Added"`
 	SignP99Added time.Duration `json:"signP99Added"`
-	AgentMaxRSS  int64         `json:"agentMaxRssBytes"`
+	// FloorP50Added, at 1 caller, is what the machine alone adds to the
+	// median of a wait as long as the in-process signature's when it is
+	// made two processes away, as the agent's are (bench.Floor): the
+	// least SignP50Added could be.
+	FloorP50Added time.Duration `json:"floorP50Added,omitempty"`
+	AgentMaxRSS   int64         `json:"agentMaxRssBytes"`
 	// PKCS11SignRatio is op/s through p11-kit-client.so over in-process (--pkcs11).
 	PKCS11SignRatio float64 `json:"pkcs11SignRatio,omitempty"`
 }
@@ -193,6 +201,15 @@ func (b *benchRunner) level(n int) error {
 		stopRSS()
 		run.PKCS11SignRatio = ratio(signP11.PerSecond, signLocal.PerSecond)
 	}
+	if n == 1 {
+		// What the machine adds to a wait as long as the HSM's, crossing
+		// processes as the agent's signatures do (see bench.Floor).
+		floor, err := bench.Floor(ctx, signLocal.P50, b.phase, spawnFloorPeer)
+		if err != nil {
+			return err
+		}
+		run.FloorP50Added = floor.Added()
+	}
 	run.AgentMaxRSS = rss.max()
 	b.report.Runs = append(b.report.Runs, run)
 	b.report.AgentMaxRSS = max(b.report.AgentMaxRSS, rss.max())
@@ -215,6 +232,9 @@ func printBench(out io.Writer, report benchReport) error {
 		}
 		fmt.Fprintf(out, "%d callers: agent/in-process signatures %.2fx, TLS 1.3 handshakes %.2fx (target >= 0.90); p50 %s, p99 %s through the agent; agent peak RSS %.1f MiB (target < 40)\n",
 			r.Concurrency, r.SignRatio, r.TLSRatio, signedDelta(r.SignP50Added), signedDelta(r.SignP99Added), float64(r.AgentMaxRSS)/(1<<20))
+		if r.Concurrency == 1 {
+			fmt.Fprintf(out, "1 caller: this machine's floor, three processes passing a message around the same wait with plain reads and writes: p50 %s\n", signedDelta(r.FloorP50Added))
+		}
 	}
 	_, err := fmt.Fprintf(out, "machine: %s\n", report.Machine)
 	return err

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hsmagent/hsmagent/agent"
+	"github.com/hsmagent/hsmagent/agent/bench"
 	"github.com/hsmagent/hsmagent/agent/server"
 	"github.com/hsmagent/hsmagent/agent/transport/p11rpc"
 	"github.com/hsmagent/hsmagent/hsm"
@@ -202,4 +203,44 @@ func pkcs11Signer(module, addr, label string) (crypto.Signer, func(), error) {
 		return nil, nil, fmt.Errorf("--pkcs11: %w", err)
 	}
 	return s, func() { tok.Close() }, nil
+}
+
+// floorPeerCommand is the argv[1] of a process of bench's floor
+// (bench.Floor): not a command of the CLI; argv[2] is its role, argv[3] its
+// wait, fds 3 and 4 its sockets.
+const floorPeerCommand = "bench-floor-peer"
+
+// spawnFloorPeer starts a process of the floor's chain: this binary again.
+func spawnFloorPeer(role string, wait time.Duration, up, down *os.File) (func() error, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, floorPeerCommand, role, wait.String())
+	cmd.Stderr = os.Stderr
+	cmd.ExtraFiles = []*os.File{up}
+	if down != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, down)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return cmd.Wait, nil
+}
+
+func runFloorPeer(role, wait string) int {
+	d, err := time.ParseDuration(wait)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hsmagent %s: wait %q: %v (this command is started by 'hsmagent bench')\n", floorPeerCommand, wait, err)
+		return 2
+	}
+	var down *os.File
+	if role == bench.RoleRelay {
+		down = os.NewFile(4, "down")
+	}
+	if err := bench.ServePeer(role, d, os.NewFile(3, "up"), down); err != nil {
+		fmt.Fprintf(os.Stderr, "hsmagent %s: %v\n", floorPeerCommand, err)
+		return 1
+	}
+	return 0
 }

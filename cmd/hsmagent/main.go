@@ -74,6 +74,9 @@ func main() {
 	if len(os.Args) == 2 && os.Args[1] == workerCommand {
 		os.Exit(runHSMWorker()) // started by serve: no CLI, fd 3 is the agent
 	}
+	if len(os.Args) == 4 && os.Args[1] == floorPeerCommand {
+		os.Exit(runFloorPeer(os.Args[2], os.Args[3])) // started by bench: fds 3 and 4
+	}
 	os.Exit(run(os.Args, os.Stdout, os.Stderr))
 }
 

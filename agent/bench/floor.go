@@ -1,0 +1,209 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// The roles of the processes in Floor's chain, as the agent's are: the
+// relay stands where the agent does, the HSM end where its HSM worker does.
+const (
+	RoleRelay = "relay" // passes each message on and its answer back
+	RoleHSM   = "hsm"   // answers each message after the wait
+)
+
+// floorMessage is about the size of a signing request on the agent's sockets.
+const floorMessage = 256
+
+// FloorResult compares a wait made in the caller's own thread with the same
+// wait made two processes away, each median over the same rounds.
+type FloorResult struct {
+	Wait  time.Duration `json:"wait"`
+	Alone time.Duration `json:"aloneP50"`
+	Chain time.Duration `json:"chainP50"`
+}
+
+// Added is what crossing the processes adds to the median.
+func (r FloorResult) Added() time.Duration { return r.Chain - r.Alone }
+
+// Spawn starts a process of the chain, with up as its fd 3 (towards the
+// caller) and, for the relay, down as its fd 4 (towards the HSM end), running
+// ServePeer. The function it returns waits for the process to exit.
+type Spawn func(role string, wait time.Duration, up, down *os.File) (exited func() error, err error)
+
+// Floor measures the least that crossing processes the way the agent does
+// (the caller, the agent, its HSM worker) can add to a signature that waits
+// for the HSM: a message goes caller → relay → HSM end, which waits and
+// answers back the same way. Every process reads and writes with plain
+// blocking system calls, so what it measures is the machine's cost of waking
+// processes that sat idle through the wait (on a VM whose idle vCPUs halt,
+// tens of microseconds a hop), not the Go runtime's or the agent's. Rounds
+// alone and through the chain alternate for d, so that drift in the machine
+// lands on both.
+func Floor(ctx context.Context, wait, d time.Duration, spawn Spawn) (FloorResult, error) {
+	if wait <= 0 {
+		return FloorResult{}, errors.New("bench: the floor's wait must be positive")
+	}
+	caller, relayUp, err := socketPair()
+	if err != nil {
+		return FloorResult{}, err
+	}
+	relayDown, hsmUp, err := socketPair()
+	if err != nil {
+		caller.Close()
+		relayUp.Close()
+		return FloorResult{}, err
+	}
+	// The relay ends when caller closes, and the HSM end after it.
+	var started []func() error
+	defer func() {
+		caller.Close()
+		for _, exited := range started {
+			exited()
+		}
+	}()
+	relayExited, err := spawn(RoleRelay, wait, relayUp, relayDown)
+	relayUp.Close()
+	relayDown.Close()
+	if err != nil {
+		hsmUp.Close()
+		return FloorResult{}, fmt.Errorf("bench: starting the floor's relay: %w", err)
+	}
+	started = append(started, relayExited)
+	hsmExited, err := spawn(RoleHSM, wait, hsmUp, nil)
+	hsmUp.Close()
+	if err != nil {
+		return FloorResult{}, fmt.Errorf("bench: starting the floor's HSM end: %w", err)
+	}
+	started = append(started, hsmExited)
+
+	// One thread, as the peers have, so that the runtime moves nothing.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	msg := make([]byte, floorMessage)
+	var alone, chain []time.Duration
+	for end := time.Now().Add(d); time.Now().Before(end) && ctx.Err() == nil; {
+		t := time.Now()
+		sleep(wait)
+		alone = append(alone, time.Since(t))
+		t = time.Now()
+		if err := exchange(int(caller.Fd()), msg); err != nil {
+			return FloorResult{}, fmt.Errorf("bench: the floor's chain broke: %w", err)
+		}
+		chain = append(chain, time.Since(t))
+	}
+	if len(chain) == 0 {
+		return FloorResult{}, fmt.Errorf("bench: the floor got no round in %v", d)
+	}
+	return FloorResult{Wait: wait, Alone: median(alone), Chain: median(chain)}, nil
+}
+
+// ServePeer is a process of Floor's chain: it answers what comes on up
+// until up closes.
+func ServePeer(role string, wait time.Duration, up, down *os.File) error {
+	if role != RoleHSM && role != RoleRelay {
+		return fmt.Errorf("bench: no floor role %q (want %s or %s)", role, RoleRelay, RoleHSM)
+	}
+	if role == RoleRelay && down == nil {
+		return errors.New("bench: the floor's relay needs the socket towards the HSM end")
+	}
+	runtime.LockOSThread()
+	msg := make([]byte, floorMessage)
+	for {
+		if err := readFull(int(up.Fd()), msg); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil // the caller is done
+			}
+			return err
+		}
+		if role == RoleHSM {
+			sleep(wait)
+		} else if err := exchange(int(down.Fd()), msg); err != nil {
+			return err
+		}
+		if err := writeAll(int(up.Fd()), msg); err != nil {
+			return err
+		}
+	}
+}
+
+// exchange writes msg to fd and reads the answer into it.
+func exchange(fd int, msg []byte) error {
+	if err := writeAll(fd, msg); err != nil {
+		return err
+	}
+	return readFull(fd, msg)
+}
+
+// The chain's calls are raw, as in a program without a runtime: a call
+// that blocks through the runtime's entry and exit gives its scheduling
+// slot away to the runtime's monitor and takes it back after, which on its
+// own adds more than the machine does. Each call blocks for one round at
+// most, and the peers allocate nothing, so no collection waits on them.
+
+func readFull(fd int, b []byte) error {
+	for n := 0; n < len(b); {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
+		switch {
+		case e == syscall.EINTR:
+		case e != 0:
+			return e
+		case r == 0 && n == 0:
+			return io.EOF
+		case r == 0:
+			return io.ErrUnexpectedEOF
+		default:
+			n += int(r)
+		}
+	}
+	return nil
+}
+
+func writeAll(fd int, b []byte) error {
+	for n := 0; n < len(b); {
+		r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
+		switch {
+		case e == syscall.EINTR:
+		case e != 0:
+			return e
+		default:
+			n += int(r)
+		}
+	}
+	return nil
+}
+
+// socketPair is a connected pair of blocking Unix stream sockets.
+func socketPair() (*os.File, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("bench: socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "floor"), os.NewFile(uintptr(fds[1]), "floor"), nil
+}
+
+// sleep waits in nanosleep, as an HSM's library does.
+func sleep(d time.Duration) {
+	ts := syscall.NsecToTimespec(int64(d))
+	for {
+		var left syscall.Timespec
+		_, _, e := syscall.RawSyscall(syscall.SYS_NANOSLEEP, uintptr(unsafe.Pointer(&ts)), uintptr(unsafe.Pointer(&left)), 0)
+		if e != syscall.EINTR {
+			return
+		}
+		ts = left
+	}
+}
+
+func median(d []time.Duration) time.Duration {
+	slices.Sort(d)
+	return d[len(d)/2]
+}
