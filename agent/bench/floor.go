@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"time"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // The roles of the processes in Floor's chain, as the agent's are: the
@@ -24,43 +26,89 @@ const (
 const floorMessage = 256
 
 // FloorResult compares a wait made in the caller's own thread with the same
-// wait made two processes away, each median over the same rounds.
+// wait made two processes away, each median over the same rounds: with the
+// processes where the kernel puts them, and with all three on one CPU.
 type FloorResult struct {
-	Wait  time.Duration `json:"wait"`
-	Alone time.Duration `json:"aloneP50"`
-	Chain time.Duration `json:"chainP50"`
+	Wait        time.Duration `json:"wait"`
+	Alone       time.Duration `json:"aloneP50"`
+	Chain       time.Duration `json:"chainP50"`
+	ChainOneCPU time.Duration `json:"chainOneCpuP50"`
 }
 
 // Added is what crossing the processes adds to the median.
 func (r FloorResult) Added() time.Duration { return r.Chain - r.Alone }
 
+// AddedOneCPU is what crossing them adds when they share one CPU.
+func (r FloorResult) AddedOneCPU() time.Duration { return r.ChainOneCPU - r.Alone }
+
 // Spawn starts a process of the chain, with up as its fd 3 (towards the
 // caller) and, for the relay, down as its fd 4 (towards the HSM end), running
-// ServePeer. The function it returns waits for the process to exit.
+// ServePeer. It must start the process from the calling thread (as os/exec
+// does), which then passes on its CPU affinity. The function it returns
+// waits for the process to exit.
 type Spawn func(role string, wait time.Duration, up, down *os.File) (exited func() error, err error)
 
 // Floor measures the least that crossing processes the way the agent does
 // (the caller, the agent, its HSM worker) can add to a signature that waits
 // for the HSM: a message goes caller → relay → HSM end, which waits and
-// answers back the same way. Every process reads and writes with plain
-// blocking system calls, so what it measures is the machine's cost of waking
-// processes that sat idle through the wait (on a VM whose idle vCPUs halt,
-// tens of microseconds a hop), not the Go runtime's or the agent's. Rounds
-// alone and through the chain alternate for d, so that drift in the machine
-// lands on both.
+// answers back the same way. Every process reads and writes with raw
+// blocking system calls on one thread, as a C program would, so what it
+// measures is the machine's cost of waking processes that sat idle through
+// the wait, not the Go runtime's or the agent's. Half of d goes to a chain
+// where the kernel puts it, half to one whose three processes share the CPU
+// the caller starts on: a VM whose idle vCPUs halt charges tens of
+// microseconds for each wake-up of another CPU, and far less for a switch
+// on one. Rounds alone and through a chain alternate, so that drift in the
+// machine lands on both.
 func Floor(ctx context.Context, wait, d time.Duration, spawn Spawn) (FloorResult, error) {
 	if wait <= 0 {
 		return FloorResult{}, errors.New("bench: the floor's wait must be positive")
 	}
-	caller, relayUp, err := socketPair()
+	// One thread, as the peers have, so that the runtime moves nothing,
+	// and so that the one-CPU chain's processes inherit its affinity.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var alone []time.Duration
+	spread, err := chainRounds(ctx, wait, d/2, spawn, &alone)
 	if err != nil {
 		return FloorResult{}, err
+	}
+	var all unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		return FloorResult{}, fmt.Errorf("bench: the floor's CPUs: %w", err)
+	}
+	one := unix.CPUSet{}
+	for cpu := 0; cpu < 1024; cpu++ { // CPU_SETSIZE, a CPUSet's bits
+		if all.IsSet(cpu) {
+			one.Set(cpu)
+			break
+		}
+	}
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		return FloorResult{}, fmt.Errorf("bench: the floor's CPU: %w", err)
+	}
+	pinned, err := chainRounds(ctx, wait, d-d/2, spawn, &alone)
+	if rerr := unix.SchedSetaffinity(0, &all); rerr != nil && err == nil {
+		err = fmt.Errorf("bench: the floor's CPUs back: %w", rerr)
+	}
+	if err != nil {
+		return FloorResult{}, err
+	}
+	return FloorResult{Wait: wait, Alone: median(alone), Chain: median(spread), ChainOneCPU: median(pinned)}, nil
+}
+
+// chainRounds starts a chain and times rounds through it for d, each after
+// a round alone (appended to alone); it stops the chain before it returns.
+func chainRounds(ctx context.Context, wait, d time.Duration, spawn Spawn, alone *[]time.Duration) ([]time.Duration, error) {
+	caller, relayUp, err := socketPair()
+	if err != nil {
+		return nil, err
 	}
 	relayDown, hsmUp, err := socketPair()
 	if err != nil {
 		caller.Close()
 		relayUp.Close()
-		return FloorResult{}, err
+		return nil, err
 	}
 	// The relay ends when caller closes, and the HSM end after it.
 	var started []func() error
@@ -75,35 +123,32 @@ func Floor(ctx context.Context, wait, d time.Duration, spawn Spawn) (FloorResult
 	relayDown.Close()
 	if err != nil {
 		hsmUp.Close()
-		return FloorResult{}, fmt.Errorf("bench: starting the floor's relay: %w", err)
+		return nil, fmt.Errorf("bench: starting the floor's relay: %w", err)
 	}
 	started = append(started, relayExited)
 	hsmExited, err := spawn(RoleHSM, wait, hsmUp, nil)
 	hsmUp.Close()
 	if err != nil {
-		return FloorResult{}, fmt.Errorf("bench: starting the floor's HSM end: %w", err)
+		return nil, fmt.Errorf("bench: starting the floor's HSM end: %w", err)
 	}
 	started = append(started, hsmExited)
 
-	// One thread, as the peers have, so that the runtime moves nothing.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
 	msg := make([]byte, floorMessage)
-	var alone, chain []time.Duration
+	var chain []time.Duration
 	for end := time.Now().Add(d); time.Now().Before(end) && ctx.Err() == nil; {
 		t := time.Now()
 		sleep(wait)
-		alone = append(alone, time.Since(t))
+		*alone = append(*alone, time.Since(t))
 		t = time.Now()
 		if err := exchange(int(caller.Fd()), msg); err != nil {
-			return FloorResult{}, fmt.Errorf("bench: the floor's chain broke: %w", err)
+			return nil, fmt.Errorf("bench: the floor's chain broke: %w", err)
 		}
 		chain = append(chain, time.Since(t))
 	}
 	if len(chain) == 0 {
-		return FloorResult{}, fmt.Errorf("bench: the floor got no round in %v", d)
+		return nil, fmt.Errorf("bench: the floor got no round in %v", d)
 	}
-	return FloorResult{Wait: wait, Alone: median(alone), Chain: median(chain)}, nil
+	return chain, nil
 }
 
 // ServePeer is a process of Floor's chain: it answers what comes on up

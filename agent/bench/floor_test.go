@@ -2,6 +2,8 @@ package bench_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -31,9 +33,16 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// peer is a process of the chain that spawnTestPeer started.
+type peer struct {
+	role string
+	cpus string // its Cpus_allowed_list when it started
+	exit error
+}
+
 // spawnTestPeer starts this test binary as a process of the chain and
-// records how it exited.
-func spawnTestPeer(t *testing.T, exits map[string]error) bench.Spawn {
+// records its CPUs and how it exited.
+func spawnTestPeer(t *testing.T, peers *[]*peer) bench.Spawn {
 	return func(role string, wait time.Duration, up, down *os.File) (func() error, error) {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), floorPeerEnv+"="+role+","+wait.String())
@@ -45,30 +54,56 @@ func spawnTestPeer(t *testing.T, exits map[string]error) bench.Spawn {
 		if err := cmd.Start(); err != nil {
 			return nil, err
 		}
-		return func() error { exits[role] = cmd.Wait(); return exits[role] }, nil
+		p := &peer{role: role, exit: errors.New("not waited for"), cpus: cpusAllowed(t, cmd.Process.Pid)}
+		*peers = append(*peers, p)
+		return func() error { p.exit = cmd.Wait(); return p.exit }, nil
 	}
 }
 
-// TestFloorCrossesBothPeers: every round through the chain waits at its
-// far end (a relay that answered by itself would come back at once), and
-// both peers exit when the caller is done.
-func TestFloorCrossesBothPeers(t *testing.T) {
-	const wait = 2 * time.Millisecond
-	exits := map[string]error{}
-	r, err := bench.Floor(context.Background(), wait, 300*time.Millisecond, spawnTestPeer(t, exits))
+func cpusAllowed(t *testing.T, pid int) string {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Wait != wait || r.Alone < wait || r.Chain < wait {
-		t.Errorf("floor %+v: want the wait %v, and at least that alone and through the chain", r, wait)
-	}
-	if r.Added() != r.Chain-r.Alone {
-		t.Errorf("Added() = %v, want %v", r.Added(), r.Chain-r.Alone)
-	}
-	for _, role := range []string{bench.RoleRelay, bench.RoleHSM} {
-		if err, ok := exits[role]; !ok || err != nil {
-			t.Errorf("the %s peer: exited %v (waited for: %v), want a clean exit once Floor returns", role, err, ok)
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "Cpus_allowed_list:"); ok {
+			return strings.TrimSpace(v)
 		}
+	}
+	t.Fatalf("no Cpus_allowed_list in /proc/%d/status", pid)
+	return ""
+}
+
+// TestFloorCrossesBothPeers: every round through either chain waits at its
+// far end (a relay that answered by itself would come back at once), the
+// second chain's processes are on one CPU, and all exit once Floor is done.
+func TestFloorCrossesBothPeers(t *testing.T) {
+	const wait = 2 * time.Millisecond
+	var peers []*peer
+	r, err := bench.Floor(context.Background(), wait, 400*time.Millisecond, spawnTestPeer(t, &peers))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Wait != wait || r.Alone < wait || r.Chain < wait || r.ChainOneCPU < wait {
+		t.Errorf("floor %+v: want the wait %v, and at least that alone and through both chains", r, wait)
+	}
+	if r.Added() != r.Chain-r.Alone || r.AddedOneCPU() != r.ChainOneCPU-r.Alone {
+		t.Errorf("floor %+v: Added() = %v, AddedOneCPU() = %v", r, r.Added(), r.AddedOneCPU())
+	}
+	roles := []string{bench.RoleRelay, bench.RoleHSM, bench.RoleRelay, bench.RoleHSM}
+	if len(peers) != len(roles) {
+		t.Fatalf("%d peers started, want %d", len(peers), len(roles))
+	}
+	for i, p := range peers {
+		if p.role != roles[i] || p.exit != nil {
+			t.Errorf("peer %d: %s exited %v, want %s exited cleanly once Floor returned", i, p.role, p.exit, roles[i])
+		}
+		if oneCPU := !strings.ContainsAny(p.cpus, ",-"); i >= 2 && !oneCPU {
+			t.Errorf("peer %d of the one-CPU chain may run on CPUs %s", i, p.cpus)
+		}
+	}
+	if self := cpusAllowed(t, os.Getpid()); peers[0].cpus != self {
+		t.Errorf("the first chain's relay may run on CPUs %s, the test on %s: want the same", peers[0].cpus, self)
 	}
 }
 
