@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"syscall"
@@ -178,6 +179,29 @@ func ServePeer(role string, wait time.Duration, up, down *os.File) error {
 			return err
 		}
 	}
+}
+
+// StartPeer starts cmd, a program that calls ServeInheritedPeer, as a
+// process of the chain: up and down (nil but for the relay) become its fds
+// 3 and 4. It returns cmd.Wait.
+func StartPeer(cmd *exec.Cmd, up, down *os.File) (exited func() error, err error) {
+	cmd.ExtraFiles = []*os.File{up}
+	if down != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, down)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return cmd.Wait, nil
+}
+
+// ServeInheritedPeer is ServePeer on the sockets StartPeer gave this process.
+func ServeInheritedPeer(role string, wait time.Duration) error {
+	var down *os.File
+	if role == RoleRelay {
+		down = os.NewFile(4, "down")
+	}
+	return ServePeer(role, wait, os.NewFile(3, "up"), down)
 }
 
 // exchange writes msg to fd and reads the answer into it.

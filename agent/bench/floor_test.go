@@ -20,11 +20,7 @@ func TestMain(m *testing.M) {
 	if role := os.Getenv(floorPeerEnv); role != "" {
 		role, wait, _ := strings.Cut(role, ",")
 		d, _ := time.ParseDuration(wait)
-		var down *os.File
-		if role == bench.RoleRelay {
-			down = os.NewFile(4, "down")
-		}
-		if err := bench.ServePeer(role, d, os.NewFile(3, "up"), down); err != nil {
+		if err := bench.ServeInheritedPeer(role, d); err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
 			os.Exit(1)
 		}
@@ -47,16 +43,13 @@ func spawnTestPeer(t *testing.T, peers *[]*peer) bench.Spawn {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), floorPeerEnv+"="+role+","+wait.String())
 		cmd.Stderr = os.Stderr
-		cmd.ExtraFiles = []*os.File{up}
-		if down != nil {
-			cmd.ExtraFiles = append(cmd.ExtraFiles, down)
-		}
-		if err := cmd.Start(); err != nil {
+		exited, err := bench.StartPeer(cmd, up, down)
+		if err != nil {
 			return nil, err
 		}
 		p := &peer{role: role, exit: errors.New("not waited for"), cpus: cpusAllowed(t, cmd.Process.Pid)}
 		*peers = append(*peers, p)
-		return func() error { p.exit = cmd.Wait(); return p.exit }, nil
+		return func() error { p.exit = exited(); return p.exit }, nil
 	}
 }
 

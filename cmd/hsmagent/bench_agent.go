@@ -218,14 +218,7 @@ func spawnFloorPeer(role string, wait time.Duration, up, down *os.File) (func() 
 	}
 	cmd := exec.Command(self, floorPeerCommand, role, wait.String())
 	cmd.Stderr = os.Stderr
-	cmd.ExtraFiles = []*os.File{up}
-	if down != nil {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, down)
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	return cmd.Wait, nil
+	return bench.StartPeer(cmd, up, down)
 }
 
 func runFloorPeer(role, wait string) int {
@@ -234,11 +227,7 @@ func runFloorPeer(role, wait string) int {
 		fmt.Fprintf(os.Stderr, "hsmagent %s: wait %q: %v (this command is started by 'hsmagent bench')\n", floorPeerCommand, wait, err)
 		return 2
 	}
-	var down *os.File
-	if role == bench.RoleRelay {
-		down = os.NewFile(4, "down")
-	}
-	if err := bench.ServePeer(role, d, os.NewFile(3, "up"), down); err != nil {
+	if err := bench.ServeInheritedPeer(role, d); err != nil {
 		fmt.Fprintf(os.Stderr, "hsmagent %s: %v\n", floorPeerCommand, err)
 		return 1
 	}
