@@ -1,0 +1,217 @@
+//go:build linux
+
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Floor measures the least that crossing processes the way the agent does
+// (the caller, the agent, its HSM worker) can add to a signature that waits
+// for the HSM: a message goes caller → relay → HSM end, which waits and
+// answers back the same way. Every process reads and writes with raw
+// blocking system calls on one thread, as a C program would, so what it
+// measures is the machine's cost of waking processes that sat idle through
+// the wait, not the Go runtime's or the agent's. Half of d goes to a chain
+// where the kernel puts it, half to one whose three processes share the CPU
+// the caller starts on: a VM whose idle vCPUs halt charges tens of
+// microseconds for each wake-up of another CPU, and far less for a switch
+// on one. Rounds alone and through a chain alternate, so that drift in the
+// machine lands on both.
+func Floor(ctx context.Context, wait, d time.Duration, spawn Spawn) (FloorResult, error) {
+	if wait <= 0 {
+		return FloorResult{}, errors.New("bench: the floor's wait must be positive")
+	}
+	// One thread, as the peers have, so that the runtime moves nothing,
+	// and so that the one-CPU chain's processes inherit its affinity.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var alone []time.Duration
+	spread, err := chainRounds(ctx, wait, d/2, spawn, &alone)
+	if err != nil {
+		return FloorResult{}, err
+	}
+	var all unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		return FloorResult{}, fmt.Errorf("bench: the floor's CPUs: %w", err)
+	}
+	one := unix.CPUSet{}
+	for cpu := 0; cpu < 1024; cpu++ { // CPU_SETSIZE, a CPUSet's bits
+		if all.IsSet(cpu) {
+			one.Set(cpu)
+			break
+		}
+	}
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		return FloorResult{}, fmt.Errorf("bench: the floor's CPU: %w", err)
+	}
+	pinned, err := chainRounds(ctx, wait, d-d/2, spawn, &alone)
+	if rerr := unix.SchedSetaffinity(0, &all); rerr != nil && err == nil {
+		err = fmt.Errorf("bench: the floor's CPUs back: %w", rerr)
+	}
+	if err != nil {
+		return FloorResult{}, err
+	}
+	return FloorResult{Wait: wait, Alone: median(alone), Chain: median(spread), ChainOneCPU: median(pinned)}, nil
+}
+
+// chainRounds starts a chain and times rounds through it for d, each after
+// a round alone (appended to alone); it stops the chain before it returns.
+func chainRounds(ctx context.Context, wait, d time.Duration, spawn Spawn, alone *[]time.Duration) ([]time.Duration, error) {
+	caller, relayUp, err := socketPair()
+	if err != nil {
+		return nil, err
+	}
+	relayDown, hsmUp, err := socketPair()
+	if err != nil {
+		caller.Close()
+		relayUp.Close()
+		return nil, err
+	}
+	// The relay ends when caller closes, and the HSM end after it.
+	var started []func() error
+	defer func() {
+		caller.Close()
+		for _, exited := range started {
+			exited()
+		}
+	}()
+	relayExited, err := spawn(RoleRelay, wait, relayUp, relayDown)
+	relayUp.Close()
+	relayDown.Close()
+	if err != nil {
+		hsmUp.Close()
+		return nil, fmt.Errorf("bench: starting the floor's relay: %w", err)
+	}
+	started = append(started, relayExited)
+	hsmExited, err := spawn(RoleHSM, wait, hsmUp, nil)
+	hsmUp.Close()
+	if err != nil {
+		return nil, fmt.Errorf("bench: starting the floor's HSM end: %w", err)
+	}
+	started = append(started, hsmExited)
+
+	msg := make([]byte, floorMessage)
+	var chain []time.Duration
+	for end := time.Now().Add(d); time.Now().Before(end) && ctx.Err() == nil; {
+		t := time.Now()
+		sleep(wait)
+		*alone = append(*alone, time.Since(t))
+		t = time.Now()
+		if err := exchange(int(caller.Fd()), msg); err != nil {
+			return nil, fmt.Errorf("bench: the floor's chain broke: %w", err)
+		}
+		chain = append(chain, time.Since(t))
+	}
+	if len(chain) == 0 {
+		return nil, fmt.Errorf("bench: the floor got no round in %v", d)
+	}
+	return chain, nil
+}
+
+// ServePeer is a process of Floor's chain: it answers what comes on up
+// until up closes.
+func ServePeer(role string, wait time.Duration, up, down *os.File) error {
+	if role != RoleHSM && role != RoleRelay {
+		return fmt.Errorf("bench: no floor role %q (want %s or %s)", role, RoleRelay, RoleHSM)
+	}
+	if role == RoleRelay && down == nil {
+		return errors.New("bench: the floor's relay needs the socket towards the HSM end")
+	}
+	runtime.LockOSThread()
+	msg := make([]byte, floorMessage)
+	for {
+		if err := readFull(int(up.Fd()), msg); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil // the caller is done
+			}
+			return err
+		}
+		if role == RoleHSM {
+			sleep(wait)
+		} else if err := exchange(int(down.Fd()), msg); err != nil {
+			return err
+		}
+		if err := writeAll(int(up.Fd()), msg); err != nil {
+			return err
+		}
+	}
+}
+
+// exchange writes msg to fd and reads the answer into it.
+func exchange(fd int, msg []byte) error {
+	if err := writeAll(fd, msg); err != nil {
+		return err
+	}
+	return readFull(fd, msg)
+}
+
+// The chain's calls are raw, as in a program without a runtime: a call
+// that blocks through the runtime's entry and exit gives its scheduling
+// slot away to the runtime's monitor and takes it back after, which on its
+// own adds more than the machine does. Each call blocks for one round at
+// most, and the peers allocate nothing, so no collection waits on them.
+
+func readFull(fd int, b []byte) error {
+	for n := 0; n < len(b); {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
+		switch {
+		case e == syscall.EINTR:
+		case e != 0:
+			return e
+		case r == 0 && n == 0:
+			return io.EOF
+		case r == 0:
+			return io.ErrUnexpectedEOF
+		default:
+			n += int(r)
+		}
+	}
+	return nil
+}
+
+func writeAll(fd int, b []byte) error {
+	for n := 0; n < len(b); {
+		r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
+		switch {
+		case e == syscall.EINTR:
+		case e != 0:
+			return e
+		default:
+			n += int(r)
+		}
+	}
+	return nil
+}
+
+// socketPair is a connected pair of blocking Unix stream sockets.
+func socketPair() (*os.File, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("bench: socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "floor"), os.NewFile(uintptr(fds[1]), "floor"), nil
+}
+
+// sleep waits in nanosleep, as an HSM's library does.
+func sleep(d time.Duration) {
+	ts := syscall.NsecToTimespec(int64(d))
+	for {
+		var left syscall.Timespec
+		_, _, e := syscall.RawSyscall(syscall.SYS_NANOSLEEP, uintptr(unsafe.Pointer(&ts)), uintptr(unsafe.Pointer(&left)), 0)
+		if e != syscall.EINTR {
+			return
+		}
+		ts = left
+	}
+}
