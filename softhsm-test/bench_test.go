@@ -26,7 +26,7 @@ func TestBenchSeveralConcurrencies(t *testing.T) {
 
 	out := bench().stdout
 	for _, want := range []string{"sign in-process", "sign via agent", "TLS 1.3 handshake via agent",
-		"1 callers: agent/in-process signatures", "4 callers: agent/in-process signatures", "through the agent",
+		"1 caller: agent/in-process signatures", "4 callers: agent/in-process signatures", "through the agent",
 		"1 caller: this machine's floor", "with the three on one CPU"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("bench output lacks %q:\n%s", want, out)

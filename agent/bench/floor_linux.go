@@ -125,8 +125,19 @@ func ServePeer(role string, wait time.Duration, up, down *os.File) error {
 	if role != RoleHSM && role != RoleRelay {
 		return fmt.Errorf("bench: no floor role %q (want %s or %s)", role, RoleRelay, RoleHSM)
 	}
+	if role == RoleHSM && wait <= 0 {
+		return fmt.Errorf("bench: the floor's wait %v is not positive", wait)
+	}
 	if role == RoleRelay && down == nil {
 		return errors.New("bench: the floor's relay needs the socket towards the HSM end")
+	}
+	for _, f := range []*os.File{up, down} {
+		if f == nil {
+			continue
+		}
+		if fi, err := f.Stat(); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("bench: fd %d is not a socket", f.Fd())
+		}
 	}
 	runtime.LockOSThread()
 	msg := make([]byte, floorMessage)

@@ -116,4 +116,15 @@ func TestFloorErrors(t *testing.T) {
 	if err := bench.ServePeer(bench.RoleRelay, time.Millisecond, os.Stdin, nil); err == nil {
 		t.Error("ServePeer: a relay with nothing towards the HSM end served")
 	}
+	if err := bench.ServePeer(bench.RoleHSM, -time.Millisecond, os.Stdin, nil); err == nil || !strings.Contains(err.Error(), "not positive") {
+		t.Errorf("ServePeer with a negative wait: %v", err)
+	}
+	file, err := os.Create(t.TempDir() + "/not-a-socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer file.Close()
+	if err := bench.ServePeer(bench.RoleHSM, time.Millisecond, file, nil); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Errorf("ServePeer on a file: %v", err)
+	}
 }

@@ -24,10 +24,11 @@ its own agent as a child process on a temporary socket. Runs, on the same key: s
 in-process, signatures through the agent, TLS 1.3 handshakes with the key in-process and
 through the agent, and samples the agent's resident memory during the agent phases.
 With --concurrency 1,8,32 the four phases run at each concurrency in turn, in one run.
-At 1 caller it also measures the machine's floor: what three processes passing a message
-around a wait as long as the in-process signature's add to it with nothing but reads and
-writes, the least the agent (client, agent, HSM worker) could add on this machine; and the
-same with the three on one CPU (on a VM, often far less: see docs/performance.md).`,
+At 1 caller it also measures the machine's floor: the p50 that three processes passing a
+message along with plain reads and writes add to a wait as long as an in-process signature,
+the least the agent (client, agent, HSM worker) could add on this machine; half of --duration
+with the processes where the kernel puts them, half with the three on one CPU (on a VM often
+far less; see docs/performance.md, "The machine's floor"). Run it on a quiet host.`,
 		Flags: append(tokenFlags(),
 			&cli.StringFlag{Name: "key", Usage: "key `LABEL` (required)"},
 			&cli.StringFlag{Name: "socket", Usage: "agent socket `PATH` (default: start a child agent)"},
@@ -140,7 +141,7 @@ func benchAction(c *cli.Context) error {
 			defer closeP11()
 		}
 		report := benchReport{Key: setup.label, KeyType: string(hsm.KeyTypeOf(local.Public())),
-			Machine: fmt.Sprintf("%s/%s, %d CPUs", runtime.GOOS, runtime.GOARCH, runtime.NumCPU())}
+			Machine: fmt.Sprintf("%s/%s, %d CPU%s", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), plural(runtime.NumCPU()))}
 		infof(c, "benchmarking key %q (%s), %s callers, %s per phase", setup.label, report.KeyType, c.String("concurrency"), setup.phase)
 		b := &benchRunner{c: c, report: &report, local: local, remote: remote, p11: p11, agentPID: agentPID, phase: setup.phase}
 		for _, n := range setup.levels {
@@ -233,13 +234,17 @@ func printBench(out io.Writer, report benchReport) error {
 	fmt.Fprintln(out)
 	for _, r := range report.Runs {
 		if r.PKCS11SignRatio > 0 {
-			fmt.Fprintf(out, "%d callers: PKCS#11 (p11-kit-client.so)/in-process signatures %.2fx\n", r.Concurrency, r.PKCS11SignRatio)
+			fmt.Fprintf(out, "%d caller%s: PKCS#11 (p11-kit-client.so)/in-process signatures %.2fx\n", r.Concurrency, plural(r.Concurrency), r.PKCS11SignRatio)
 		}
-		fmt.Fprintf(out, "%d callers: agent/in-process signatures %.2fx, TLS 1.3 handshakes %.2fx (target >= 0.90); p50 %s, p99 %s through the agent; agent peak RSS %.1f MiB (target < 40)\n",
-			r.Concurrency, r.SignRatio, r.TLSRatio, signedDelta(r.SignP50Added), signedDelta(r.SignP99Added), float64(r.AgentMaxRSS)/(1<<20))
+		fmt.Fprintf(out, "%d caller%s: agent/in-process signatures %.2fx, TLS 1.3 handshakes %.2fx (target >= 0.90); p50 %s, p99 %s through the agent; agent peak RSS %.1f MiB (target < 40)\n",
+			r.Concurrency, plural(r.Concurrency), r.SignRatio, r.TLSRatio, signedDelta(r.SignP50Added), signedDelta(r.SignP99Added), float64(r.AgentMaxRSS)/(1<<20))
 		if r.Concurrency == 1 && r.FloorP50Added != 0 {
-			fmt.Fprintf(out, "1 caller: this machine's floor, three processes passing a message around the same wait with plain reads and writes: p50 %s (%s with the three on one CPU)\n",
-				signedDelta(r.FloorP50Added), signedDelta(r.FloorOneCPUP50Added))
+			where := "where the kernel puts them"
+			if runtime.NumCPU() == 1 {
+				where = "on this bench's one CPU" // taskset: both chains share it
+			}
+			fmt.Fprintf(out, "1 caller: this machine's floor, three processes passing a message around the same wait with plain reads and writes: p50 %s %s, %s with the three on one CPU\n",
+				signedDelta(r.FloorP50Added), where, signedDelta(r.FloorOneCPUP50Added))
 		}
 	}
 	_, err := fmt.Fprintf(out, "machine: %s\n", report.Machine)

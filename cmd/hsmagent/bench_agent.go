@@ -228,7 +228,7 @@ func runFloorPeer(role, wait string) int {
 		return 2
 	}
 	if err := bench.ServeInheritedPeer(role, d); err != nil {
-		fmt.Fprintf(os.Stderr, "hsmagent %s: %v\n", floorPeerCommand, err)
+		fmt.Fprintf(os.Stderr, "hsmagent %s: %v (this command is started by 'hsmagent bench')\n", floorPeerCommand, err)
 		return 1
 	}
 	return 0
