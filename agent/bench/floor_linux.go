@@ -16,9 +16,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Floor measures the least that crossing processes the way the agent does
-// (the caller, the agent, its HSM worker) can add to a signature that waits
-// for the HSM: a message goes caller → relay → HSM end, which waits and
+// Floor measures what crossing processes the way the agent does (the
+// caller, the agent, its HSM worker) adds to a signature that waits for the
+// HSM, when the processes sleep while they wait: a message goes caller → relay → HSM end, which waits and
 // answers back the same way. Every process reads and writes with raw
 // blocking system calls on one thread, as a C program would, so what it
 // measures is the machine's cost of waking processes that sat idle through

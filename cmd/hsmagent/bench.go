@@ -26,7 +26,7 @@ through the agent, and samples the agent's resident memory during the agent phas
 With --concurrency 1,8,32 the four phases run at each concurrency in turn, in one run.
 At 1 caller it also measures the machine's floor: the p50 that three processes passing a
 message along with plain reads and writes add to a wait as long as an in-process signature,
-the least the agent (client, agent, HSM worker) could add on this machine; half of --duration
+about the least that the agent's three processes (client, agent, HSM worker) pay; half of --duration
 with the processes where the kernel puts them, half with the three on one CPU (on a VM often
 far less; see docs/performance.md, "The machine's floor"). Run it on a quiet host.`,
 		Flags: append(tokenFlags(),
@@ -66,8 +66,8 @@ type benchRun struct {
 	SignP99Added time.Duration `json:"signP99Added"`
 	// FloorP50Added, at 1 caller, is what the machine alone adds to the
 	// median of a wait as long as the in-process signature's when it is
-	// made two processes away, as the agent's are (bench.Floor): the
-	// least SignP50Added could be.
+	// made two processes away, as the agent's are (bench.Floor): about
+	// the least SignP50Added could be.
 	FloorP50Added time.Duration `json:"floorP50Added,omitempty"`
 	// FloorOneCPUP50Added is the same with the three processes on one CPU:
 	// what the machine would charge the agent and its callers sharing one.
