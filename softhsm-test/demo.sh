@@ -65,7 +65,24 @@ openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=l
 printf 'subjectAltName=DNS:localhost\n' >"$work/server.ext"
 openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -CAcreateserial \
 	-days 1 -extfile "$work/server.ext" -out "$work/server.crt" 2>/dev/null
-port=$(( 20000 + RANDOM % 20000 ))
+# Four ports in a row that no one listens on, below the kernel's ephemeral
+# range: the outgoing connections of other programs (tests running beside
+# the demo) take their ports from that range and could take ours first.
+free_ports() {
+	local lo base p ok
+	read -r lo _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || lo=32768
+	[ "$lo" -gt 11000 ] || lo=40000 # an ephemeral range from the bottom: any port may race
+	for _ in $(seq 50); do
+		base=$(( 10000 + RANDOM % (lo - 10010) )) ok=1
+		for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do
+			if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then ok=0; break; fi
+		done
+		[ "$ok" = 1 ] && { echo "$base"; return 0; }
+	done
+	echo "demo: no four free TCP ports in a row below $lo on 127.0.0.1" >&2
+	return 1
+}
+port=$(free_ports)
 openssl s_server -quiet -accept "127.0.0.1:$port" -cert "$work/server.crt" -key "$work/server.key" \
 	-CAfile "$work/ca.crt" -Verify 1 -verify_return_error -www >/dev/null 2>&1 &
 server_pid=$!
