@@ -78,6 +78,19 @@ func chainRounds(ctx context.Context, wait, d time.Duration, spawn Spawn, alone 
 		relayUp.Close()
 		return nil, err
 	}
+	// A socket with a receive timeout ends a raw read on a signal (EINTR)
+	// rather than restarting it: the runtime's preemption then reaches the
+	// caller between reads, and a peer that stops answering (stopped, or
+	// stuck) ends the floor with an error rather than holding the bench.
+	patience := answerTimeout(wait)
+	tv := syscall.NsecToTimeval(int64(100 * time.Millisecond))
+	if err := syscall.SetsockoptTimeval(int(caller.Fd()), syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
+		caller.Close()
+		relayUp.Close()
+		relayDown.Close()
+		hsmUp.Close()
+		return nil, fmt.Errorf("bench: the floor's socket: %w", err)
+	}
 	// The relay ends when caller closes, and the HSM end after it.
 	var started []func() error
 	defer func() {
@@ -108,7 +121,10 @@ func chainRounds(ctx context.Context, wait, d time.Duration, spawn Spawn, alone 
 		sleep(wait)
 		*alone = append(*alone, time.Since(t))
 		t = time.Now()
-		if err := exchange(int(caller.Fd()), msg); err != nil {
+		if err := exchange(int(caller.Fd()), msg, t.Add(patience)); err != nil {
+			if errors.Is(err, errNoAnswer) {
+				return nil, fmt.Errorf("bench: the floor's chain gave no answer within %v", patience)
+			}
 			return nil, fmt.Errorf("bench: the floor's chain broke: %w", err)
 		}
 		chain = append(chain, time.Since(t))
@@ -142,7 +158,7 @@ func ServePeer(role string, wait time.Duration, up, down *os.File) error {
 	runtime.LockOSThread()
 	msg := make([]byte, floorMessage)
 	for {
-		if err := readFull(int(up.Fd()), msg); err != nil {
+		if err := readFull(int(up.Fd()), msg, time.Time{}); err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil // the caller is done
 			}
@@ -150,7 +166,7 @@ func ServePeer(role string, wait time.Duration, up, down *os.File) error {
 		}
 		if role == RoleHSM {
 			sleep(wait)
-		} else if err := exchange(int(down.Fd()), msg); err != nil {
+		} else if err := exchange(int(down.Fd()), msg, time.Time{}); err != nil {
 			return err
 		}
 		if err := writeAll(int(up.Fd()), msg); err != nil {
@@ -159,25 +175,37 @@ func ServePeer(role string, wait time.Duration, up, down *os.File) error {
 	}
 }
 
-// exchange writes msg to fd and reads the answer into it.
-func exchange(fd int, msg []byte) error {
+// answerTimeout is how long the caller waits for a round's answer: far
+// beyond any round the machine takes.
+func answerTimeout(wait time.Duration) time.Duration { return 100*wait + time.Second }
+
+// exchange writes msg to fd and reads the answer into it by deadline.
+func exchange(fd int, msg []byte, deadline time.Time) error {
 	if err := writeAll(fd, msg); err != nil {
 		return err
 	}
-	return readFull(fd, msg)
+	return readFull(fd, msg, deadline)
 }
+
+// errNoAnswer is a read past its deadline.
+var errNoAnswer = errors.New("no answer by the deadline")
 
 // The chain's calls are raw, as in a program without a runtime: a call
 // that blocks through the runtime's entry and exit gives its scheduling
 // slot away to the runtime's monitor and takes it back after, which on its
-// own adds more than the machine does. Each call blocks for one round at
-// most, and the peers allocate nothing, so no collection waits on them.
+// own adds more than the machine does. The peers allocate nothing, so no
+// collection waits on their reads; the caller's reads, on a socket with a
+// receive timeout, come back on each signal (see chainRounds).
 
-func readFull(fd int, b []byte) error {
+// readFull fills b from fd. A deadline (zero: none) needs a socket with a
+// receive timeout, so that the read comes back to look at it.
+func readFull(fd int, b []byte, deadline time.Time) error {
 	for n := 0; n < len(b); {
 		r, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[n])), uintptr(len(b)-n))
 		switch {
-		case e == syscall.EINTR:
+		case (e == syscall.EINTR || e == syscall.EAGAIN) && !deadline.IsZero() && time.Now().After(deadline):
+			return errNoAnswer
+		case e == syscall.EINTR || (e == syscall.EAGAIN && !deadline.IsZero()):
 		case e != 0:
 			return e
 		case r == 0 && n == 0:

@@ -102,6 +102,27 @@ func TestFloorCrossesBothPeers(t *testing.T) {
 	}
 }
 
+// TestFloorStuckPeer: a relay that takes the message and never answers
+// ends the floor with an error in bounded time, and the peers are stopped.
+func TestFloorStuckPeer(t *testing.T) {
+	stuck := func(role string, wait time.Duration, up, down *os.File) (func() error, error) {
+		cmd := exec.Command("sleep", "60") // holds the sockets, reads nothing
+		cmd.ExtraFiles = []*os.File{up}
+		if err := cmd.Start(); err != nil {
+			return nil, err
+		}
+		return func() error { cmd.Process.Kill(); return cmd.Wait() }, nil
+	}
+	start := time.Now()
+	_, err := bench.Floor(context.Background(), time.Millisecond, time.Second, stuck)
+	if err == nil || !strings.Contains(err.Error(), "gave no answer within 1.1s") {
+		t.Fatalf("Floor with a stuck relay: %v", err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("Floor with a stuck relay took %v", took)
+	}
+}
+
 func TestFloorErrors(t *testing.T) {
 	if _, err := bench.Floor(context.Background(), 0, time.Second, nil); err == nil || !strings.Contains(err.Error(), "wait must be positive") {
 		t.Errorf("Floor with no wait: %v", err)
